@@ -1,0 +1,162 @@
+"""The translator: a pure function from (domain, host capabilities, guest paths) to QEMU's argv.
+
+Nothing here touches the host: files the guest needs made beforehand (its runtime directory, an
+NVRAM copied from its template) are returned as :class:`Prepare` steps for the launcher.  Every
+problem found is collected, so one run reports them all; :class:`DomainError` carries them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qemud.argv.builder import Builder, Prepare
+from qemud.argv.chardev import add_channels, add_serials
+from qemud.argv.controllers import add_other_controllers, add_pci_controllers, reserve_device_addresses
+from qemud.argv.disks import add_disks, add_iothreads
+from qemud.argv.display import add_audio, add_graphics, add_inputs, add_sound, add_video
+from qemud.argv.machine import (add_boot, add_clock, add_cpu, add_identity, add_lifecycle,
+                                add_machine, add_memory, add_smp)
+from qemud.argv.misc import add_balloon, add_panics, add_rngs, add_watchdogs
+from qemud.argv.qemuopts import opts
+from qemud.caps import HostCaps
+from qemud.domain import Domain, ignored_warnings
+from qemud.errors import DomainError, Problem
+from qemud.paths import MAX_SOCKET_PATH, GuestPaths
+
+DEFAULT_EMULATORS = {"x86_64": "/usr/bin/qemu-system-x86_64", "i686": "/usr/bin/qemu-system-i386"}
+
+
+@dataclass(frozen=True)
+class Command:
+    """What starting a guest takes."""
+
+    argv: list[str]
+    env: dict[str, str]
+    qmp: Path
+    prepare: list[Prepare] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+
+
+def emulator_for(domain: Domain) -> str:
+    """The QEMU binary: <emulator>, or the one for the guest's architecture."""
+    if domain.devices.emulator is not None:
+        return domain.devices.emulator.path
+    return DEFAULT_EMULATORS[domain.os.type.arch or "x86_64"]
+
+
+def build_argv(domain: Domain, caps: HostCaps, paths: GuestPaths, *, paused: bool = False) -> Command:
+    """QEMU's command line for ``domain``. Raises DomainError listing every problem."""
+    problems: list[Problem] = []
+    mname = domain.os.type.machine or "pc"
+    machine = caps.machine(mname)
+    if machine is None:
+        known = sorted({m.alias for m in caps.machines.values() if m.alias} | {"pc-i440fx-*", "pc-q35-*"})
+        raise DomainError.at("/domain/os/type/@machine",
+                             f"machine type '{mname}' is not supported by {caps.emulator} "
+                             f"{'.'.join(map(str, caps.version))} (try {', '.join(known)})")
+    q35 = "q35" in machine.name
+    if not (q35 or "i440fx" in machine.name):
+        raise DomainError.at("/domain/os/type/@machine",
+                             f"machine type '{mname}' is not supported by qemud (use pc or q35)")
+    b = Builder(domain, caps, paths, machine, q35)
+    if len(str(paths.qmp).encode()) > MAX_SOCKET_PATH:
+        b.error("/domain/name", f"the QMP socket path {paths.qmp} is longer than the {MAX_SOCKET_PATH} "
+                "bytes a unix socket can have; use a shorter name or runtime directory")
+    b.add(emulator_for(domain))
+    b.add("-name", opts(("guest", domain.name), ("debug-threads", True)))
+    if paused:
+        b.add("-S")
+    add_machine(b)
+    add_cpu(b)
+    add_memory(b)
+    add_smp(b)
+    add_identity(b)
+    b.add("-no-user-config", "-nodefaults")
+    b.add("-chardev", "socket," + opts(("id", "qmp"), ("path", str(paths.qmp)), ("server", True), ("wait", False)))
+    b.add("-mon", "chardev=qmp,mode=control")
+    add_clock(b)
+    add_lifecycle(b)
+    _assign_boot_order(b)
+    add_boot(b)
+    add_pci_controllers(b)
+    reserve_device_addresses(b)
+    # libvirt's placement order: the primary video card first, then controllers and the rest
+    add_graphics(b)
+    add_video(b)
+    add_other_controllers(b)
+    add_iothreads(b)
+    add_disks(b)
+    add_interfaces_and_chardevs(b)
+    add_inputs(b)
+    add_audio(b)
+    add_sound(b)
+    add_watchdogs(b)
+    add_rngs(b)
+    add_balloon(b)
+    add_panics(b)
+    _passthrough(b)
+    problems = b.problems
+    if problems:
+        raise DomainError(problems)
+    b.add("-msg", "timestamp=on")
+    prepare = [Prepare("dir", paths.run), *b.prepare]
+    return Command(argv=b.args, env=b.env, qmp=paths.qmp, prepare=prepare,
+                   warnings=ignored_warnings(domain) + b.warnings)
+
+
+def add_interfaces_and_chardevs(b: Builder) -> None:
+    from qemud.argv.net import add_interfaces
+    add_interfaces(b)
+    add_serials(b)
+    add_channels(b)
+
+
+def _assign_boot_order(b: Builder) -> None:
+    """<boot order> on devices, or libvirt's mapping of <os><boot dev=...> onto the first disk,
+    CD-ROM, floppy or NIC as bootindex 1, 2, ..."""
+    dev = b.domain.devices
+    per_device = [(d.boot.order, d, f"/domain/devices/disk[{i + 1}]/boot") for i, d in enumerate(dev.disk) if d.boot]
+    per_device += [(n.boot.order, n, f"/domain/devices/interface[{i + 1}]/boot") for i, n in enumerate(dev.interface) if n.boot]
+    if per_device and b.domain.os.boot:
+        b.error("/domain/os/boot", "per-device <boot order> and <os><boot dev> cannot be combined")
+        return
+    if per_device:
+        seen: dict[int, str] = {}
+        for order, item, path in per_device:
+            if order in seen:
+                b.error(f"{path}/@order", f"boot order {order} is used twice")
+            seen[order] = path
+            b.bootindex[id(item)] = order
+        return
+    order = 1
+    devs = b.domain.os.boot or ()
+    if not devs and not b.domain.os.kernel:
+        from qemud.domain.osxml import Boot
+        devs = (Boot.model_validate({"@dev": "hd"}),)
+    for boot in devs:
+        target = None
+        if boot.dev == "network":
+            target = dev.interface[0] if dev.interface else None
+        else:
+            want = {"hd": "disk", "cdrom": "cdrom", "fd": "floppy"}[boot.dev]
+            target = next((d for d in dev.disk if d.device == want), None)
+        if target is not None and id(target) not in b.bootindex:
+            b.bootindex[id(target)] = order
+            order += 1
+
+
+def _passthrough(b: Builder) -> None:
+    qc = b.domain.qemu_commandline
+    if qc is None:
+        return
+    for a in qc.arg or ():
+        b.add(a.value)
+    for e in qc.env or ():
+        b.env[e.name] = e.value
+    if qc.arg or qc.env:
+        b.warn("/domain/qemu:commandline", "passes options to QEMU that qemud does not check")
+
+
+__all__ = ["build_argv", "Command", "Prepare", "emulator_for"]

@@ -1,0 +1,112 @@
+"""The state one translation carries: the argv so far, the PCI space, ids, problems."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qemud.argv.pci import PciSpace
+from qemud.argv.qemuopts import js
+from qemud.caps import HostCaps, Machine
+from qemud.domain import Domain
+from qemud.domain.devices.address import Address, Alias
+from qemud.errors import Problem
+from qemud.paths import GuestPaths
+
+_ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,127}\Z")
+
+
+@dataclass
+class Prepare:
+    """A file the launcher must create before QEMU starts (never by the pure translator)."""
+
+    kind: str  # "dir" | "copy"
+    dest: Path
+    source: Path | None = None
+
+
+@dataclass
+class Builder:
+    domain: Domain
+    caps: HostCaps
+    paths: GuestPaths
+    machine: Machine
+    q35: bool
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+    prepare: list[Prepare] = field(default_factory=list)
+    pci: PciSpace = field(init=False)
+    ids: set[str] = field(default_factory=set)
+    bootindex: dict[int, int] = field(default_factory=dict)  # id(device model) -> bootindex
+    usb_bus: str | None = None  # id of the first USB bus ("usb.0"), None if no USB
+    audiodev: str | None = None
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.pci = PciSpace(self.q35)
+
+    # ---- output -------------------------------------------------------------------------
+    def add(self, *args: str) -> None:
+        self.args.extend(args)
+
+    def device(self, props: dict[str, Any]) -> None:
+        self.args += ["-device", js(props)]
+
+    def obj(self, props: dict[str, Any]) -> None:
+        self.args += ["-object", js(props)]
+
+    # ---- problems -----------------------------------------------------------------------
+    def error(self, path: str, message: str) -> None:
+        self.problems.append(Problem(path, message))
+
+    def warn(self, path: str, message: str) -> None:
+        self.warnings.append(Problem(path, message, "warning"))
+
+    def has_device(self, driver: str, path: str, what: str) -> bool:
+        if driver in self.caps.devices:
+            return True
+        self.error(path, f"{what} needs QEMU's {driver} device, which {self.caps.emulator} does not have")
+        return False
+
+    # ---- identities -----------------------------------------------------------------------
+    def next(self, kind: str) -> int:
+        n = self.counters.get(kind, 0)
+        self.counters[kind] = n + 1
+        return n
+
+    def alias(self, alias: Alias | None, default: str, path: str) -> str:
+        """The device id: the file's <alias> when it is a valid QEMU id, else ``default``."""
+        name = alias.name if alias is not None else default
+        if not _ID.match(name):
+            if alias is not None:
+                self.error(f"{path}/alias/@name", f"'{name}' is not a valid device alias (a letter, then letters, digits, '-', '_', '.')")
+            name = default
+        if name in self.ids:
+            if alias is not None:
+                self.error(f"{path}/alias/@name", f"alias '{name}' is used by two devices")
+                return name
+            i = 1
+            while f"{default}-{i}" in self.ids:
+                i += 1
+            name = f"{default}-{i}"
+        self.ids.add(name)
+        return name
+
+    # ---- PCI ------------------------------------------------------------------------------
+    def pci_props(self, address: Address | None, path: str, what: str) -> dict[str, Any]:
+        """bus/addr for a PCI device: its explicit address, or a free slot."""
+        if address is not None:
+            if address.type != "pci":
+                self.error(f"{path}/address/@type", f"a {what} sits on PCI; address type '{address.type}' cannot place it")
+                return {}
+            got = self.pci.props(address)
+        else:
+            got = self.pci.auto(what)
+        if isinstance(got, str):
+            self.error(f"{path}/address" if address is not None else path, got)
+            return {}
+        return got

@@ -1,0 +1,209 @@
+"""Character devices: a -chardev backend and the device the guest sees."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qemud.argv.builder import Builder
+from qemud.argv.qemuopts import opts
+from qemud.domain.devices.chardev import CharDev
+
+GUEST_AGENT = "org.qemu.guest_agent.0"
+
+
+def chardev(b: Builder, c: CharDev, cid: str, path: str) -> bool:
+    """Emit -chardev id=cid for c; False (with an error) when it cannot be realized."""
+    src = c.src
+    t = c.type
+    logfile: list[tuple[str, object]] = []
+    if c.log is not None:
+        logfile = [("logfile", c.log.file), ("logappend", bool(c.log.append))]
+    if t == "pty":
+        b.add("-chardev", "pty," + opts(("id", cid), *logfile))
+    elif t == "null":
+        b.add("-chardev", "null," + opts(("id", cid), *logfile))
+    elif t == "file":
+        if src is None or not src.path:
+            b.error(f"{path}/source/@path", "a file character device needs a path")
+            return False
+        b.add("-chardev", "file," + opts(("id", cid), ("path", src.path),
+                                         ("append", src.append if src.append is not None else None), *logfile))
+    elif t == "pipe":
+        if src is None or not src.path:
+            b.error(f"{path}/source/@path", "a pipe needs a path")
+            return False
+        b.add("-chardev", "pipe," + opts(("id", cid), ("path", src.path), *logfile))
+    elif t == "dev":
+        if src is None or not src.path:
+            b.error(f"{path}/source/@path", "a host device needs a path")
+            return False
+        b.add("-chardev", ("parallel," if path.split("/")[-1].startswith("parallel") else "serial,")
+              + opts(("id", cid), ("path", src.path), *logfile))
+    elif t == "unix":
+        sock = src.path if src is not None and src.path else None
+        server = src is None or src.mode in (None, "bind")
+        if sock is None:
+            if not server:
+                b.error(f"{path}/source/@path", "a unix socket in connect mode needs a path")
+                return False
+            sock = str(b.paths.chardev_socket(cid))
+        b.add("-chardev", "socket," + opts(("id", cid), ("path", sock), ("server", server),
+                                           ("wait", False) if server else None, *logfile))
+    elif t == "tcp":
+        if src is None or not src.service:
+            b.error(f"{path}/source/@service", "a TCP character device needs a port (service)")
+            return False
+        server = src.mode == "bind"
+        telnet = c.protocol is not None and c.protocol.type in ("telnet", "telnets")
+        b.add("-chardev", "socket," + opts(("id", cid), ("host", src.host or "localhost"), ("port", src.service),
+                                           ("telnet", True) if telnet else None, ("server", server),
+                                           ("wait", False) if server else None, *logfile))
+    elif t == "udp":
+        connect = next((s for s in c.source if s.mode != "bind"), None)
+        bind = next((s for s in c.source if s.mode == "bind"), None)
+        if connect is None or not connect.service:
+            b.error(f"{path}/source", "a UDP character device needs a connect source with a service")
+            return False
+        b.add("-chardev", "udp," + opts(("id", cid), ("host", connect.host or "localhost"), ("port", connect.service),
+                                        ("localaddr", bind.host if bind else None),
+                                        ("localport", bind.service if bind else None), *logfile))
+    elif t in ("spicevmc", "spiceport"):
+        if not any(g.type == "spice" for g in b.domain.devices.graphics):
+            b.error(f"{path}/@type", f"a {t} character device needs <graphics type='spice'>")
+            return False
+        if t == "spicevmc":
+            b.add("-chardev", "spicevmc," + opts(("id", cid), ("name", "vdagent")))
+        else:
+            b.add("-chardev", "spiceport," + opts(("id", cid), ("name", src.channel if src else "org.qemu.console.0")))
+    elif t == "qemu-vdagent":
+        b.add("-chardev", "qemu-vdagent," + opts(("id", cid), ("name", "com.redhat.spice.0")))
+    elif t == "vc":
+        if not b.domain.devices.graphics:
+            b.error(f"{path}/@type", "a vc character device needs a graphical display; qemud runs headless")
+            return False
+        b.add("-chardev", "vc," + opts(("id", cid)))
+    elif t == "stdio":
+        b.error(f"{path}/@type", "qemud runs QEMU without a terminal; use pty, unix or file instead of stdio")
+        return False
+    else:
+        b.error(f"{path}/@type", f"character device type '{t}' is not supported")
+        return False
+    return True
+
+
+def add_serials(b: Builder) -> None:
+    dev = b.domain.devices
+    serials = list(dev.serial)
+    for i, s in enumerate(serials):
+        path = f"/domain/devices/serial[{i + 1}]"
+        port = s.target.port if s.target and s.target.port is not None else i
+        cid = f"charserial{port}"
+        ttype = s.target.type if s.target and s.target.type else "isa-serial"
+        if not chardev(b, s, cid, path):
+            continue
+        sid = b.alias(s.alias, f"serial{port}", path)
+        model = s.target.model.name if s.target and s.target.model else None
+        if ttype in ("isa-serial", "serial") and model in (None, "isa-serial"):
+            if port > 3:
+                b.error(f"{path}/target/@port", "an ISA machine has serial ports 0-3")
+                continue
+            b.device({"driver": "isa-serial", "chardev": cid, "id": sid, "index": port})
+        elif ttype == "usb-serial" or model == "usb-serial":
+            if b.usb_bus is None:
+                b.error(f"{path}/target/@type", "a USB serial port needs a USB controller")
+                continue
+            b.device({"driver": "usb-serial", "chardev": cid, "id": sid, "bus": b.usb_bus})
+        elif ttype == "pci-serial" or model == "pci-serial":
+            b.device({"driver": "pci-serial", "chardev": cid, "id": sid, **b.pci_props(s.address, path, "PCI serial port")})
+        else:
+            b.error(f"{path}/target/@type", f"serial target '{ttype}' is not supported on x86")
+    consoles = list(dev.console)
+    for i, c in enumerate(consoles):
+        path = f"/domain/devices/console[{i + 1}]"
+        ttype = c.target.type if c.target and c.target.type else "serial"
+        if ttype == "serial":
+            if i == 0 and serials:
+                continue  # libvirt: the first console is an alias of the first serial port
+            if serials:
+                b.error(f"{path}/target/@type", "only the first console can be a serial port")
+                continue
+            cid = "charserial0"
+            if chardev(b, c, cid, path):
+                b.device({"driver": "isa-serial", "chardev": cid, "id": b.alias(c.alias, "serial0", path), "index": 0})
+                serials.append(c)
+        elif ttype == "virtio":
+            cid = f"charconsole{i}"
+            if not chardev(b, c, cid, path):
+                continue
+            bus = _virtio_serial_bus(b)
+            b.device({"driver": "virtconsole", "chardev": cid, "id": b.alias(c.alias, f"console{i}", path), "bus": bus})
+        else:
+            b.error(f"{path}/target/@type", f"console target '{ttype}' is not supported on x86")
+    for i, p in enumerate(dev.parallel):
+        path = f"/domain/devices/parallel[{i + 1}]"
+        port = p.target.port if p.target and p.target.port is not None else i
+        cid = f"charparallel{port}"
+        if port > 2:
+            b.error(f"{path}/target/@port", "an ISA machine has parallel ports 0-2")
+            continue
+        if chardev(b, p, cid, path):
+            b.device({"driver": "isa-parallel", "chardev": cid, "id": b.alias(p.alias, f"parallel{port}", path), "index": port})
+
+
+def _virtio_serial_bus(b: Builder) -> str:
+    """The bus of the first virtio-serial controller, added when the file has none (as libvirt does)."""
+    for c in b.domain.devices.controller:
+        if c.type == "virtio-serial":
+            return f"virtio-serial{c.index}.0"
+    if "virtio-serial0" not in b.ids:
+        b.ids.add("virtio-serial0")
+        b.device({"driver": "virtio-serial-pci", "id": "virtio-serial0", **b.pci_props(None, "/domain/devices", "virtio-serial controller")})
+    return "virtio-serial0.0"
+
+
+def add_channels(b: Builder) -> None:
+    for i, c in enumerate(b.domain.devices.channel):
+        path = f"/domain/devices/channel[{i + 1}]"
+        tgt = c.target
+        ttype = tgt.type if tgt and tgt.type else None
+        cid = f"charchannel{i}"
+        if ttype == "virtio":
+            name = tgt.name if tgt else None
+            if c.type == "unix" and (c.src is None or not c.src.path) and name == GUEST_AGENT:
+                pass  # chardev() puts the socket in the runtime directory
+            if not chardev(b, c, cid, path):
+                continue
+            props: dict[str, Any] = {"driver": "virtserialport", "bus": _virtio_serial_bus(b), "chardev": cid,
+                                     "id": b.alias(c.alias, f"channel{i}", path)}
+            if c.address is not None and c.address.type == "virtio-serial":
+                props["bus"] = f"virtio-serial{c.address.controller or 0}.{c.address.bus or 0}"
+                if c.address.port:
+                    props["nr"] = int(c.address.port)
+            if name:
+                props["name"] = name
+            b.device(props)
+        elif ttype == "guestfwd":
+            if not chardev(b, c, cid, path):
+                continue
+            b.warn(path, "guestfwd channels work with user networking only")
+            if tgt is None or not tgt.address or tgt.port is None:
+                b.error(f"{path}/target", "a guestfwd channel needs address and port")
+                continue
+            # attached to the first user-mode netdev
+            for j, iface in enumerate(b.domain.devices.interface):
+                if iface.type == "user":
+                    for k in range(len(b.args) - 1):
+                        if b.args[k] == "-netdev" and f'"id":"hostnet{j}"' in b.args[k + 1]:
+                            import json
+                            nd = json.loads(b.args[k + 1])
+                            nd.setdefault("guestfwd", []).append({"str": f"tcp:{tgt.address}:{tgt.port}-chardev:{cid}"})
+                            from qemud.argv.qemuopts import js
+                            b.args[k + 1] = js(nd)
+                    break
+            else:
+                b.error(path, "a guestfwd channel needs a user-mode interface")
+        elif ttype == "xen":
+            b.error(f"{path}/target/@type", "Xen channels do not exist in QEMU guests")
+        else:
+            b.error(f"{path}/target/@type", "required attribute is missing" if ttype is None
+                    else f"channel target '{ttype}' is not supported")

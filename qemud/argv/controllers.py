@@ -1,0 +1,227 @@
+"""``<controller>``: PCI buses first (other devices plug into them), then the rest."""
+
+from __future__ import annotations
+
+from qemud.argv.builder import Builder
+from qemud.domain.devices.controller import CONTROLLER_MODELS, Controller
+
+PCI_DEVICES = {
+    "pci-bridge": "pci-bridge", "dmi-to-pci-bridge": "i82801b11-bridge",
+    "pcie-root-port": "pcie-root-port", "pcie-switch-upstream-port": "x3130-upstream",
+    "pcie-switch-downstream-port": "xio3130-downstream", "pci-expander-bus": "pxb",
+    "pcie-expander-bus": "pxb-pcie", "pcie-to-pci-bridge": "pcie-pci-bridge",
+}
+USB_DEVICES = {
+    "piix3-uhci": "piix3-usb-uhci", "piix4-uhci": "piix4-usb-uhci", "ehci": "usb-ehci",
+    "ich9-ehci1": "ich9-usb-ehci1", "ich9-uhci1": "ich9-usb-uhci1", "ich9-uhci2": "ich9-usb-uhci2",
+    "ich9-uhci3": "ich9-usb-uhci3", "vt82c686b-uhci": "vt82c686b-usb-uhci", "pci-ohci": "pci-ohci",
+    "nec-xhci": "nec-usb-xhci", "qemu-xhci": "qemu-xhci",
+}
+SCSI_DEVICES = {
+    "lsilogic": "lsi53c895a", "lsisas1068": "mptsas1068", "lsisas1078": "megasas-gen2",
+    "vmpvscsi": "pvscsi", "virtio-scsi": "virtio-scsi-pci", "virtio-transitional": "virtio-scsi-pci-transitional",
+    "virtio-non-transitional": "virtio-scsi-pci-non-transitional", "am53c974": "am53c974",
+    "dc390": "dc390", "ncr53c90": "am53c974",
+}
+
+
+def controller_id(c: Controller) -> str:
+    """libvirt's ids: pci.N, usb (index 0) / usbN, scsiN, sataN, ideN, virtio-serialN, ccidN."""
+    if c.type == "pci":
+        return f"pci.{c.index}"
+    if c.type == "usb":
+        return "usb" if c.index == 0 else f"usb{c.index}"
+    return f"{c.type}{c.index}"
+
+
+def default_usb_model(b: Builder) -> str:
+    return "qemu-xhci" if b.q35 else "piix3-uhci"
+
+
+def scsi_model(c: Controller) -> str:
+    return c.model if c.model and c.model != "auto" else "lsilogic"
+
+
+def add_pci_controllers(b: Builder) -> None:
+    ctrls = list(enumerate(b.domain.devices.controller))
+    seen: set[int] = set()
+    root = "pcie-root" if b.q35 else "pci-root"
+    for i, c in ctrls:
+        path = f"/domain/devices/controller[{i + 1}]"
+        if c.type != "pci":
+            continue
+        if c.index in seen:
+            b.error(f"{path}/@index", f"two PCI controllers have index {c.index}")
+            continue
+        seen.add(c.index)
+        model = c.model or (root if c.index == 0 else None)
+        if model is None:
+            b.error(f"{path}/@model", "a PCI controller other than index 0 needs a model")
+            continue
+        if model not in CONTROLLER_MODELS["pci"]:
+            b.error(f"{path}/@model", f"'{model}' is not one of {', '.join(CONTROLLER_MODELS['pci'])}")
+            continue
+        if c.index == 0:
+            if model != root:
+                b.error(f"{path}/@model", f"machine {b.machine.name} has a {root} at index 0, not a {model}")
+            continue
+        if model in ("pci-root", "pcie-root"):
+            b.error(f"{path}/@model", f"only index 0 can be the {model}")
+            continue
+        b.pci.add_bus(c.index, model)
+    # reserve explicit addresses of controllers before anything is placed automatically
+    for i, c in ctrls:
+        if c.type == "pci" and c.index == 0:
+            continue
+        if c.type == "ide" and not b.q35 and c.address is not None and (c.address.slot, c.address.function) == (1, 1):
+            continue  # the PIIX3's own IDE function
+        if c.type == "sata" and b.q35 and c.index == 0:
+            continue  # ICH9's AHCI at 1f.2
+        if c.type == "usb" and c.master is not None:
+            pass
+        _reserve(b, c.address, f"/domain/devices/controller[{i + 1}]")
+    for i, c in ctrls:
+        if c.type != "pci" or c.index == 0:
+            continue
+        path = f"/domain/devices/controller[{i + 1}]"
+        model = c.model or ""
+        driver = PCI_DEVICES.get(model)
+        if driver is None or not b.has_device(driver, f"{path}/@model", f"a {model} controller"):
+            continue
+        props: dict = {"driver": driver}
+        tgt = c.target
+        if model == "pci-bridge" or model == "pcie-to-pci-bridge":
+            if model == "pci-bridge":
+                props["chassis_nr"] = tgt.chassisNr if tgt and tgt.chassisNr else c.index
+        elif model == "pcie-root-port" or model == "pcie-switch-downstream-port":
+            props["port"] = tgt.port if tgt and tgt.port is not None else 0x10 + (c.index - 1) % 8 + 8 * ((c.index - 1) // 8) if False else (tgt.port if tgt and tgt.port is not None else c.index + 0x0F)
+            props["chassis"] = tgt.chassis if tgt and tgt.chassis is not None else c.index
+            if tgt and tgt.hotplug is not None:
+                props["hotplug"] = tgt.hotplug
+        elif model in ("pci-expander-bus", "pcie-expander-bus"):
+            props["bus_nr"] = tgt.busNr if tgt and tgt.busNr is not None else 254 - c.index
+        props["id"] = f"pci.{c.index}"
+        props.update(b.pci_props(c.address, path, f"{model} controller"))
+        b.device(props)
+
+
+def _reserve(b: Builder, address, path: str) -> None:
+    if address is not None and address.type == "pci":
+        msg = b.pci.reserve(address)
+        if msg:
+            b.error(f"{path}/address", msg)
+
+
+def reserve_device_addresses(b: Builder) -> None:
+    """Claim every explicit PCI address of non-controller devices before any auto placement."""
+    dev = b.domain.devices
+    for fam in ("disk", "interface", "video", "sound", "rng", "watchdog", "input", "panic"):
+        for i, item in enumerate(getattr(dev, fam)):
+            _reserve(b, getattr(item, "address", None), f"/domain/devices/{fam}[{i + 1}]")
+    for fam in ("serial", "console", "channel", "parallel"):
+        for i, item in enumerate(getattr(dev, fam)):
+            _reserve(b, item.address, f"/domain/devices/{fam}[{i + 1}]")
+    if dev.memballoon is not None:
+        _reserve(b, dev.memballoon.address, "/domain/devices/memballoon")
+
+
+def add_other_controllers(b: Builder) -> None:
+    """USB, SCSI, SATA, virtio-serial, IDE, FDC and CCID controllers."""
+    ctrls = b.domain.devices.controller
+    have_usb = any(c.type == "usb" for c in ctrls)
+    implicit: list[tuple[str, Controller]] = []
+    if not have_usb:
+        implicit.append(("/domain/devices", Controller.model_validate({"@type": "usb", "@index": "0"})))
+    seen: set[tuple[str, int]] = set()
+    for i, c in [(i, c) for i, c in enumerate(ctrls)] + [(-1, c) for _, c in implicit]:
+        path = f"/domain/devices/controller[{i + 1}]" if i >= 0 else "/domain/devices"
+        if c.type == "pci":
+            continue
+        if (c.type, c.index) in seen and c.type != "usb":
+            b.error(f"{path}/@index", f"two {c.type} controllers have index {c.index}")
+            continue
+        seen.add((c.type, c.index))
+        cid = c.alias.name if c.alias is not None and c.alias.name.startswith("ua-") else controller_id(c)
+        b.ids.add(cid)
+        if c.type == "usb":
+            _usb(b, c, cid, path)
+        elif c.type == "scsi":
+            model = scsi_model(c)
+            driver = SCSI_DEVICES.get(model)
+            if driver is None:
+                b.error(f"{path}/@model", f"SCSI controller model '{model}' is not supported by QEMU")
+                continue
+            if not b.has_device(driver, f"{path}/@model", f"a {model} SCSI controller"):
+                continue
+            props: dict = {"driver": driver, "id": cid}
+            if c.driver is not None:
+                if c.driver.queues:
+                    props["num_queues"] = c.driver.queues
+                if c.driver.iothread:
+                    props["iothread"] = f"iothread{c.driver.iothread}"
+            props.update(b.pci_props(c.address, path, "SCSI controller"))
+            b.device(props)
+        elif c.type == "sata":
+            if b.q35 and c.index == 0:
+                continue  # the ICH9 AHCI built into q35 (id "ide")
+            if not b.has_device("ahci", path, "a SATA controller"):
+                continue
+            b.device({"driver": "ahci", "id": cid, **b.pci_props(c.address, path, "SATA controller")})
+        elif c.type == "virtio-serial":
+            props = {"driver": "virtio-serial-pci", "id": cid}
+            if c.ports is not None:
+                props["max_ports"] = c.ports
+            if c.vectors is not None:
+                props["vectors"] = c.vectors
+            props.update(b.pci_props(c.address, path, "virtio-serial controller"))
+            b.device(props)
+        elif c.type == "ide":
+            if b.q35:
+                b.error(f"{path}/@type", "a q35 machine has no IDE controller; use bus='sata'")
+            elif c.index != 0:
+                b.error(f"{path}/@index", "a pc machine has one IDE controller (index 0)")
+        elif c.type == "fdc":
+            if c.index != 0:
+                b.error(f"{path}/@index", "a machine has one floppy controller (index 0)")
+        elif c.type == "ccid":
+            if b.usb_bus is None:
+                b.error(path, "a CCID controller needs a USB controller")
+            elif b.has_device("usb-ccid", path, "a CCID controller"):
+                b.device({"driver": "usb-ccid", "id": cid, "bus": b.usb_bus})
+        elif c.type == "isa":
+            pass
+        else:
+            b.error(f"{path}/@type", f"controller type '{c.type}' is not supported by QEMU on x86")
+
+
+def _usb(b: Builder, c: Controller, cid: str, path: str) -> None:
+    model = c.model or default_usb_model(b)
+    if model == "none":
+        return
+    driver = USB_DEVICES.get(model)
+    if driver is None:
+        b.error(f"{path}/@model", f"USB controller model '{model}' is not supported by QEMU on x86")
+        return
+    if not b.has_device(driver, f"{path}/@model", f"a {model} USB controller"):
+        return
+    props: dict = {"driver": driver}
+    if c.master is not None:
+        master = "usb" if c.index == 0 else f"usb{c.index}"
+        props["masterbus"] = f"{master}.0"
+        props["firstport"] = c.master.startport
+    else:
+        props["id"] = cid
+        if c.ports is not None and model in ("nec-xhci", "qemu-xhci"):
+            props["p2"] = props["p3"] = c.ports
+    if c.address is None and model == "piix3-uhci" and not b.q35 and c.index == 0:
+        # libvirt's place for the first UHCI: the PIIX3's own function 2
+        from qemud.domain.devices.address import Address
+        addr = Address.model_validate({"@type": "pci", "@bus": "0", "@slot": "1", "@function": "2"})
+        if (0, 1, 2) not in b.pci.used:
+            b.pci.reserve(addr)
+        props.update(b.pci.props(addr))  # type: ignore[arg-type]
+    else:
+        props.update(b.pci_props(c.address, path, "USB controller"))
+    b.device(props)
+    if c.master is None and b.usb_bus is None:
+        b.usb_bus = f"{cid}.0"

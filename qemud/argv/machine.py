@@ -1,0 +1,361 @@
+"""The machine: type, accelerator, CPU, memory, topology, firmware, boot, clock, features, PM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qemud.argv.builder import Builder, Prepare
+from qemud.argv.qemuopts import js, opts
+from qemud.domain.cpu import MAX_VCPUS
+from qemud.domain.units import size_in_range
+
+# QEMU's names for libvirt's CPU feature names where they differ
+_FEATURE_ALIASES = {"pclmuldq": "pclmulqdq", "sse4.1": "sse4_1", "sse4.2": "sse4_2", "ds_cpl": "ds-cpl",
+                    "lahf_lm": "lahf-lm", "cmp_legacy": "cmp-legacy", "osxsave": "osxsave"}
+
+
+def add_machine(b: Builder) -> None:
+    d = b.domain
+    props: list[tuple[str, object]] = [("type", b.machine.name)]
+    props.append(("usb", False))
+    props.append(("dump-guest-core", False))
+    f = d.features
+    if f is not None and f.vmport is not None:
+        props.append(("vmport", f.vmport.state))
+    if f is not None and f.smm is not None:
+        props.append(("smm", f.smm.state))
+    loader = d.os.loader
+    if loader is not None and loader.secure and (f is None or f.smm is None):
+        props.append(("smm", True))
+    # ACPI: libvirt turns it off when <features><acpi/> is absent
+    if f is None or f.acpi is None:
+        props.append(("acpi", False))
+    for t in (d.clock.timer if d.clock else ()):
+        if t.name == "hpet" and t.present is not None:
+            props.append(("hpet", t.present))
+    if d.kvm:
+        if not b.caps.kvm:
+            b.error("/domain/@type", f"type='kvm' needs KVM, which is not usable here: {b.caps.kvm_reason}; "
+                    "use type='qemu' to emulate the CPU instead (much slower)")
+    if f is not None and f.vmcoreinfo is not None and f.vmcoreinfo.state:
+        pass  # a device, added with the others
+    pflash = _firmware(b)
+    props += pflash
+    b.add("-machine", opts(*props))
+    b.add("-accel", "kvm" if d.kvm else "tcg")
+
+
+def _firmware(b: Builder) -> list[tuple[str, object]]:
+    """-bios for ROM loaders; pflash drives for UEFI (read-only code + per-domain NVRAM)."""
+    d = b.domain
+    loader = d.os.loader
+    if d.os.firmware is not None:
+        b.error("/domain/os/@firmware", "firmware autoselection is not supported yet; "
+                "name the loader and NVRAM template in <loader> and <nvram>")
+        return []
+    if loader is None or not loader.path:
+        if d.os.nvram is not None:
+            b.error("/domain/os/nvram", "<nvram> needs a pflash <loader>")
+        return []
+    ltype = loader.type or "rom"
+    if ltype == "rom":
+        if d.os.nvram is not None:
+            b.error("/domain/os/nvram", "<nvram> needs <loader type='pflash'>")
+        b.add("-bios", loader.path)
+        return []
+    if loader.stateless:
+        b.error("/domain/os/loader/@stateless", "stateless firmware is not supported yet")
+    readonly = loader.readonly if loader.readonly is not None else True
+    fmt = loader.format or "raw"
+    b.add("-blockdev", js({"driver": "file", "filename": loader.path, "node-name": "pflash0-file",
+                           "auto-read-only": True, "discard": "unmap"}))
+    b.add("-blockdev", js({"node-name": "pflash0", "read-only": readonly, "driver": fmt,
+                           "file": "pflash0-file"}))
+    out: list[tuple[str, object]] = [("pflash0", "pflash0")]
+    nv = d.os.nvram
+    if not readonly:
+        if nv is not None:
+            b.error("/domain/os/nvram", "a writable loader keeps its own variables; <nvram> needs readonly='yes'")
+        return out
+    nv_path = Path(nv.path) if nv is not None and nv.path else b.paths.nvram(nv.template if nv else None)
+    template = nv.template if nv is not None else None
+    if template is None and nv is not None and nv.path:
+        pass  # an existing NVRAM file named by the user
+    elif template is None:
+        template = _default_vars(loader.path)
+        if template is None:
+            b.error("/domain/os/nvram", f"no NVRAM template is known for loader {loader.path}; "
+                    "add <nvram template='...'/>")
+            return out
+    if template is not None:
+        b.prepare.append(Prepare("copy", nv_path, Path(template)))
+    nv_fmt = (nv.format if nv is not None else None) or ("qcow2" if str(nv_path).endswith(".qcow2") else "raw")
+    b.add("-blockdev", js({"driver": "file", "filename": str(nv_path), "node-name": "pflash1-file",
+                           "auto-read-only": True, "discard": "unmap"}))
+    b.add("-blockdev", js({"node-name": "pflash1", "read-only": False, "driver": nv_fmt,
+                           "file": "pflash1-file"}))
+    out.append(("pflash1", "pflash1"))
+    return out
+
+
+def _default_vars(code: str) -> str | None:
+    """Debian's OVMF pairs: OVMF_CODE*.fd -> OVMF_VARS*.fd next to it."""
+    p = Path(code)
+    name = p.name.replace("CODE", "VARS")
+    if name != p.name:
+        name = name.replace(".secboot", "").replace(".ms", "")
+        return str(p.with_name(name))
+    return None
+
+
+def add_cpu(b: Builder) -> None:
+    d = b.domain
+    cpu = d.cpu
+    features: list[str] = []
+    model: str | None = None
+    if cpu is not None:
+        if cpu.mode == "host-passthrough" or cpu.mode == "host-model":
+            if not d.kvm:
+                b.error("/domain/cpu/@mode", f"mode '{cpu.mode}' needs type='kvm'; "
+                        "under emulation use mode='maximum' or a named model")
+            model = "host"
+        elif cpu.mode == "maximum":
+            model = "max"
+        elif cpu.model is not None and cpu.model.name:
+            model = cpu.model.name
+            if model not in b.caps.cpu_models:
+                if cpu.model.fallback == "forbid" or True:
+                    b.error("/domain/cpu/model", f"CPU model '{model}' is not known to {b.caps.emulator}")
+        for i, feat in enumerate(cpu.feature):
+            name = _FEATURE_ALIASES.get(feat.name, feat.name)
+            if feat.policy in ("force", "require"):
+                features.append(f"{name}=on")
+            elif feat.policy in ("disable", "forbid"):
+                features.append(f"{name}=off")
+        if cpu.cache is not None:
+            if cpu.cache.mode == "passthrough":
+                features.append("host-cache-info=on")
+            elif cpu.cache.mode == "disable":
+                features.append("l3-cache=off")
+            elif cpu.cache.mode == "emulate" and cpu.cache.level == 3:
+                features.append("l3-cache=on")
+        if cpu.maxphysaddr is not None:
+            if cpu.maxphysaddr.mode == "passthrough":
+                features.append("host-phys-bits=on")
+            elif cpu.maxphysaddr.bits:
+                features.append(f"phys-bits={cpu.maxphysaddr.bits}")
+        if features and model is None:
+            model = "qemu64"
+    f = d.features
+    if f is not None:
+        if f.pmu is not None:
+            features.append(f"pmu={'on' if f.pmu.state else 'off'}")
+        if f.pvspinlock is not None:
+            features.append(f"kvm-pv-unhalt={'on' if f.pvspinlock.state else 'off'}")
+        if f.apic is not None and f.apic.eoi is not None:
+            features.append(f"kvm-pv-eoi={'on' if f.apic.eoi else 'off'}")
+    for t in (d.clock.timer if d.clock else ()):
+        if t.name == "kvmclock" and t.present is not None:
+            features.append(f"kvmclock={'on' if t.present else 'off'}")
+    if model is not None:
+        b.add("-cpu", ",".join([model, *features]))
+
+
+def add_memory(b: Builder) -> None:
+    d = b.domain
+    for size, path in ((d.memory, "/domain/memory"), (d.currentMemory, "/domain/currentMemory"),
+                       (d.maxMemory, "/domain/maxMemory")):
+        msg = size_in_range(size, "memory")
+        if msg:
+            b.error(path, msg)
+            return
+    mib = d.memory.mib
+    if mib < 1:
+        b.error("/domain/memory", f"{d.memory.value} {d.memory.unit} is less than the 1 MiB QEMU needs")
+        return
+    if d.currentMemory is not None and d.currentMemory.kib > d.memory.kib:
+        b.error("/domain/currentMemory", "is larger than <memory>")
+    parts = [f"size={mib}M"]
+    if d.maxMemory is not None:
+        if d.maxMemory.slots is None:
+            b.error("/domain/maxMemory/@slots", "required attribute is missing")
+        elif d.maxMemory.kib < d.memory.kib:
+            b.error("/domain/maxMemory", "is smaller than <memory>")
+        else:
+            parts += [f"slots={d.maxMemory.slots}", f"maxmem={d.maxMemory.kib}k"]
+    b.add("-m", ",".join(parts))
+    if b.machine.default_ram_id:
+        pass  # QEMU creates its default RAM backend; -m alone is enough for a non-NUMA guest
+
+
+def add_smp(b: Builder) -> None:
+    d = b.domain
+    n = d.vcpus
+    if n < 1:
+        b.error("/domain/vcpu", "a guest needs at least one vCPU")
+        return
+    limit = min(MAX_VCPUS, b.machine.cpu_max)
+    if n > limit:
+        b.error("/domain/vcpu", f"{n} vCPUs is more than machine {b.machine.name} takes ({limit})")
+        return
+    online = d.vcpus_online
+    if online < 1 or online > n:
+        b.error("/domain/vcpu/@current", f"must be between 1 and the vCPU count {n}")
+        return
+    topo = d.cpu.topology if d.cpu is not None else None
+    if topo is not None:
+        if 0 in (topo.sockets, topo.dies, topo.cores, topo.threads, topo.clusters):
+            b.error("/domain/cpu/topology", "sockets, dies, cores and threads must all be at least 1")
+            return
+        total = topo.sockets * topo.dies * topo.clusters * topo.cores * topo.threads
+        if total != n:
+            b.error("/domain/cpu/topology", f"{topo.sockets} sockets x {topo.dies} dies x {topo.cores} cores x "
+                    f"{topo.threads} threads = {total} vCPUs, but <vcpu> says {n}")
+            return
+        if topo.clusters != 1:
+            b.error("/domain/cpu/topology/@clusters", "clusters exist on ARM only")
+            return
+        sockets, dies, cores, threads = topo.sockets, topo.dies, topo.cores, topo.threads
+    else:
+        sockets, dies, cores, threads = n, 1, 1, 1
+    parts = [str(online), f"sockets={sockets}"]
+    if dies != 1:
+        parts.append(f"dies={dies}")
+    parts += [f"cores={cores}", f"threads={threads}"]
+    if online != n:
+        parts.append(f"maxcpus={n}")
+    b.add("-smp", ",".join(parts))
+
+
+def add_identity(b: Builder) -> None:
+    d = b.domain
+    b.add("-uuid", d.uuid_value)
+    if d.genid is not None:
+        import uuid as uuidlib
+        guid = d.genid.value
+        if guid:
+            try:
+                guid = str(uuidlib.UUID(guid))
+            except ValueError:
+                b.error("/domain/genid", f"'{guid}' is not a UUID")
+                return
+        else:
+            guid = str(uuidlib.uuid5(uuidlib.UUID(d.uuid_value), "genid"))
+        b.device({"driver": "vmgenid", "guid": guid, "id": "vmgenid0"})
+
+
+def add_clock(b: Builder) -> None:
+    d = b.domain
+    clock = d.clock
+    rtc: list[tuple[str, object]] = []
+    if clock is None or clock.offset == "utc":
+        rtc.append(("base", "utc"))
+    elif clock.offset == "localtime":
+        rtc.append(("base", "localtime"))
+    elif clock.offset == "variable":
+        import datetime
+        adj = int(clock.adjustment or 0) if (clock.adjustment or "0").lstrip("-+").isdigit() else None
+        if adj is None:
+            b.error("/domain/clock/@adjustment", f"'{clock.adjustment}' is not a number of seconds")
+            return
+        if (clock.basis or "utc") == "localtime":
+            b.error("/domain/clock/@basis", "basis='localtime' is not supported; use utc")
+            return
+        now = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=adj)
+        rtc.append(("base", now.strftime("%Y-%m-%dT%H:%M:%S")))
+    elif clock.offset == "timezone":
+        tz = clock.timezone or ""
+        if not tz or any(c in tz for c in "\n\0") or tz.startswith("/") or ".." in tz:
+            b.error("/domain/clock/@timezone", f"'{tz}' is not a time zone name like Europe/Paris")
+            return
+        rtc.append(("base", "localtime"))
+        b.env["TZ"] = tz
+    elif clock.offset == "absolute":
+        import datetime
+        start = datetime.datetime.fromtimestamp(clock.start or 0, datetime.timezone.utc)
+        rtc.append(("base", start.strftime("%Y-%m-%dT%H:%M:%S")))
+    for t in (clock.timer if clock else ()):
+        path = "/domain/clock/timer"
+        if t.name == "rtc":
+            if t.track is not None:
+                rtc.append(("clock", {"boot": "vm", "guest": "vm", "wall": "host", "realtime": "rt"}[t.track]))
+            if t.tickpolicy == "catchup":
+                rtc.append(("driftfix", "slew"))
+            elif t.tickpolicy not in (None, "delay"):
+                b.error(f"{path}/@tickpolicy", f"RTC tick policy '{t.tickpolicy}' is not supported by QEMU")
+        elif t.name == "pit":
+            if t.tickpolicy is not None and d.kvm:
+                policy = {"delay": "delay", "catchup": "slew", "discard": "discard"}.get(t.tickpolicy)
+                if policy is None:
+                    b.error(f"{path}/@tickpolicy", f"PIT tick policy '{t.tickpolicy}' is not supported by QEMU")
+                else:
+                    b.add("-global", f"kvm-pit.lost_tick_policy={policy}")
+        elif t.name in ("hpet", "kvmclock"):
+            pass  # machine / cpu properties
+        elif t.name == "tsc":
+            if t.frequency:
+                b.warn(f"{path}", "the TSC frequency is only applied under KVM")
+        elif t.name == "hypervclock":
+            pass
+        elif t.name == "platform":
+            b.error(f"{path}/@name", "the platform timer is not supported by QEMU")
+    b.add("-rtc", opts(*rtc))
+
+
+def add_lifecycle(b: Builder) -> None:
+    """QEMU exits on guest poweroff (qemud acts on on_poweroff itself); on_reboot='destroy' is
+    -no-reboot; preserve keeps QEMU after poweroff."""
+    d = b.domain
+    for name in ("on_poweroff", "on_reboot", "on_crash"):
+        action = getattr(d, name)
+        if action is None:
+            continue
+        if action.value in ("rename-restart", "coredump-destroy", "coredump-restart"):
+            b.error(f"/domain/{name}", f"action '{action.value}' is not supported by qemud; use destroy, restart or preserve")
+    if d.on_poweroff is not None and d.on_poweroff.value == "preserve":
+        b.add("-no-shutdown")
+    if d.on_reboot is not None and d.on_reboot.value == "destroy":
+        b.add("-no-reboot")
+    if d.on_crash is not None and d.on_crash.value != "destroy":
+        b.add("-action", "panic=pause" if d.on_crash.value == "preserve" else "panic=none")
+    pm = d.pm
+    if pm is not None:
+        lpc = "ICH9-LPC" if b.q35 else "PIIX4_PM"
+        if pm.suspend_to_mem is not None:
+            b.add("-global", f"{lpc}.disable_s3={0 if pm.suspend_to_mem.enabled else 1}")
+        if pm.suspend_to_disk is not None:
+            b.add("-global", f"{lpc}.disable_s4={0 if pm.suspend_to_disk.enabled else 1}")
+
+
+def add_boot(b: Builder) -> None:
+    d = b.domain
+    o = d.os
+    parts: list[tuple[str, object]] = []
+    if o.bootmenu is not None:
+        parts.append(("menu", o.bootmenu.enable))
+        if o.bootmenu.timeout is not None:
+            if o.bootmenu.timeout > 65535:
+                b.error("/domain/os/bootmenu/@timeout", "must be at most 65535 milliseconds")
+            parts.append(("splash-time", o.bootmenu.timeout))
+    if o.bios is not None:
+        if o.bios.useserial:
+            b.error("/domain/os/bios/@useserial", "the SeaBIOS serial console (sgabios) is not in QEMU 7.2")
+        if o.bios.rebootTimeout is not None:
+            if not -1 <= o.bios.rebootTimeout <= 65535:
+                b.error("/domain/os/bios/@rebootTimeout", "must be between -1 and 65535")
+            else:
+                parts.append(("reboot-timeout", o.bios.rebootTimeout))
+    parts.append(("strict", True))
+    b.add("-boot", opts(*parts))
+    if o.kernel is not None and o.kernel.value:
+        b.add("-kernel", o.kernel.value)
+    if o.initrd is not None and o.initrd.value:
+        if o.kernel is None:
+            b.error("/domain/os/initrd", "an initrd needs a <kernel>")
+        b.add("-initrd", o.initrd.value)
+    if o.cmdline is not None and o.cmdline.value:
+        if o.kernel is None:
+            b.error("/domain/os/cmdline", "a kernel command line needs a <kernel>")
+        b.add("-append", o.cmdline.value)
+    if o.smbios is not None and o.smbios.mode != "emulate":
+        b.error("/domain/os/smbios/@mode", f"SMBIOS mode '{o.smbios.mode}' is not supported yet")

@@ -1,0 +1,26 @@
+"""``<clock>``: the guest's real-time clock and timers."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from qemud.domain.base import Element, Many, YesNo, attr
+
+
+class Timer(Element):
+    name: Literal["platform", "pit", "rtc", "hpet", "tsc", "kvmclock", "hypervclock",
+                  "armvtimer"] = attr(...)
+    present: YesNo | None = attr()
+    tickpolicy: Literal["delay", "catchup", "merge", "discard"] | None = attr()
+    track: Literal["boot", "guest", "wall", "realtime"] | None = attr()
+    frequency: int | None = attr()
+    mode: Literal["auto", "native", "emulate", "paravirt", "smpsafe"] | None = attr()
+
+
+class Clock(Element):
+    offset: Literal["utc", "localtime", "timezone", "variable", "absolute"] = attr("utc")
+    adjustment: str | None = attr()
+    basis: Literal["utc", "localtime"] | None = attr()
+    timezone: str | None = attr()
+    start: int | None = attr()
+    timer: Many[Timer]

@@ -1,0 +1,69 @@
+"""``<controller>``: buses that other devices plug into."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from qemud.domain.base import Element, UInt, YesNo, attr, child
+from qemud.domain.devices.address import Address, Alias
+
+CONTROLLER_MODELS: dict[str, tuple[str, ...]] = {
+    "pci": ("pci-root", "pcie-root", "pci-bridge", "dmi-to-pci-bridge", "pcie-root-port",
+            "pcie-switch-upstream-port", "pcie-switch-downstream-port", "pci-expander-bus",
+            "pcie-expander-bus", "pcie-to-pci-bridge"),
+    "usb": ("piix3-uhci", "piix4-uhci", "ehci", "ich9-ehci1", "ich9-uhci1", "ich9-uhci2",
+            "ich9-uhci3", "vt82c686b-uhci", "pci-ohci", "nec-xhci", "qusb1", "qusb2", "qemu-xhci",
+            "none"),
+    "scsi": ("auto", "buslogic", "lsilogic", "lsisas1068", "vmpvscsi", "ibmvscsi", "virtio-scsi",
+             "lsisas1078", "virtio-transitional", "virtio-non-transitional", "ncr53c90", "am53c974",
+             "dc390"),
+    "virtio-serial": ("virtio", "virtio-transitional", "virtio-non-transitional"),
+    "ide": ("piix3", "piix4", "ich6"),
+    "sata": (),
+    "fdc": (),
+    "ccid": (),
+    "isa": (),
+}
+
+
+class ControllerModel(Element):
+    name: str = attr(...)
+
+
+class ControllerTarget(Element):
+    chassisNr: UInt | None = attr()
+    chassis: UInt | None = attr()
+    port: UInt | None = attr()
+    busNr: UInt | None = attr()
+    index: UInt | None = attr()
+    hotplug: YesNo | None = attr()
+    memReserve: UInt | None = attr()
+    node: UInt | None = attr()
+
+
+class ControllerDriver(Element):
+    queues: UInt | None = attr()
+    cmd_per_lun: UInt | None = attr()
+    max_sectors: UInt | None = attr()
+    iothread: UInt | None = attr()
+    ioeventfd: YesNo | None = attr()
+
+
+class Master(Element):
+    startport: UInt = attr(...)
+
+
+class Controller(Element):
+    type: Literal["ide", "fdc", "scsi", "sata", "usb", "pci", "virtio-serial", "ccid", "xenbus",
+                  "isa"] = attr(...)
+    index: UInt = attr(-1)  # -1: not given; Devices assigns the next free one, as libvirt does
+    model: str | None = attr()
+    ports: UInt | None = attr()
+    vectors: UInt | None = attr()
+    maxGrantFrames: UInt | None = attr()
+    model_element: ControllerModel | None = child("model")
+    target: ControllerTarget | None = None
+    driver: ControllerDriver | None = None
+    master: Master | None = None
+    address: Address | None = None
+    alias: Alias | None = None

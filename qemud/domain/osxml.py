@@ -1,0 +1,75 @@
+"""``<os>``: how the guest boots (libvirt's "Operating system booting" section)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import field_validator
+
+from qemud.domain.base import Element, Many, UInt, YesNo, attr, child, ignored, text
+
+
+class OsType(Element):
+    arch: str | None = attr()
+    machine: str | None = attr()
+    value: Literal["hvm"] = text(...)
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str | None) -> str | None:
+        if v is not None and v not in ("x86_64", "i686"):
+            raise ValueError(f"'{v}' is not an architecture qemud runs (x86_64, i686)")
+        return v
+
+
+class Loader(Element):
+    readonly: YesNo | None = attr()
+    secure: YesNo | None = attr()
+    type: Literal["rom", "pflash"] | None = attr()
+    format: Literal["raw", "qcow2"] | None = attr()
+    stateless: YesNo | None = attr()
+    path: str | None = text()
+
+
+class Nvram(Element):
+    template: str | None = attr()
+    format: Literal["raw", "qcow2"] | None = attr()
+    type: Literal["file"] | None = attr()
+    path: str | None = text()
+
+
+class Boot(Element):
+    dev: Literal["hd", "cdrom", "fd", "network"] = attr(...)
+
+
+class BootMenu(Element):
+    enable: YesNo = attr(...)
+    timeout: UInt | None = attr()
+
+
+class Bios(Element):
+    useserial: YesNo | None = attr()
+    rebootTimeout: int | None = attr()
+
+
+class Smbios(Element):
+    mode: Literal["sysinfo", "host", "emulate"] = attr(...)
+
+
+class Text(Element):
+    value: str = text("")
+
+
+class Os(Element):
+    firmware: Literal["bios", "efi"] | None = attr()
+    type: OsType
+    loader: Loader | None = None
+    nvram: Nvram | None = None
+    kernel: Text | None = None
+    initrd: Text | None = None
+    cmdline: Text | None = None
+    boot: Many[Boot]
+    bootmenu: BootMenu | None = None
+    bios: Bios | None = None
+    smbios: Smbios | None = None
+    init: Text | None = ignored("only for container domains")
