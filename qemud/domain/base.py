@@ -155,9 +155,8 @@ def _describe(err: dict[str, Any]) -> str:
     is_attr = isinstance(last, str) and last.startswith("@")
     if kind == "extra_forbidden":
         if is_attr:
-            return "attribute not supported by qemud (it is not dropped silently: remove it or ask for support)"
-        return (f"element <{last}> not supported by qemud here "
-                "(it is not dropped silently: remove it or ask for support)")
+            return f"attribute '{last[1:]}' is not supported by qemud here (refused rather than silently dropped)"
+        return f"element <{last}> is not supported by qemud here (refused rather than silently dropped)"
     if kind == "missing":
         return "required attribute is missing" if is_attr else "required element is missing"
     if kind == "literal_error":

@@ -61,8 +61,8 @@ class Size(Element):
 
     @property
     def mib(self) -> int:
-        """Rounded down to whole MiB, as QEMU's ``-m`` takes it (libvirt does the same)."""
-        return self.kib // 1024
+        """Rounded up to whole MiB, as libvirt aligns guest memory for QEMU's ``-m``."""
+        return -(-self.kib // 1024)
 
 
 def size_in_range(size: Size | None, what: str) -> str | None:
