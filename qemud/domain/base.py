@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
                       model_validator)
@@ -25,8 +25,18 @@ from qemud.errors import Problem
 T = TypeVar("T")
 
 
+def _holds_model(annotation: Any) -> bool:
+    """Whether a field's type is (or contains) an element model."""
+    import typing
+    if isinstance(annotation, type):
+        return issubclass(annotation, BaseModel)
+    return any(_holds_model(a) for a in typing.get_args(annotation))
+
+
 class Element(BaseModel):
     """One XML element: frozen, strict about what it contains."""
+
+    _element_children: ClassVar[frozenset[str]] = frozenset()
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True,
                               hide_input_in_errors=False, defer_build=True)
@@ -44,6 +54,11 @@ class Element(BaseModel):
                     changed = True
         if changed:
             cls.model_rebuild(force=True)
+        # children that are elements: an empty one (<readonly/>) arrives as None and means
+        # "present, no content", not "absent"
+        cls._element_children = frozenset(
+            (f.alias or n) for n, f in cls.model_fields.items()
+            if not (f.alias or n).startswith(("@", "#")) and _holds_model(f.annotation))
 
     @model_validator(mode="before")
     @classmethod
@@ -52,8 +67,10 @@ class Element(BaseModel):
             return {}
         if isinstance(data, str):  # <name>foo</name>
             return {"#text": data}
-        if isinstance(data, dict) and "@xmlns" in data:
-            data = {k: v for k, v in data.items() if k != "@xmlns"}
+        if isinstance(data, dict):
+            kids = cls._element_children
+            if "@xmlns" in data or any(v is None and k in kids for k, v in data.items()):
+                data = {k: ({} if v is None and k in kids else v) for k, v in data.items() if k != "@xmlns"}
         return data
 
 
