@@ -1,0 +1,594 @@
+#!/usr/bin/env python3
+"""Conformance run: libvirt's x86 QEMU test corpus through qemud and real QEMU.
+
+For every ``*.xml`` of the corpus (libvirt 9.0's qemuxml2argv inputs, see its README.md) this
+
+1. applies the rewrite libvirt's own measurement (``libvirt-realized.json``) used, so both see
+   the same host: domain type kvm -> qemu, a host-passthrough/host-model ``<cpu>`` dropped, a
+   missing or absent emulator -> /usr/bin/qemu-system-x86_64, file and block disk sources -> fresh
+   1 MiB scratch images of the same format (block disks become file images), kernel/initrd -> the
+   tiny test guest's, pflash loaders -> OVMF_CODE_4M.fd with the OVMF_VARS_4M.fd template (NVRAM
+   into scratch), non-user interfaces -> type='user' keeping MAC and model (and other guest-side
+   settings; the host side -- source, target, script, virtualport, backend -- is dropped;
+   vhostuser, hostdev and vdpa interfaces stay as they are, as they did for libvirt),
+   char-device, VNC/SPICE-socket and filesystem paths -> a scratch folder.  A unix char device in
+   mode='connect' finds a listening socket at its scratch path: libvirt realized such inputs
+   (serial-unix-chardev, channel-unix-guestfwd, ...), so the measurement's had a peer too;
+2. parses it (``parse_domain``), translates it (``build_argv(paused=True)``) with a per-file
+   runtime directory under a short scratch path, and
+3. starts it in QEMU and checks it over QMP (``tests/support/realize.py``).
+
+Each input ends up as one of
+
+* ``realized``: QEMU started and every check passed;
+* ``rejected``: qemud said no with a DomainError (or a HostError), or QEMU refused to start;
+* ``mismatch``: QEMU started but a check failed;
+* ``crashed``: any other exception in qemud (a traceback), or a hang / timeout.
+
+Every input runs in a forked child of its own (its own process group, with its QEMU), bounded by
+a timeout; the parent kills the whole group when it runs over.
+
+Usage (from the repository root)::
+
+    .venv/bin/python tools/conformance.py [--corpus DIR] [--jobs N] [--only GLOB] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import fnmatch
+import glob
+import io
+import json
+import multiprocessing
+import multiprocessing.connection
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from qemud.argv import build_argv, emulator_for  # noqa: E402
+from qemud.caps import probe  # noqa: E402
+from qemud.domain import parse_domain  # noqa: E402
+from qemud.errors import DomainError, QemudError  # noqa: E402
+from qemud.launch import prepare  # noqa: E402
+from qemud.paths import GuestPaths  # noqa: E402
+from tests.support.realize import first_error_line, realize_sync  # noqa: E402
+from tests.support.tinyguest import ensure_guest  # noqa: E402
+
+DEFAULT_EMULATOR = "/usr/bin/qemu-system-x86_64"
+OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+SCRATCH_BASE = "/tmp/qc"
+OUTCOMES = ("realized", "rejected", "mismatch", "crashed")
+#: qemu-img can make an empty image in these formats; anything else becomes a raw image.
+CREATABLE = {"qcow2", "qed", "vmdk", "vdi", "vpc", "vhdx", "qcow", "parallels"}
+CHARDEV_TAGS = ("serial", "parallel", "console", "channel", "smartcard", "redirdev")
+#: interface types that stay as they are (they have no user-mode equivalent to become)
+KEEP_IFACE = {"user", "vhostuser", "hostdev", "vdpa"}
+#: interface children that only make sense for the host side of the old type
+HOST_SIDE_IFACE = {"source", "target", "script", "downscript", "virtualport", "backenddomain", "backend"}
+
+
+# ---- the rewrite -------------------------------------------------------------------------------
+
+@dataclass
+class Guest:
+    kernel: str
+    initrd: str
+
+
+class Rewriter:
+    """The measurement's rewrite of one domain XML text, with a scratch folder for its files."""
+
+    def __init__(self, scratch: Path, guest: Guest) -> None:
+        self.scratch = scratch
+        self.guest = guest
+        self.n = 0
+        self.paths: dict[tuple[str, str], str] = {}  # (kind, original) -> scratch path
+        self.notes: list[str] = []
+        #: scratch paths of unix sockets the domain connects to (mode='connect'): listened on
+        self.peers: list[str] = []
+
+    def _new(self, kind: str, original: str, name: str) -> tuple[str, bool]:
+        """A scratch path for ``original`` (the same one each time it is named); new?"""
+        key = (kind, original)
+        if key in self.paths:
+            return self.paths[key], False
+        self.n += 1
+        p = str(self.scratch / f"{name}{self.n}")
+        self.paths[key] = p
+        return p, True
+
+    def image(self, fmt: str) -> str:
+        """A fresh 1 MiB image for one disk (never shared: two disks naming the same file
+        would fight over QEMU's image lock, and the measurement gave each disk its own)."""
+        self.n += 1
+        p = str(self.scratch / f"s{self.n}.img")
+        if fmt in CREATABLE:
+            subprocess.run(["qemu-img", "create", "-q", "-f", fmt, p, "1M"], check=True,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        else:
+            with open(p, "wb") as f:
+                f.truncate(1024 * 1024)
+        return p
+
+    def run(self, text: str) -> str:
+        for prefix, uri in _namespaces(text):
+            if prefix and not re.fullmatch(r"ns\d+", prefix):
+                ET.register_namespace(prefix, uri)
+        root = ET.fromstring(text)
+        if root.tag != "domain":
+            return text
+        if root.get("type") == "kvm":
+            root.set("type", "qemu")
+        cpu = root.find("cpu")
+        if cpu is not None and cpu.get("mode") in ("host-passthrough", "host-model"):
+            root.remove(cpu)
+        self._os(root)
+        devices = root.find("devices")
+        if devices is None:
+            devices = ET.SubElement(root, "devices")
+        emu = devices.find("emulator")
+        if emu is None:
+            emu = ET.Element("emulator")
+            devices.insert(0, emu)
+            emu.text = DEFAULT_EMULATOR
+        elif not (emu.text and os.access(emu.text.strip(), os.X_OK)):
+            self.notes.append(f"emulator {emu.text!r} does not exist here")
+            emu.text = DEFAULT_EMULATOR
+        for disk in devices.findall("disk"):
+            self._disk(disk)
+        for iface in devices.findall("interface"):
+            self._iface(iface)
+        for tag in CHARDEV_TAGS:
+            for dev in devices.findall(tag):
+                self._chardev(dev, tag)
+        for rng in devices.findall("rng"):
+            for backend in rng.findall("backend"):
+                if backend.get("model") == "egd":
+                    self._chardev(backend, "rng")
+        for g in devices.findall("graphics"):
+            kind = g.get("type", "g")
+            if g.get("socket"):
+                g.set("socket", self._new("sock", g.get("socket", ""), kind)[0])
+            for listen in g.findall("listen"):
+                if listen.get("socket"):
+                    listen.set("socket", self._new("sock", listen.get("socket", ""), kind)[0])
+        for fs in devices.findall("filesystem"):
+            for src in fs.findall("source"):
+                for a in ("dir", "file", "socket"):
+                    if src.get(a):
+                        p, new = self._new("fs", src.get(a, ""), "fs")
+                        src.set(a, p)
+                        if new and a == "dir":
+                            os.makedirs(p, exist_ok=True)
+        return ET.tostring(root, encoding="unicode")
+
+    def _os(self, root: ET.Element) -> None:
+        osel = root.find("os")
+        if osel is None:
+            return
+        for tag, path in (("kernel", self.guest.kernel), ("initrd", self.guest.initrd)):
+            el = osel.find(tag)
+            if el is not None and (el.text or "").strip():
+                el.text = path
+        loader = osel.find("loader")
+        pflash = loader is not None and loader.get("type") == "pflash"
+        if loader is not None and pflash:
+            if loader.get("readonly") == "no":  # QEMU writes to it: a copy of its own
+                p, _ = self._new("loader", loader.text or "", "loader")
+                shutil.copyfile(OVMF_CODE, p)
+                loader.text = p
+            else:
+                loader.text = OVMF_CODE
+        nvram = osel.find("nvram")
+        if nvram is not None:
+            if (nvram.text or "").strip():
+                nvram.text = self._new("nvram", nvram.text or "", "nvram")[0] + ".fd"
+            for src in nvram.findall("source"):
+                if src.get("file"):
+                    src.set("file", self._new("nvram", src.get("file", ""), "nvram")[0] + ".fd")
+            if pflash or nvram.get("template"):
+                nvram.set("template", OVMF_VARS)
+
+    def _disk(self, disk: ET.Element) -> None:
+        dtype = disk.get("type", "file")
+        if dtype not in ("file", "block"):
+            return
+        src = disk.find("source")
+        if src is None:
+            return
+        original = src.get("file") if dtype == "file" else src.get("dev")
+        if not original:
+            return
+        drv = disk.find("driver")
+        fmt = (drv.get("type") if drv is not None else None) or "raw"
+        p = self.image(fmt)
+        if dtype == "block":
+            disk.set("type", "file")
+            del src.attrib["dev"]
+        src.set("file", p)
+
+    def _iface(self, iface: ET.Element) -> None:
+        if iface.get("type") in KEEP_IFACE:
+            return
+        iface.set("type", "user")
+        for child in list(iface):
+            if child.tag in HOST_SIDE_IFACE:
+                iface.remove(child)
+
+    def _chardev(self, dev: ET.Element, tag: str) -> None:
+        for src in dev.findall("source"):
+            if src.get("path"):
+                p = self._new("char", src.get("path", ""), tag)[0]
+                src.set("path", p)
+                if dev.get("type") == "unix" and src.get("mode") == "connect" and p not in self.peers:
+                    self.peers.append(p)
+        for log in dev.findall("log"):
+            if log.get("file"):
+                log.set("file", self._new("log", log.get("file", ""), "log")[0])
+
+
+def _namespaces(text: str) -> list[tuple[str, str]]:
+    out = []
+    try:
+        for _event, (prefix, uri) in ET.iterparse(io.StringIO(text), events=("start-ns",)):
+            out.append((prefix, uri))
+    except ET.ParseError:
+        pass
+    return out
+
+
+def _listen(paths: list[str]) -> list[socket.socket]:
+    """A listening socket on each path, so that a chardev in connect mode finds its peer (as
+    the measurement's did: libvirt realized inputs whose unix chardevs connect)."""
+    out = []
+    for p in paths:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.bind(p)
+            s.listen(16)
+        except OSError:
+            s.close()
+            continue
+        out.append(s)
+    return out
+
+
+# ---- one input ----------------------------------------------------------------------------------
+
+def _reason(message: str) -> str:
+    """A grouping key for a rejection: indexes, paths, numbers and values taken out."""
+    s = message
+    s = re.sub(r"\[\d+\]", "", s)
+    s = re.sub(r"^qemu-system-[a-z0-9_]+: ", "", s)
+    s = re.sub(r"^-[a-z-]+ (\{.*?\}|\S+): ", "", s)  # QEMU's echo of the option at fault
+    s = re.sub(r"/tmp/qc/[^\s'\",:]*", "<scratch>", s)
+    return s
+
+
+def _domain_error(exc: DomainError) -> tuple[str, str]:
+    """(first line, grouping key) of a DomainError."""
+    problems = [p for p in exc.problems if p.severity == "error"] or exc.problems
+    if not problems:
+        return str(exc) or "DomainError without problems", "DomainError without problems"
+    p = problems[0]
+    line = f"{p.path}: {p.message}" if p.path else p.message
+    return line, _reason(line)
+
+
+def run_one(xml_path: str, scratch: Path, guest: Guest, timeout: float) -> dict[str, Any]:
+    """Classify one input; never raises."""
+    name = os.path.basename(xml_path)
+    res: dict[str, Any] = {"file": name}
+    t0 = time.monotonic()
+    try:
+        res.update(_run_one(xml_path, name, scratch, guest, timeout))
+    except Exception as exc:  # noqa: BLE001 - a bug in this harness, not in qemud
+        res.update(outcome="crashed", stage="harness", message=f"harness error: {exc!r}",
+                   traceback=traceback.format_exc())
+    res["seconds"] = round(time.monotonic() - t0, 3)
+    return res
+
+
+def _run_one(xml_path: str, name: str, scratch: Path, guest: Guest, timeout: float) -> dict[str, Any]:
+    scratch.mkdir(parents=True, exist_ok=True)
+    text = Path(xml_path).read_text(encoding="utf-8", errors="surrogateescape")
+    rw = Rewriter(scratch, guest)
+    try:
+        text = rw.run(text)
+    except ET.ParseError as exc:  # qemud gets the input as it is, and will say why
+        rw.notes.append(f"not rewritten: {exc}")
+    out: dict[str, Any] = {"rewrite_notes": rw.notes} if rw.notes else {}
+
+    def crashed(stage: str) -> dict[str, Any]:
+        tb = traceback.format_exc()
+        last = tb.strip().splitlines()[-1]
+        return {**out, "outcome": "crashed", "stage": stage, "message": last, "traceback": tb}
+
+    try:
+        domain = parse_domain(text, name)
+    except DomainError as exc:
+        line, key = _domain_error(exc)
+        return {**out, "outcome": "rejected", "stage": "parse", "message": line, "reason": key,
+                "problems": [p.format() for p in exc.problems]}
+    except Exception:  # noqa: BLE001
+        return crashed("parse")
+    try:
+        caps = probe(emulator_for(domain))
+        paths = GuestPaths(run=scratch / "run", state=scratch / "state")
+        cmd = build_argv(domain, caps, paths, paused=True)
+    except DomainError as exc:
+        line, key = _domain_error(exc)
+        return {**out, "outcome": "rejected", "stage": "argv", "message": line, "reason": key,
+                "problems": [p.format() for p in exc.problems]}
+    except QemudError as exc:
+        line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return {**out, "outcome": "rejected", "stage": "caps", "message": line, "reason": _reason(line)}
+    except Exception:  # noqa: BLE001
+        return crashed("argv")
+    out["argv"] = cmd.argv
+    if cmd.env:
+        out["env"] = cmd.env
+    try:
+        prepare(cmd)
+    except QemudError as exc:
+        line = str(exc).splitlines()[0]
+        return {**out, "outcome": "rejected", "stage": "prepare", "message": line, "reason": _reason(line)}
+    except Exception:  # noqa: BLE001
+        return crashed("prepare")
+    listeners = _listen(rw.peers)
+    try:
+        r = realize_sync(domain, cmd.argv, cmd.env, cmd.qmp, timeout=timeout)
+    finally:
+        for sock in listeners:
+            sock.close()
+    out["queries"] = r.queries
+    if r.timed_out and not r.started:
+        return {**out, "outcome": "crashed", "stage": "qemu", "message": f"hang: {r.error}",
+                "qemu_output": r.output}
+    if r.error is not None and not r.started:
+        line = first_error_line(r.error) or r.error.splitlines()[0]
+        return {**out, "outcome": "rejected", "stage": "qemu", "message": line, "reason": _reason(line),
+                "qemu_output": r.output, "exit_status": r.exit_status}
+    if not r.ok:
+        return {**out, "outcome": "mismatch", "stage": "checks", "failed_checks": r.failed_checks,
+                "message": "; ".join(r.failed_checks) or (r.error or "not ok"), "qemu_output": r.output}
+    return {**out, "outcome": "realized", "stage": "checks"}
+
+
+def _child(xml_path: str, scratch: str, guest: Guest, timeout: float, result_file: str) -> None:
+    """Body of the forked worker for one input: its own process group (with its QEMU)."""
+    os.setpgid(0, 0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    res = run_one(xml_path, Path(scratch), guest, timeout)
+    tmp = result_file + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(res, f, default=str)
+    os.replace(tmp, result_file)
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+@dataclass
+class Running:
+    proc: multiprocessing.process.BaseProcess
+    xml: str
+    scratch: Path
+    result_file: Path
+    deadline: float
+    ports: frozenset[int] = frozenset()
+
+
+def run_all(files: list[str], jobs: int, guest: Guest, base: Path, timeout: float,
+            hard_timeout: float, keep: bool, progress: bool) -> list[dict[str, Any]]:
+    ctx = multiprocessing.get_context("fork")
+    pending = [(i, xml, fixed_ports(xml)) for i, xml in enumerate(files)]
+    running: list[Running] = []
+    results: list[dict[str, Any]] = []
+    total = len(files)
+
+    def finish(r: Running, res: dict[str, Any]) -> None:
+        # Still unreaped, the child's pid is its process group id: nothing of ours survives it.
+        try:
+            os.killpg(r.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        r.proc.join(10)
+        if not keep:
+            shutil.rmtree(r.scratch, ignore_errors=True)
+        results.append(res)
+        if progress and (len(results) % 50 == 0 or len(results) == total):
+            print(f"  {len(results)}/{total} done", file=sys.stderr, flush=True)
+
+    try:
+        while pending or running:
+            while len(running) < jobs:
+                busy = frozenset().union(*(r.ports for r in running))
+                pick = next((n for n, (_, _, ports) in enumerate(pending) if not ports & busy), None)
+                if pick is None:
+                    break
+                i, xml, ports = pending.pop(pick)
+                scratch = base / str(i)
+                scratch.mkdir(parents=True, exist_ok=True)
+                result_file = scratch / "result.json"
+                p = ctx.Process(target=_child, args=(xml, str(scratch), guest, timeout, str(result_file)),
+                                name=f"conformance-{i}")
+                p.start()
+                try:
+                    os.setpgid(p.pid, p.pid)
+                except OSError:
+                    pass  # the child did it already
+                running.append(Running(p, xml, scratch, result_file, time.monotonic() + hard_timeout, ports))
+            ready = multiprocessing.connection.wait([r.proc.sentinel for r in running], timeout=0.5)
+            now = time.monotonic()
+            for r in list(running):
+                name = os.path.basename(r.xml)
+                if r.proc.sentinel in ready:
+                    running.remove(r)
+                    try:
+                        res = json.loads(r.result_file.read_text())
+                    except (OSError, ValueError):
+                        r.proc.join(1)
+                        res = {"file": name, "outcome": "crashed", "stage": "worker",
+                               "message": f"worker died without a result (exit code {r.proc.exitcode})"}
+                    finish(r, res)
+                elif now > r.deadline:
+                    running.remove(r)
+                    finish(r, {"file": name, "outcome": "crashed", "stage": "timeout",
+                               "message": f"hang: no result within {hard_timeout:g} s (killed)",
+                               "seconds": hard_timeout})
+    finally:
+        for r in running:
+            try:
+                os.killpg(r.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            r.proc.join(5)
+    return results
+
+
+_PORT_ATTR = re.compile(r"""\b(?:service|port|tlsPort|websocket)\s*=\s*['"](\d+)['"]""")
+
+
+def fixed_ports(xml_path: str) -> frozenset[int]:
+    """TCP/UDP ports an input names: two inputs naming the same one must not run at once (a
+    server of one would answer the client of the other, or both would fight over the bind)."""
+    try:
+        text = Path(xml_path).read_text(errors="replace")
+    except OSError:
+        return frozenset()
+    return frozenset(int(p) for p in _PORT_ATTR.findall(text) if 0 < int(p) < 65536)
+
+
+def libvirt_accepts(corpus: Path, xml_name: str) -> bool:
+    base = xml_name[:-4]
+    return (corpus / f"{base}.args").exists() or bool(glob.glob(str(corpus / f"{glob.escape(base)}.x86_64-*.args")))
+
+
+def libvirt_rejects(corpus: Path, xml_name: str) -> bool:
+    """libvirt's test suite expects an error for this input (and has no command line for it)."""
+    base = glob.escape(xml_name[:-4])
+    errs = glob.glob(str(corpus / f"{base}.err")) + glob.glob(str(corpus / f"{base}.x86_64-*.err"))
+    return bool(errs) and not libvirt_accepts(corpus, xml_name)
+
+
+def report(results: list[dict[str, Any]], corpus: Path, elapsed: float, jobs: int, top: int) -> str:
+    lines: list[str] = []
+    w = lines.append
+    try:
+        libvirt = json.loads((corpus / "libvirt-realized.json").read_text())
+    except (OSError, ValueError):
+        libvirt = {}
+    by_file = {r["file"]: r for r in results}
+
+    def counts(rs: list[dict[str, Any]]) -> str:
+        c = collections.Counter(r["outcome"] for r in rs)
+        return "  ".join(f"{o} {c.get(o, 0)}" for o in OUTCOMES)
+
+    w(f"qemud conformance over {corpus} ({len(results)} inputs, {jobs} jobs, {elapsed:.0f} s)")
+    w("")
+    w(f"all inputs ({len(results)}):              {counts(results)}")
+    accepted = [r for r in results if libvirt_accepts(corpus, r["file"])]
+    w(f"inputs libvirt accepts ({len(accepted)}, .args):  {counts(accepted)}")
+    lv_real = [f for f, v in libvirt.items() if v.get("outcome") == "realized" and f in by_file]
+    both = [f for f in lv_real if by_file[f]["outcome"] == "realized"]
+    w(f"libvirt realizes {len(lv_real)} of these inputs; qemud realizes {len(both)} of them")
+    lv_acc = [f for f in lv_real if libvirt_accepts(corpus, f)]
+    both_acc = [f for f in lv_acc if by_file[f]["outcome"] == "realized"]
+    w(f"  (of libvirt's realized with an .args: {len(lv_acc)}; qemud realizes {len(both_acc)})")
+    only_qemud = [r["file"] for r in results if r["outcome"] == "realized"
+                  and libvirt.get(r["file"], {}).get("outcome") not in (None, "realized")]
+    w(f"qemud realizes {len(only_qemud)} inputs that libvirt does not")
+    invalid = [r["file"] for r in results if r["outcome"] == "realized" and libvirt_rejects(corpus, r["file"])]
+    w(f"qemud realizes {len(invalid)} inputs that libvirt refuses outright (only an .err file):")
+    for i in range(0, len(invalid), 4):
+        w("    " + "  ".join(invalid[i:i + 4]))
+    w("")
+    rej = [r for r in results if r["outcome"] == "rejected"]
+    reasons = collections.Counter(r.get("reason") or r.get("message", "") for r in rej)
+    w(f"top rejection reasons ({len(rej)} rejected, {len(reasons)} distinct):")
+    for reason, n in reasons.most_common(top):
+        w(f"  {n:4d}  {reason}")
+    w("")
+    lv_rej = [by_file[f] for f in lv_real if by_file[f]["outcome"] == "rejected"]
+    reasons2 = collections.Counter(r.get("reason") or r.get("message", "") for r in lv_rej)
+    w(f"libvirt realized, qemud rejected ({len(lv_rej)}): top reasons")
+    for reason, n in reasons2.most_common(top):
+        w(f"  {n:4d}  {reason}")
+    w("")
+    for outcome in ("crashed", "mismatch"):
+        rs = sorted((r for r in results if r["outcome"] == outcome), key=lambda r: r["file"])
+        w(f"{outcome} ({len(rs)}):")
+        for r in rs:
+            lv = libvirt.get(r["file"], {}).get("outcome", "-")
+            w(f"  {r['file']} [{r.get('stage', '?')}; libvirt: {lv}]: {r.get('message', '')}")
+        w("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="qemud conformance run over libvirt's x86 QEMU test corpus")
+    ap.add_argument("--corpus", type=Path, default=REPO / ".." / "shared" / "libvirt-corpus",
+                    help="corpus folder (default: ../shared/libvirt-corpus from the repository root)")
+    ap.add_argument("--only", action="append", metavar="GLOB",
+                    help="only inputs whose file name matches (repeatable)")
+    ap.add_argument("--jobs", "-j", type=int, default=3, help="inputs run at once (default 3)")
+    ap.add_argument("--json", type=Path, metavar="FILE", help="write per-file results here")
+    ap.add_argument("--timeout", type=float, default=20, help="seconds QEMU gets to start and answer (default 20)")
+    ap.add_argument("--hard-timeout", type=float, default=60,
+                    help="seconds one input may take in all before it is killed as a hang (default 60)")
+    ap.add_argument("--scratch", type=Path, default=Path(SCRATCH_BASE),
+                    help=f"where scratch folders go (short: unix socket paths; default {SCRATCH_BASE})")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch folders")
+    ap.add_argument("--top", type=int, default=25, help="how many rejection reasons to list")
+    ap.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    ns = ap.parse_args(argv)
+
+    corpus = ns.corpus.resolve()
+    files = sorted(glob.glob(str(corpus / "*.xml")))
+    if ns.only:
+        files = [f for f in files if any(fnmatch.fnmatch(os.path.basename(f), g) for g in ns.only)]
+    if not files:
+        print(f"no inputs in {corpus}" + (f" matching {ns.only}" if ns.only else ""), file=sys.stderr)
+        return 2
+    tg = ensure_guest()
+    guest = Guest(str(tg.kernel), str(tg.initrd))
+    for emu in sorted({DEFAULT_EMULATOR, "/usr/bin/qemu-system-i386"}):
+        if os.access(emu, os.X_OK):
+            probe(emu)  # fill the capability cache once, before the workers read it
+    ns.scratch.mkdir(parents=True, exist_ok=True)
+    base = Path(tempfile.mkdtemp(prefix="", dir=ns.scratch))
+    t0 = time.monotonic()
+    try:
+        results = run_all(files, max(1, ns.jobs), guest, base, ns.timeout, ns.hard_timeout, ns.keep,
+                          not ns.quiet)
+    finally:
+        if not ns.keep:
+            shutil.rmtree(base, ignore_errors=True)
+    elapsed = time.monotonic() - t0
+    results.sort(key=lambda r: r["file"])
+    if ns.json:
+        ns.json.write_text(json.dumps({r["file"]: r for r in results}, indent=1, default=str))
+    print(report(results, corpus, elapsed, ns.jobs, ns.top))
+    return 1 if any(r["outcome"] == "crashed" for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
