@@ -13,9 +13,9 @@ from pathlib import Path
 
 from qemud.argv.builder import Builder, Prepare
 from qemud.argv.chardev import add_channels, add_serials
-from qemud.argv.controllers import add_other_controllers, add_pci_controllers, reserve_device_addresses
+from qemud.argv.controllers import add_other_controllers, add_pci_controllers
 from qemud.argv.disks import add_disks, add_iothreads
-from qemud.argv.display import add_audio, add_graphics, add_inputs, add_sound, add_video
+from qemud.argv.display import add_audio, add_graphics, add_hubs, add_inputs, add_sound, add_video
 from qemud.argv.machine import (add_boot, add_clock, add_cpu, add_identity, add_lifecycle,
                                 add_machine, add_memory, add_smp)
 from qemud.argv.misc import add_balloon, add_panics, add_rngs, add_watchdogs
@@ -80,13 +80,13 @@ def build_argv(domain: Domain, caps: HostCaps, paths: GuestPaths, *, paused: boo
     add_lifecycle(b)
     _assign_boot_order(b)
     add_boot(b)
-    add_pci_controllers(b)
-    reserve_device_addresses(b)
+    add_pci_controllers(b)  # reserves every explicit PCI address first
     # libvirt's placement order: the primary video card first, then controllers and the rest
     add_graphics(b)
     add_video(b)
     add_other_controllers(b)
     add_iothreads(b)
+    add_hubs(b)
     add_disks(b)
     add_interfaces_and_chardevs(b)
     add_inputs(b)

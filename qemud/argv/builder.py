@@ -45,6 +45,7 @@ class Builder:
     usb_bus: str | None = None  # id of the first USB bus ("usb.0"), None if no USB
     audiodev: str | None = None
     counters: dict[str, int] = field(default_factory=dict)
+    usb_slots: dict[int, tuple[str, str]] = field(default_factory=dict)  # USB index -> (bus, slot)
 
     def __post_init__(self) -> None:
         self.pci = PciSpace(self.q35)
@@ -99,6 +100,8 @@ class Builder:
     # ---- PCI ------------------------------------------------------------------------------
     def pci_props(self, address: Address | None, path: str, what: str) -> dict[str, Any]:
         """bus/addr for a PCI device: its explicit address, or a free slot."""
+        if address is not None and address.type == "pci" and address.slot is None:
+            address = None  # <address type='pci'/>: "place it for me"
         if address is not None:
             if address.type != "pci":
                 self.error(f"{path}/address/@type", f"a {what} sits on PCI; address type '{address.type}' cannot place it")

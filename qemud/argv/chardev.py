@@ -41,7 +41,8 @@ def chardev(b: Builder, c: CharDev, cid: str, path: str) -> bool:
               + opts(("id", cid), ("path", src.path), *logfile))
     elif t == "unix":
         sock = src.path if src is not None and src.path else None
-        server = src is None or src.mode in (None, "bind")
+        # libvirt's default mode is connect; a socket without a path is ours to create (bind)
+        server = sock is None or (src is not None and src.mode == "bind")
         if sock is None:
             if not server:
                 b.error(f"{path}/source/@path", "a unix socket in connect mode needs a path")

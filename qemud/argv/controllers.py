@@ -80,6 +80,7 @@ def add_pci_controllers(b: Builder) -> None:
         if c.type == "usb" and c.master is not None:
             pass
         _reserve(b, c.address, f"/domain/devices/controller[{i + 1}]")
+    reserve_device_addresses(b)
     for i, c in ctrls:
         if c.type != "pci" or c.index == 0:
             continue
@@ -106,7 +107,7 @@ def add_pci_controllers(b: Builder) -> None:
 
 
 def _reserve(b: Builder, address, path: str) -> None:
-    if address is not None and address.type == "pci":
+    if address is not None and address.type == "pci" and address.slot is not None:
         msg = b.pci.reserve(address)
         if msg:
             b.error(f"{path}/address", msg)
@@ -133,7 +134,10 @@ def add_other_controllers(b: Builder) -> None:
     if not have_usb:
         implicit.append(("/domain/devices", Controller.model_validate({"@type": "usb", "@index": "0"})))
     seen: set[tuple[str, int]] = set()
-    for i, c in [(i, c) for i, c in enumerate(ctrls)] + [(-1, c) for _, c in implicit]:
+    items = [(i, c) for i, c in enumerate(ctrls)] + [(-1, c) for _, c in implicit]
+    # USB companions (ICH9 UHCIs sharing an index with an EHCI) come after their master
+    items.sort(key=lambda ic: _is_companion(ic[1], ctrls))
+    for i, c in items:
         path = f"/domain/devices/controller[{i + 1}]" if i >= 0 else "/domain/devices"
         if c.type == "pci":
             continue
@@ -164,9 +168,9 @@ def add_other_controllers(b: Builder) -> None:
         elif c.type == "sata":
             if b.q35 and c.index == 0:
                 continue  # the ICH9 AHCI built into q35 (id "ide")
-            if not b.has_device("ahci", path, "a SATA controller"):
+            if not b.has_device("ich9-ahci", path, "a SATA controller"):
                 continue
-            b.device({"driver": "ahci", "id": cid, **b.pci_props(c.address, path, "SATA controller")})
+            b.device({"driver": "ich9-ahci", "id": cid, **b.pci_props(c.address, path, "SATA controller")})
         elif c.type == "virtio-serial":
             props = {"driver": "virtio-serial-pci", "id": cid}
             if c.ports is not None:
@@ -194,6 +198,15 @@ def add_other_controllers(b: Builder) -> None:
             b.error(f"{path}/@type", f"controller type '{c.type}' is not supported by QEMU on x86")
 
 
+COMPANION_PORTS = {"ich9-uhci1": 0, "ich9-uhci2": 2, "ich9-uhci3": 4}
+COMPANION_FUNCTION = {"ich9-ehci1": 7, "ich9-uhci1": 0, "ich9-uhci2": 1, "ich9-uhci3": 2}
+
+
+def _is_companion(c: Controller, ctrls: tuple[Controller, ...]) -> bool:
+    return (c.type == "usb" and (c.master is not None or c.model in COMPANION_PORTS)
+            and any(o.type == "usb" and o.index == c.index and o.model not in COMPANION_PORTS for o in ctrls))
+
+
 def _usb(b: Builder, c: Controller, cid: str, path: str) -> None:
     model = c.model or default_usb_model(b)
     if model == "none":
@@ -205,10 +218,15 @@ def _usb(b: Builder, c: Controller, cid: str, path: str) -> None:
     if not b.has_device(driver, f"{path}/@model", f"a {model} USB controller"):
         return
     props: dict = {"driver": driver}
-    if c.master is not None:
+    companion = _is_companion(c, b.domain.devices.controller)
+    if companion:
         master = "usb" if c.index == 0 else f"usb{c.index}"
+        for o in b.domain.devices.controller:
+            if o.type == "usb" and o.index == c.index and o.model not in COMPANION_PORTS and o.alias is not None \
+                    and o.alias.name.startswith("ua-"):
+                master = o.alias.name
         props["masterbus"] = f"{master}.0"
-        props["firstport"] = c.master.startport
+        props["firstport"] = c.master.startport if c.master is not None else COMPANION_PORTS.get(model, 0)
     else:
         props["id"] = cid
         if c.ports is not None and model in ("nec-xhci", "qemu-xhci"):
@@ -220,8 +238,23 @@ def _usb(b: Builder, c: Controller, cid: str, path: str) -> None:
         if (0, 1, 2) not in b.pci.used:
             b.pci.reserve(addr)
         props.update(b.pci.props(addr))  # type: ignore[arg-type]
+    elif c.address is None and model in COMPANION_FUNCTION and any(
+            o.type == "usb" and o.index == c.index and o.model in COMPANION_FUNCTION and o is not c
+            for o in b.domain.devices.controller):
+        # an ICH9 EHCI and its UHCIs share one slot: EHCI at .7, UHCIs at .0-.2 (libvirt's layout)
+        slot = b.usb_slots.get(c.index)
+        if slot is None:
+            got = b.pci.auto("USB controllers")
+            if isinstance(got, str):
+                b.error(path, got)
+                return
+            slot = b.usb_slots[c.index] = (got["bus"], got["addr"])
+        fn = COMPANION_FUNCTION[model]
+        props.update(bus=slot[0], addr=f"{slot[1]}.0x{fn:x}" if fn else slot[1])
+        if fn == 0:
+            props["multifunction"] = True
     else:
         props.update(b.pci_props(c.address, path, "USB controller"))
     b.device(props)
-    if c.master is None and b.usb_bus is None:
+    if not companion and b.usb_bus is None:
         b.usb_bus = f"{cid}.0"

@@ -120,9 +120,28 @@ def _storage(b: Builder, d: Disk, path: str, node: str) -> dict[str, Any] | None
 
 def add_disks(b: Builder) -> None:
     counts: dict[str, int] = {}
+    _floppy_controller(b)
     for i, d in enumerate(b.domain.devices.disk):
         path = f"/domain/devices/disk[{i + 1}]"
         _disk(b, d, i, path, counts)
+
+
+def _floppy_controller(b: Builder) -> None:
+    """Floppies sit on the ISA floppy controller: built into pc, added on q35. Their boot order
+    is the controller's (bootindexA/B), the floppy device has none."""
+    boot: dict[str, int] = {}
+    floppies = [d for d in b.domain.devices.disk if d.device == "floppy"]
+    if not floppies:
+        return
+    for d in floppies:
+        bi = b.bootindex.get(id(d))
+        if bi is not None:
+            boot["bootindexA" if drive_address(d, "fdc")[3] == 0 else "bootindexB"] = bi
+    if b.q35:
+        b.device({"driver": "isa-fdc", "id": "fdc0", **boot})
+    else:
+        for k, v in boot.items():
+            b.add("-global", f"isa-fdc.{k}={v}")
 
 
 def _disk(b: Builder, d: Disk, i: int, path: str, counts: dict[str, int]) -> None:
@@ -253,7 +272,7 @@ def _disk(b: Builder, d: Disk, i: int, path: str, counts: dict[str, int]) -> Non
     if d.driver is not None and d.driver.cache and CACHE.get(d.driver.cache) and storage is not None:
         dev["write-cache"] = "on" if CACHE[d.driver.cache][2] else "off"  # type: ignore[index]
     bi = b.bootindex.get(id(d))
-    if bi is not None:
+    if bi is not None and bus != "fdc":
         dev["bootindex"] = bi
     if d.serial:
         dev["serial"] = d.serial

@@ -131,6 +131,18 @@ def add_video(b: Builder) -> None:
         b.device(props)
 
 
+def add_hubs(b: Builder) -> None:
+    for i, h in enumerate(b.domain.devices.hub):
+        path = f"/domain/devices/hub[{i + 1}]"
+        if b.usb_bus is None:
+            b.error(path, "a USB hub needs a USB controller")
+            continue
+        props: dict[str, Any] = {"driver": "usb-hub", "id": b.alias(h.alias, f"hub{i}", path), "bus": b.usb_bus}
+        if h.address is not None and h.address.type == "usb" and h.address.port:
+            props["port"] = h.address.port
+        b.device(props)
+
+
 def add_inputs(b: Builder) -> None:
     for i, inp in enumerate(b.domain.devices.input):
         path = f"/domain/devices/input[{i + 1}]"

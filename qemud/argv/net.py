@@ -83,6 +83,9 @@ def _iface(b: Builder, iface: Interface, i: int, path: str) -> None:
         b.error(f"{path}/@type", f"interface type '{t}' is not supported by qemud yet; use user, bridge, network or ethernet")
         return
     if iface.driver is not None and iface.driver.queues and iface.driver.queues > 1:
+        if netdev.get("type") not in ("tap", "bridge"):
+            b.error(f"{path}/driver/@queues", f"multiqueue needs a tap device; interface type '{t}' has one queue")
+            return
         netdev["queues"] = iface.driver.queues
     if iface.driver is not None and iface.driver.name == "vhost" and netdev.get("type") == "tap":
         netdev["vhost"] = True

@@ -38,7 +38,7 @@ class Element(BaseModel):
 
     _element_children: ClassVar[frozenset[str]] = frozenset()
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True,
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=False,
                               hide_input_in_errors=False, defer_build=True)
 
     @classmethod

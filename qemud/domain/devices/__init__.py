@@ -9,7 +9,7 @@ from qemud.domain.devices.chardev import CharDev
 from qemud.domain.devices.controller import Controller
 from qemud.domain.devices.disk import Disk
 from qemud.domain.devices.interface import Interface
-from qemud.domain.devices.misc import (Audio, Graphics, Input, MemBalloon, Panic, Rng, Sound,
+from qemud.domain.devices.misc import (Audio, Graphics, Hub, Input, MemBalloon, Panic, Rng, Sound,
                                        Video, Watchdog)
 
 
@@ -35,6 +35,7 @@ class Devices(Element):
     memballoon: MemBalloon | None = None
     watchdog: Many[Watchdog]
     panic: Many[Panic]
+    hub: Many[Hub]
     lease: Many[Opaque] = ignored("lock manager leases are not used by qemud")
 
     @model_validator(mode="after")

@@ -177,3 +177,9 @@ class Audio(Element):
     driver: str | None = attr()
     input: AudioIO | None = None
     output: AudioIO | None = None
+
+
+class Hub(Element):
+    type: Literal["usb"] = attr(...)
+    address: Address | None = None
+    alias: Alias | None = None
