@@ -170,6 +170,13 @@ def add_memory(b: Builder) -> None:
             b.error(path, msg)
             return
     mib = d.memory.mib
+    cells = d.cpu.numa.cell if d.cpu is not None and d.cpu.numa is not None else ()
+    if cells:
+        total = sum(c.mib for c in cells)
+        if abs(total - mib) > len(cells):  # each cell is rounded up to a MiB
+            b.error("/domain/memory", f"is {mib} MiB, but the NUMA cells add up to {total} MiB")
+            return
+        mib = total  # libvirt: the guest's memory is the sum of its cells
     if mib < 1:
         b.error("/domain/memory", f"{d.memory.value} {d.memory.unit} is less than the 1 MiB QEMU needs")
         return
@@ -184,8 +191,60 @@ def add_memory(b: Builder) -> None:
         else:
             parts += [f"slots={d.maxMemory.slots}", f"maxmem={d.maxMemory.kib}k"]
     b.add("-m", ",".join(parts))
-    if b.machine.default_ram_id:
-        pass  # QEMU creates its default RAM backend; -m alone is enough for a non-NUMA guest
+    if cells:
+        _numa(b, cells)
+
+
+def _numa(b: Builder, cells) -> None:  # type: ignore[no-untyped-def]
+    """One memory backend and one -numa node per <cell>; distances as -numa dist."""
+    from qemud.argv.qemuopts import js
+    from qemud.domain.cpu import parse_cpuset
+    n = b.domain.vcpus
+    ids = [c.id if c.id is not None else i for i, c in enumerate(cells)]
+    if sorted(ids) != list(range(len(cells))):
+        b.error("/domain/cpu/numa", "cell ids must be 0, 1, ... in order")
+        return
+    seen_cpus: set[int] = set()
+    for i, c in enumerate(cells):
+        path = f"/domain/cpu/numa/cell[{i + 1}]"
+        cpus = sorted(parse_cpuset(c.cpus)) if c.cpus else []
+        if any(x >= n for x in cpus):
+            b.error(f"{path}/@cpus", f"names a vCPU beyond the {n} the guest has")
+            return
+        if seen_cpus & set(cpus):
+            b.error(f"{path}/@cpus", "a vCPU is in two cells")
+            return
+        seen_cpus |= set(cpus)
+        backend = {"qom-type": "memory-backend-memfd" if c.memAccess == "shared" else "memory-backend-ram",
+                   "id": f"ram-node{ids[i]}", "size": c.mib * 1024 * 1024}
+        if c.memAccess == "shared":
+            backend["share"] = True
+        if c.discard:
+            backend["discard-data"] = True
+        b.obj(backend)
+        spec = [f"nodeid={ids[i]}"]
+        for lo, hi in _ranges(cpus):
+            spec.append(f"cpus={lo}" if lo == hi else f"cpus={lo}-{hi}")
+        spec.append(f"memdev=ram-node{ids[i]}")
+        b.add("-numa", "node," + ",".join(spec))
+    for i, c in enumerate(cells):
+        if c.distances is None:
+            continue
+        for s in c.distances.sibling:
+            if s.id not in ids:
+                b.error(f"/domain/cpu/numa/cell[{i + 1}]/distances", f"sibling {s.id} is not a cell")
+                return
+            b.add("-numa", f"dist,src={ids[i]},dst={s.id},val={s.value}")
+
+
+def _ranges(xs: list[int]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for x in xs:
+        if out and out[-1][1] == x - 1:
+            out[-1] = (out[-1][0], x)
+        else:
+            out.append((x, x))
+    return out
 
 
 def add_smp(b: Builder) -> None:

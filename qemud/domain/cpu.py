@@ -90,6 +90,53 @@ class MaxPhysAddr(Element):
     limit: UInt | None = attr()
 
 
+class Sibling(Element):
+    id: UInt = attr(...)
+    value: UInt = attr(...)
+
+
+class Distances(Element):
+    sibling: Many[Sibling]
+
+
+class Cell(Element):
+    """A guest NUMA node: ``<cell id='0' cpus='0-1' memory='512' unit='MiB'/>``."""
+
+    id: UInt | None = attr()
+    cpus: str | None = attr()
+    memory: UInt = attr(...)
+    unit: str = attr("KiB")
+    memAccess: Literal["shared", "private"] | None = attr()
+    discard: YesNo | None = attr()
+    distances: Distances | None = None
+
+    @field_validator("cpus")
+    @classmethod
+    def _cpus(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_cpuset(v)
+        return v
+
+    @field_validator("unit")
+    @classmethod
+    def _unit(cls, v: str) -> str:
+        from qemud.domain.units import unit_bytes
+        if unit_bytes(v) is None:
+            raise ValueError(f"'{v}' is not a unit libvirt knows (b, KiB, MiB, GiB, TiB, KB, MB, GB, ...)")
+        return v
+
+    @property
+    def mib(self) -> int:
+        """Rounded up to whole MiB, as libvirt aligns NUMA cells."""
+        from qemud.domain.units import unit_bytes
+        b = self.memory * (unit_bytes(self.unit) or 1024)
+        return -(-b // (1024 * 1024))
+
+
+class Numa(Element):
+    cell: Many[Cell]
+
+
 class Cpu(Element):
     mode: Literal["custom", "host-model", "host-passthrough", "maximum"] = attr("custom")
     match: Literal["minimum", "exact", "strict"] | None = attr()
@@ -101,3 +148,4 @@ class Cpu(Element):
     feature: Many[CpuFeature]
     cache: CpuCache | None = None
     maxphysaddr: MaxPhysAddr | None = None
+    numa: Numa | None = None
