@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import tomllib
+from dataclasses import dataclass, field
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+from qemud.errors import QemudError
 
 LIBVIRT_NETWORKS = Path("/etc/libvirt/qemu/networks")
 
@@ -42,4 +45,51 @@ def host_networks(config: Path | None = None) -> dict[str, str]:
     return nets
 
 
-__all__ = ["host_networks", "os"]
+@dataclass(frozen=True)
+class Config:
+    """qemud.conf; every key and its default is in the shipped etc/qemud/qemud.conf."""
+
+    domains_dir: Path | None = None
+    shutdown_timeout: float = 120.0
+    max_retries: int = 5
+    backoff: float = 1.0
+    max_backoff: float = 60.0
+    reset_after: float = 60.0
+    debounce: float = 0.2
+    networks: dict[str, str] = field(default_factory=dict)
+
+
+_KEYS = {"domains_dir": (str,), "shutdown_timeout": (int, float), "max_retries": (int,), "backoff": (int, float),
+         "max_backoff": (int, float), "reset_after": (int, float), "debounce": (int, float)}
+
+
+def load_config(path: Path, explicit: bool = False) -> Config:
+    """Read qemud.conf. A missing default file is fine (defaults); a missing file named on the
+    command line, bad TOML or an unknown key is an error naming the file."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        if explicit:
+            raise QemudError(f"{path}: no such configuration file") from None
+        return Config(networks=host_networks(path))
+    except OSError as exc:
+        raise QemudError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise QemudError(f"{path}: not valid TOML: {exc}") from None
+    daemon = data.get("daemon", {})
+    restart = data.get("restart", {})
+    flat = {**{k: v for k, v in daemon.items()}, **{k: v for k, v in restart.items()}}
+    unknown = set(flat) - set(_KEYS)
+    unknown |= set(data) - {"daemon", "restart", "networks"}
+    if unknown:
+        raise QemudError(f"{path}: unknown key(s): {', '.join(sorted(unknown))}")
+    kw: dict[str, object] = {}
+    for k, v in flat.items():
+        if not isinstance(v, _KEYS[k]) or isinstance(v, bool):
+            raise QemudError(f"{path}: {k} = {v!r} is not a {' or '.join(t.__name__ for t in _KEYS[k])}")
+        kw[k] = Path(v) if k == "domains_dir" else v
+    return Config(networks=host_networks(path), **kw)  # type: ignore[arg-type]
+
+
+__all__ = ["host_networks", "load_config", "Config"]

@@ -76,6 +76,8 @@ def build_argv(domain: Domain, caps: HostCaps, paths: GuestPaths, *, paused: boo
     b.add("-no-user-config", "-nodefaults")
     b.add("-chardev", "socket," + opts(("id", "qmp"), ("path", str(paths.qmp)), ("server", True), ("wait", False)))
     b.add("-mon", "chardev=qmp,mode=control")
+    # QEMU locks its pid file: a second QEMU for the same guest cannot start
+    b.add("-pidfile", str(paths.pidfile))
     add_clock(b)
     add_lifecycle(b)
     _assign_boot_order(b)

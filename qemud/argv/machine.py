@@ -362,8 +362,9 @@ def add_clock(b: Builder) -> None:
 
 
 def add_lifecycle(b: Builder) -> None:
-    """QEMU exits on guest poweroff (qemud acts on on_poweroff itself); on_reboot='destroy' is
-    -no-reboot; preserve keeps QEMU after poweroff."""
+    """QEMU always runs with -no-shutdown: a guest poweroff leaves QEMU in its 'shutdown' state
+    and qemud applies on_poweroff, on_reboot (-no-reboot turns a reboot into a shutdown) and
+    on_crash itself, even when the guest powered off while the daemon was down."""
     d = b.domain
     for name in ("on_poweroff", "on_reboot", "on_crash"):
         action = getattr(d, name)
@@ -371,12 +372,11 @@ def add_lifecycle(b: Builder) -> None:
             continue
         if action.value in ("rename-restart", "coredump-destroy", "coredump-restart"):
             b.error(f"/domain/{name}", f"action '{action.value}' is not supported by qemud; use destroy, restart or preserve")
-    if d.on_poweroff is not None and d.on_poweroff.value == "preserve":
-        b.add("-no-shutdown")
+    b.add("-no-shutdown")
     if d.on_reboot is not None and d.on_reboot.value == "destroy":
         b.add("-no-reboot")
-    if d.on_crash is not None and d.on_crash.value != "destroy":
-        b.add("-action", "panic=pause" if d.on_crash.value == "preserve" else "panic=none")
+    if d.on_crash is not None and d.on_crash.value == "preserve":
+        b.add("-action", "panic=pause")
     pm = d.pm
     if pm is not None:
         lpc = "ICH9-LPC" if b.q35 else "PIIX4_PM"

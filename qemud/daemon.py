@@ -1,0 +1,276 @@
+"""qemud: the daemon. A directory of domain files becomes running, watched, restarted guests.
+
+Desired state comes from the files, actual state from the processes, and one reconcile path
+brings them together, whether a file changed, the daemon started, or it was asked to reread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import os
+import signal
+import stat
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from qemud import __version__, records
+from qemud.caps import HostCaps, probe
+from qemud.config import Config, load_config
+from qemud.domain import Domain, load_domain
+from qemud.errors import DomainError, HostError, QemudError
+from qemud.events import ERR, INFO, NOTICE, WARNING, EventLog
+from qemud.guest import Env, Guest, autostart, definition_hash
+from qemud.paths import Dirs
+from qemud.policy import RestartPolicy
+from qemud.states import ALIVE
+from qemud.watch import DirectoryWatch, is_candidate
+
+
+@dataclass
+class Parsed:
+    key: tuple[int, int, int]
+    domain: Domain | None
+    error: DomainError | None
+
+
+class Daemon:
+    def __init__(self, config: Config, dirs: Dirs, log: EventLog) -> None:
+        self.config = config
+        self.dirs = dirs
+        self.log = log
+        self.guests: dict[str, Guest] = {}  # by domain name
+        self._parsed: dict[str, Parsed] = {}  # by file path, reread only when the file changes
+        self._reported: dict[str, tuple[int, int, int]] = {}  # file -> version whose error was logged
+        self._caps: dict[str, HostCaps] = {}
+        self._networks = config.networks
+        self.env = Env(caps_for=self._caps_for, runtime=dirs.runtime, state=dirs.state, log=log,
+                       restart_defaults=RestartPolicy(max_retries=config.max_retries, backoff=config.backoff,
+                                                      max_backoff=config.max_backoff,
+                                                      reset_after=config.reset_after),
+                       shutdown_default=config.shutdown_timeout)
+        self._stop = asyncio.Event()
+        self._rescan = asyncio.Event()
+
+    def _caps_for(self, emulator: str) -> HostCaps:
+        caps = self._caps.get(emulator)
+        if caps is None:
+            caps = probe(emulator).with_networks(self._networks)
+            self._caps[emulator] = caps
+        return caps
+
+    # ---- the reconcile path --------------------------------------------------------------
+    def _scan(self) -> dict[str, tuple[str, Domain]]:
+        """name -> (file, domain) wanted by the directory. Errors are logged once per version."""
+        wanted: dict[str, tuple[str, Domain]] = {}
+        uuids: dict[str, str] = {}
+        try:
+            entries = list(os.scandir(self.dirs.domains))
+        except OSError as exc:
+            self.log.emit("directory-error", f"cannot read {self.dirs.domains}: {exc.strerror}", ERR)
+            return {name: (g.file, g.domain) for name, g in self.guests.items()}
+        files: list[tuple[float, str, os.stat_result]] = []
+        for e in entries:
+            if not is_candidate(e.name):
+                continue
+            try:
+                st = os.stat(e.path)  # follows symlinks, never opens
+            except OSError:
+                continue
+            files.append((st.st_mtime, e.path, st))
+        files.sort()
+        seen: set[str] = set()
+        for _, path, st in files:
+            seen.add(path)
+            key = (st.st_ino, st.st_size, st.st_mtime_ns)
+            p = self._parsed.get(path)
+            if p is None or p.key != key:
+                if not stat.S_ISREG(st.st_mode):
+                    p = Parsed(key, None, DomainError.at("", "is not a regular file").with_file(path))
+                else:
+                    try:
+                        p = Parsed(key, load_domain(path), None)
+                    except DomainError as exc:
+                        p = Parsed(key, None, exc)
+                self._parsed[path] = p
+            domain = p.domain
+            if domain is None:
+                self._report_invalid(path, key, p.error)
+                # a running guest keeps its last good definition
+                for g in self.guests.values():
+                    if g.file == path:
+                        wanted[g.name] = (path, g.domain)
+                continue
+            self._reported.pop(path, None)
+            other = wanted.get(domain.name)
+            if other is not None and other[0] != path:
+                self._report_duplicate(path, key, f"domain name '{domain.name}' is already defined by {other[0]}")
+                continue
+            uuid = domain.uuid_value
+            if uuid in uuids and uuids[uuid] != path:
+                self._report_duplicate(path, key, f"UUID {uuid} is already used by {uuids[uuid]}")
+                continue
+            uuids[uuid] = path
+            wanted[domain.name] = (path, domain)
+        for path in list(self._parsed):
+            if path not in seen:
+                del self._parsed[path]
+                self._reported.pop(path, None)
+        return wanted
+
+    def _report_invalid(self, path: str, key: tuple[int, int, int], error: DomainError | None) -> None:
+        if self._reported.get(path) == key:
+            return
+        self._reported[path] = key
+        for p in (error.problems if error else []):
+            self.log.emit("invalid-definition", p.format(), ERR, file=path)
+
+    def _report_duplicate(self, path: str, key: tuple[int, int, int], why: str) -> None:
+        if self._reported.get(path) == key:
+            return
+        self._reported[path] = key
+        self.log.emit("duplicate-definition", f"{path}: refused: {why}", ERR, file=path)
+
+    def reconcile(self) -> None:
+        wanted = self._scan()
+        for name, guest in list(self.guests.items()):
+            if name not in wanted:
+                guest.remove("its file was removed")
+                self._forget_when_gone(name, guest)
+        for name, (path, domain) in wanted.items():
+            guest = self.guests.get(name)
+            if guest is None:
+                guest = Guest(self.env, domain, path)
+                self.guests[name] = guest
+                self.log.emit("defined", f"{name}: defined by {path}", INFO, domain=name,
+                              uuid=domain.uuid_value, file=path)
+                if autostart(domain):
+                    guest.start("its file appeared" if self._started else "autostart")
+            elif definition_hash(domain) != guest.definition or guest.file != path:
+                guest.redefine(domain, path)
+
+    def _forget_when_gone(self, name: str, guest: Guest) -> None:
+        async def forget() -> None:
+            await guest.gone.wait()
+            if self.guests.get(name) is guest:
+                del self.guests[name]
+                await guest.close()
+        asyncio.get_running_loop().create_task(forget())
+
+    # ---- adoption ------------------------------------------------------------------------
+    def adopt_all(self) -> None:
+        """Take over every recorded QEMU that still runs; remove stale records."""
+        for directory, rec in records.load_all(self.dirs.runtime / "domains"):
+            if rec is None:
+                records.remove(directory)
+                continue
+            try:
+                domain = Domain.model_validate(rec.domain)
+            except Exception:  # noqa: BLE001 - a record from another qemud version
+                domain = None
+            if domain is None:
+                self.log.emit("stale-record", f"{rec.name}: its record cannot be read; QEMU pid {rec.pid} "
+                              "is left alone", WARNING, domain=rec.name, pid=rec.pid)
+                records.remove(directory)
+                continue
+            guest = Guest(self.env, domain, rec.file)
+            guest.definition = rec.definition  # what QEMU actually runs
+            if guest.adopt(rec):
+                self.guests[rec.name] = guest
+            else:
+                records.remove(directory)
+                self.guests[rec.name] = guest
+                self.log.emit("ended-while-down", f"{rec.name}: QEMU pid {rec.pid} ended while qemud was not running",
+                              WARNING, domain=rec.name, uuid=rec.uuid, pid=rec.pid)
+                guest.start("QEMU ended while qemud was not running")
+
+    # ---- main loop -------------------------------------------------------------------------
+    _started = False
+
+    async def run(self) -> int:
+        self.dirs.runtime.mkdir(parents=True, exist_ok=True, mode=0o755)
+        (self.dirs.runtime / "domains").mkdir(exist_ok=True, mode=0o700)
+        self.dirs.state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock = open(self.dirs.runtime / "qemud.lock", "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.log.emit("already-running", f"another qemud already runs with {self.dirs.runtime}", ERR)
+            return 1
+        if not self.dirs.domains.is_dir():
+            self.log.emit("directory-error", f"the domains directory {self.dirs.domains} does not exist", ERR)
+            return 1
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._rescan.set)
+        watch = DirectoryWatch(self.dirs.domains, self.config.debounce)
+        watch.start()
+        self.log.emit("daemon-started", f"qemud {__version__} watching {self.dirs.domains}", NOTICE,
+                      domains_dir=str(self.dirs.domains), runtime_dir=str(self.dirs.runtime))
+        self.adopt_all()
+        self.reconcile()
+        self._started = True
+        self.log.emit("ready", f"ready: {len(self.guests)} guest(s) defined", NOTICE)
+        changes = loop.create_task(self._follow(watch))
+        await self._stop.wait()
+        changes.cancel()
+        watch.close()
+        self.log.emit("daemon-stopping", "qemud exits; guests keep running and are adopted at the next start", NOTICE)
+        for g in list(self.guests.values()):
+            await g.close()
+        lock.close()
+        return 0
+
+    async def _follow(self, watch: DirectoryWatch) -> None:
+        while True:
+            changed = asyncio.get_running_loop().create_task(watch.changed())
+            hup = asyncio.get_running_loop().create_task(self._rescan.wait())
+            done, pending = await asyncio.wait({changed, hup}, return_when=asyncio.FIRST_COMPLETED)
+            for t in pending:
+                t.cancel()
+            if hup in done:
+                self._rescan.clear()
+                self.log.emit("reloading", "rereading the domains directory", INFO)
+            self.reconcile()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qemud", description="Supervise QEMU guests defined by libvirt domain XML files.")
+    p.add_argument("--config", type=Path, help="configuration file (default /etc/qemud/qemud.conf as root, "
+                   "~/.config/qemud/qemud.conf otherwise)")
+    p.add_argument("--domains-dir", type=Path, help="directory of domain XML files (default /etc/qemud/domains)")
+    p.add_argument("--state-dir", type=Path, help="one directory for runtime and persistent state "
+                   "(default /run/qemud and /var/lib/qemud)")
+    p.add_argument("--version", action="version", version=f"qemud {__version__}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    log = EventLog()
+    dirs = Dirs.default()
+    try:
+        config = load_config(args.config or dirs.config, explicit=args.config is not None)
+    except QemudError as exc:
+        log.emit("config-error", str(exc), ERR)
+        return 1
+    domains = args.domains_dir or config.domains_dir or dirs.domains
+    if args.state_dir is not None:
+        base = args.state_dir.absolute()
+        dirs = Dirs(dirs.config, domains.absolute(), base, base)
+    else:
+        dirs = Dirs(dirs.config, domains.absolute(), dirs.runtime, dirs.state)
+    try:
+        return asyncio.run(Daemon(config, dirs, log).run())
+    except KeyboardInterrupt:
+        return 130
+    except HostError as exc:
+        log.emit("host-error", str(exc), ERR)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

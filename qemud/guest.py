@@ -1,0 +1,553 @@
+"""One supervised guest: an actor that owns its QEMU process, its QMP connection and its state.
+
+Everything that can happen to a guest (a start or stop asked for, a new definition, QEMU's end,
+a QMP event, a timer) arrives as a message in the guest's inbox and is handled in order by one
+task, so no two causes ever race over the same guest. Nothing here blocks: waiting for QMP, for
+a shutdown or for a backoff runs in small tasks that post their outcome back to the inbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qemud import records
+from qemud.argv import Command, build_argv, emulator_for
+from qemud.caps import HostCaps
+from qemud.domain import Domain
+from qemud.errors import DomainError, QemudError
+from qemud.events import ERR, INFO, NOTICE, WARNING, EventLog
+from qemud.launch import prepare
+from qemud.paths import GuestPaths
+from qemud.policy import Backoff, RestartPolicy
+from qemud.proc import ExitInfo, QemuProcess, adopt, log_tail, spawn
+from qemud.qmp import Qmp, QmpError
+from qemud.states import ALIVE, State, StateMachine
+
+QMP_CONNECT_TIMEOUT = 10.0
+QMP_TIMEOUT = 5.0
+#: after `quit` over QMP, then after SIGTERM: how long before the next step
+ESCALATE_STEP = 5.0
+
+
+def definition_hash(domain: Domain) -> str:
+    return hashlib.sha256(domain.model_dump_json(by_alias=True).encode()).hexdigest()[:16]
+
+
+def restart_policy(domain: Domain, defaults: RestartPolicy) -> RestartPolicy:
+    s = domain.metadata.qemud if domain.metadata is not None else None
+    r = s.restart if s is not None else None
+    if r is None:
+        return defaults
+    return RestartPolicy(mode=r.policy, max_retries=r.max_retries, backoff=float(r.backoff),
+                         max_backoff=float(r.max_backoff), reset_after=defaults.reset_after)
+
+
+def shutdown_timeout(domain: Domain, default: float) -> float:
+    s = domain.metadata.qemud if domain.metadata is not None else None
+    return float(s.shutdown.timeout) if s is not None and s.shutdown is not None else default
+
+
+def autostart(domain: Domain) -> bool:
+    s = domain.metadata.qemud if domain.metadata is not None else None
+    return s.autostart.value if s is not None and s.autostart is not None else True
+
+
+@dataclass(frozen=True)
+class Env:
+    """What a guest needs from the daemon."""
+
+    caps_for: Callable[[str], HostCaps]
+    runtime: Path
+    state: Path
+    log: EventLog
+    restart_defaults: RestartPolicy
+    shutdown_default: float
+    clock: Callable[[], float] = time.monotonic
+
+
+class Guest:
+    def __init__(self, env: Env, domain: Domain, file: str) -> None:
+        self.env = env
+        self.domain = domain
+        self.file = file
+        self.definition = definition_hash(domain)
+        self.name = domain.name
+        self.uuid = domain.uuid_value
+        self.paths = GuestPaths.for_domain(env.runtime, env.state, self.name)
+        self.sm = StateMachine(on_change=self._changed)
+        self.backoff = Backoff(restart_policy(domain, env.restart_defaults))
+        self.proc: QemuProcess | None = None
+        self.qmp: Qmp | None = None
+        self.cmd: Command | None = None
+        self.started_at: float | None = None  # monotonic, when it last reached running
+        self.want_running = False
+        self.last_exit: str | None = None
+        self.last_stderr: list[str] = []
+        self.restarts = 0
+        self.next_delay: float | None = None
+        self._shutdown_seen: dict[str, Any] | None = None  # the SHUTDOWN event of this QEMU
+        self._after_exit: str | None = None  # "start" | "remove" once the current QEMU ends
+        self._removed = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._escalation: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.inbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+        self.task = asyncio.get_running_loop().create_task(self._run(), name=f"guest:{self.name}")
+        self.gone = asyncio.Event()  # set once a removed guest has fully stopped
+
+    # ---- the public interface: messages ----------------------------------------------------
+    def start(self, cause: str) -> None:
+        self.inbox.put_nowait(("start", cause))
+
+    def stop(self, cause: str) -> None:
+        self.inbox.put_nowait(("stop", cause))
+
+    def redefine(self, domain: Domain, file: str) -> None:
+        self.inbox.put_nowait(("redefine", domain, file))
+
+    def remove(self, cause: str) -> None:
+        self.inbox.put_nowait(("remove", cause))
+
+    def adopt(self, rec: records.Record) -> bool:
+        """Take over the QEMU a record names, if it is still that QEMU. Called before start."""
+        proc = adopt(rec.pid, rec.create_time, rec.argv)
+        if proc is None:
+            return False
+        self.proc = proc
+        self._spawn_task(self._watch_exit(proc))
+        self.inbox.put_nowait(("adopted", proc, rec))
+        return True
+
+    async def close(self) -> None:
+        """The daemon is exiting: let go of QEMU (it keeps running), end this guest's tasks."""
+        self.task.cancel()
+        for t in list(self._tasks):
+            t.cancel()
+        if self.qmp is not None:
+            await self.qmp.close()
+        if self.proc is not None:
+            self.proc.close()
+
+    @property
+    def state(self) -> State:
+        return self.sm.state
+
+    # ---- the actor -------------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            msg = await self.inbox.get()
+            try:
+                await getattr(self, f"_on_{msg[0].replace('-', '_')}")(*msg[1:])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bug must not end the guest's supervision
+                self.env.log.emit("internal-error", f"{self.name}: internal error handling {msg[0]}: "
+                                  f"{type(exc).__name__}: {exc}", ERR, domain=self.name, uuid=self.uuid)
+
+    def _spawn_task(self, coro: Any) -> asyncio.Task[Any]:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    def _changed(self, old: State, new: State, cause: str) -> None:
+        prio = ERR if new in (State.FAILED,) else WARNING if new in (State.CRASHED, State.BACKOFF) else NOTICE
+        self.env.log.emit(new.value, f"{self.name}: {new.value} ({cause})", prio, domain=self.name,
+                          uuid=self.uuid, state=new.value, old_state=old.value,
+                          pid=self.proc.pid if self.proc else None, restarts=self.restarts or None,
+                          next_delay=self.next_delay if new == State.BACKOFF else None,
+                          exit=self.last_exit if new in (State.CRASHED, State.FAILED) else None)
+
+    # ---- handlers --------------------------------------------------------------------------
+    async def _on_start(self, cause: str) -> None:
+        self.want_running = True
+        st = self.state
+        if st in ALIVE:
+            if st == State.STOPPING:
+                self._after_exit = "start"
+            return
+        self._cancel_timer()
+        if st in (State.FAILED, State.BACKOFF, State.CRASHED):
+            self.backoff.reset()
+        await self._launch(cause)
+
+    async def _on_stop(self, cause: str) -> None:
+        self.want_running = False
+        self._after_exit = None
+        await self._stop(cause)
+
+    async def _on_remove(self, cause: str) -> None:
+        self._removed = True
+        self.want_running = False
+        self._after_exit = "remove"
+        if self.state in ALIVE:
+            await self._stop(cause)
+        else:
+            self._cancel_timer()
+            self.sm.set(State.STOPPED, cause)
+            self._finish_removal()
+
+    async def _on_redefine(self, domain: Domain, file: str) -> None:
+        self.file = file
+        new_hash = definition_hash(domain)
+        if new_hash == self.definition:
+            return
+        self.domain = domain
+        self.definition = new_hash
+        self.backoff = Backoff(restart_policy(domain, self.env.restart_defaults))
+        self.env.log.emit("redefined", f"{self.name}: definition changed in {file}", INFO,
+                          domain=self.name, uuid=self.uuid, file=file)
+        if self.state in ALIVE:
+            self._after_exit = "start"
+            self.want_running = True
+            await self._stop("definition changed, restarting with the new one")
+        elif autostart(domain) or self.want_running or self.state in (State.FAILED, State.BACKOFF, State.CRASHED):
+            self._cancel_timer()
+            self.want_running = True
+            await self._launch("definition changed")
+
+    async def _on_adopted(self, proc: QemuProcess, rec: records.Record) -> None:
+        if proc is not self.proc:
+            return
+        self.want_running = rec.asked != "stop"
+        self.started_at = self.env.clock() - max(0.0, time.time() - rec.started_at)
+        self.cmd = None
+        qmp = Qmp(self.name)
+        try:
+            await qmp.connect(rec.qmp, QMP_CONNECT_TIMEOUT)
+            status = await qmp.execute("query-status", timeout=QMP_TIMEOUT)
+        except QmpError as exc:
+            self.sm.set(State.RUNNING, f"adopted pid {proc.pid}, but QMP does not answer: {exc}")
+            return
+        self._attach_qmp(proc, qmp)
+        self.env.log.emit("adopted", f"{self.name}: adopted QEMU pid {proc.pid} ({status['status']})", NOTICE,
+                          domain=self.name, uuid=self.uuid, pid=proc.pid)
+        run = status.get("status")
+        if run == "shutdown":
+            # it powered off (or panicked) while the daemon was down: its policy decides
+            self.sm.set(State.PAUSED, "adopted after the guest shut down")
+            await self._guest_shutdown({"guest": True, "reason": "guest-shutdown"})
+        elif run in ("running",):
+            self.sm.set(State.RUNNING, f"adopted pid {proc.pid}")
+        else:
+            self.sm.set(State.PAUSED, f"adopted pid {proc.pid} ({run})")
+        if rec.asked == "stop" and self.state in ALIVE and self.state != State.STOPPING:
+            await self._stop("a stop was under way when the daemon restarted")
+
+    async def _on_qmp_ready(self, proc: QemuProcess, qmp: Qmp) -> None:
+        if proc is not self.proc or self.state != State.STARTING:
+            await qmp.close()
+            return
+        self._attach_qmp(proc, qmp)
+        try:
+            await qmp.execute("cont", timeout=QMP_TIMEOUT)
+            status = await qmp.execute("query-status", timeout=QMP_TIMEOUT)
+        except QmpError as exc:
+            self.last_exit = f"QMP failed after start: {exc}"
+            proc.kill()
+            return
+        self.started_at = self.env.clock()
+        if status.get("status") == "running":
+            self.sm.set(State.RUNNING, f"QEMU pid {proc.pid} runs the guest")
+        else:
+            self.sm.set(State.PAUSED, f"QEMU pid {proc.pid} started ({status.get('status')})")
+        if self._after_exit == "stop-now":
+            self._after_exit = None
+            await self._stop("stop asked for while starting")
+
+    async def _on_qmp_failed(self, proc: QemuProcess, error: str) -> None:
+        if proc is not self.proc:
+            return
+        self.last_exit = error
+        proc.kill()  # its end arrives as an exit message
+
+    async def _on_qmp_event(self, proc: QemuProcess, event: dict[str, Any]) -> None:
+        if proc is not self.proc:
+            return
+        name = event.get("event")
+        data = event.get("data") or {}
+        if name == "SHUTDOWN":
+            self._shutdown_seen = data
+            await self._guest_shutdown(data)
+        elif name == "STOP":
+            if self.state == State.RUNNING:
+                self.sm.set(State.PAUSED, "QEMU paused the guest")
+        elif name == "RESUME":
+            if self.state == State.PAUSED:
+                self.sm.set(State.RUNNING, "QEMU resumed the guest")
+        elif name == "RESET":
+            if data.get("guest"):
+                self.env.log.emit("rebooted", f"{self.name}: the guest rebooted (reset in place)", INFO,
+                                  domain=self.name, uuid=self.uuid, pid=proc.pid)
+        elif name == "GUEST_PANICKED":
+            action = self.domain.on_crash.value if self.domain.on_crash else "destroy"
+            self.env.log.emit("panicked", f"{self.name}: the guest kernel panicked (on_crash={action})", ERR,
+                              domain=self.name, uuid=self.uuid, pid=proc.pid)
+            if action == "preserve" and self.state == State.RUNNING:
+                self.sm.set(State.PAUSED, "guest panicked, preserved for inspection")
+
+    async def _guest_shutdown(self, data: dict[str, Any]) -> None:
+        """QEMU (started with -no-shutdown) says the guest shut down; apply the domain's policy."""
+        if self.state == State.STOPPING:
+            await self._quit()  # the poweroff we asked for: now end QEMU
+            return
+        reason = str(data.get("reason", ""))
+        if not data.get("guest", False) and reason not in ("guest-shutdown", "guest-reset", "guest-panic"):
+            return  # host-initiated (quit, signal): its exit decides
+        d = self.domain
+        if reason == "guest-reset":
+            action, what = (d.on_reboot.value if d.on_reboot else "restart"), "rebooted (on_reboot)"
+        elif reason == "guest-panic":
+            action, what = (d.on_crash.value if d.on_crash else "destroy"), "panicked (on_crash)"
+        else:
+            action, what = (d.on_poweroff.value if d.on_poweroff else "destroy"), "powered off (on_poweroff)"
+        self.env.log.emit("guest-shutdown", f"{self.name}: the guest {what.split(' ')[0]}; {what.split(' ')[1][1:-1]}={action}",
+                          INFO, domain=self.name, uuid=self.uuid, pid=self.proc.pid if self.proc else None)
+        if action == "preserve":
+            if self.state == State.RUNNING:
+                self.sm.set(State.PAUSED, f"guest {what.split(' ')[0]}, QEMU kept ({action})")
+            return
+        self.sm.set(State.STOPPING, f"guest {what.split(' ')[0]}")
+        self._after_exit = "start" if action == "restart" else None
+        if action != "restart":
+            self.want_running = False
+        await self._quit()
+
+    async def _on_exited(self, proc: QemuProcess, info: ExitInfo) -> None:
+        if proc is not self.proc:
+            return
+        self._cancel_escalation()
+        self.proc = None
+        proc.close()
+        if self.qmp is not None:
+            await self.qmp.close()
+            self.qmp = None
+        self.last_stderr = log_tail(self.paths.run / "qemu.log")
+        records.remove(self.paths.run)
+        st = self.state
+        if st == State.STOPPING:
+            if not self.last_exit or info.clean or not info.known:
+                self.last_exit = info.describe()
+            self.sm.set(State.STOPPED, self.sm.cause if self.sm.cause.startswith("guest") else "QEMU ended as asked")
+            after, self._after_exit = self._after_exit, None
+            if after == "start" and not self._removed:
+                await self._launch("restart")
+            elif self._removed:
+                self._finish_removal()
+            return
+        # QEMU ended without being asked to
+        why = info.describe()
+        if self.last_exit and st == State.STARTING:
+            why = f"{why}; {self.last_exit}"
+        self.last_exit = why
+        if self.last_stderr:
+            why += f": {self.last_stderr[-1]}"
+        self.sm.set(State.CRASHED, why)
+        if self._removed:
+            self.sm.set(State.STOPPED, "definition removed")
+            self._finish_removal()
+            return
+        if not self.want_running:
+            self.sm.set(State.STOPPED, "not restarted: no start is wanted")
+            return
+        delay = self.backoff.died(self.env.clock(), self.started_at if st != State.STARTING else None)
+        if delay is None:
+            self.next_delay = None
+            limit = self.backoff.policy.max_retries
+            self.sm.set(State.FAILED, "restart policy is 'never'" if self.backoff.policy.mode == "never"
+                        else f"{limit} failed starts in a row; edit the file or start it by hand")
+            return
+        self.restarts += 1
+        if delay == 0:
+            await self._launch(f"restart #{self.restarts} after a crash")
+        else:
+            self.next_delay = delay
+            self.sm.set(State.BACKOFF, f"restart #{self.restarts} in {delay:g} s")
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(delay, self.inbox.put_nowait, ("backoff-over",))
+
+    async def _on_backoff_over(self) -> None:
+        self._timer = None
+        if self.state == State.BACKOFF and self.want_running:
+            await self._launch(f"restart #{self.restarts} after backoff")
+
+    async def _on_escalate(self, step: int) -> None:
+        if self.proc is None or self.state != State.STOPPING:
+            return
+        proc = self.proc
+        if step == 1:
+            self.last_exit = "the guest ignored the ACPI shutdown request; QEMU was told to quit"
+            self.env.log.emit("shutdown-timeout", f"{self.name}: no poweroff within the timeout, ending QEMU", WARNING,
+                              domain=self.name, uuid=self.uuid, pid=proc.pid)
+            await self._quit()
+        elif step == 2:
+            self.last_exit = "QEMU did not quit; sent SIGTERM"
+            proc.kill(signal.SIGTERM)
+        else:
+            self.last_exit = "QEMU ignored SIGTERM; sent SIGKILL"
+            proc.kill(signal.SIGKILL)
+            return
+        self._escalation = self._spawn_task(self._escalate_later(ESCALATE_STEP, step + 1))
+
+    # ---- actions ---------------------------------------------------------------------------
+    async def _launch(self, cause: str) -> None:
+        self._shutdown_seen = None
+        self.next_delay = None
+        self.sm.set(State.STARTING, cause)
+        try:
+            caps = self.env.caps_for(emulator_for(self.domain))
+            cmd = build_argv(self.domain, caps, self.paths, paused=True)
+            prepare(cmd)
+            self.paths.run.mkdir(parents=True, exist_ok=True)
+            proc = spawn(cmd.argv, cmd.env, self.paths.run / "qemu.log")
+        except DomainError as exc:
+            self._cannot_start("; ".join(p.message for p in exc.problems))
+            return
+        except (QemudError, OSError) as exc:
+            self._cannot_start(str(exc))
+            return
+        self.cmd = cmd
+        self.proc = proc
+        records.write(self.paths.run, records.Record(
+            name=self.name, uuid=self.uuid, file=self.file, definition=self.definition, pid=proc.pid,
+            create_time=proc.create_time, argv=cmd.argv, qmp=str(cmd.qmp), log=str(self.paths.run / "qemu.log"),
+            started_at=time.time(), domain=self.domain.model_dump(by_alias=True, exclude_unset=True)))
+        self.env.log.emit("spawned", f"{self.name}: QEMU started, pid {proc.pid}", INFO, domain=self.name,
+                          uuid=self.uuid, pid=proc.pid)
+        self._spawn_task(self._watch_exit(proc))
+        self._spawn_task(self._connect(proc, cmd.qmp))
+
+    def _cannot_start(self, why: str) -> None:
+        """A start that failed before QEMU ran counts as a failed start."""
+        self.last_exit = why
+        self.sm.set(State.CRASHED, f"cannot start: {why}")
+        delay = self.backoff.died(self.env.clock(), None)
+        if delay is None or not self.want_running:
+            self.sm.set(State.FAILED, f"cannot start: {why}")
+            return
+        self.restarts += 1
+        self.next_delay = max(delay, self.backoff.policy.backoff)
+        self.sm.set(State.BACKOFF, f"retry in {self.next_delay:g} s")
+        self._timer = asyncio.get_running_loop().call_later(self.next_delay, self.inbox.put_nowait, ("backoff-over",))
+
+    async def _stop(self, cause: str) -> None:
+        st = self.state
+        if st in (State.BACKOFF, State.CRASHED, State.FAILED):
+            self._cancel_timer()
+            self.sm.set(State.STOPPED, cause)
+            return
+        if st not in ALIVE or st == State.STOPPING:
+            return
+        proc = self.proc
+        assert proc is not None
+        if st == State.STARTING and self.qmp is None:
+            self.sm.set(State.STOPPING, cause)
+            proc.kill(signal.SIGKILL)  # not even booted yet
+            return
+        self.sm.set(State.STOPPING, cause)
+        self._mark_asked("stop")
+        if self._shutdown_seen is not None:
+            await self._quit()
+            return
+        try:
+            assert self.qmp is not None
+            await self.qmp.execute("system_powerdown", timeout=QMP_TIMEOUT)
+        except (QmpError, AssertionError) as exc:
+            self.env.log.emit("shutdown-failed", f"{self.name}: ACPI shutdown request failed ({exc}); ending QEMU",
+                              WARNING, domain=self.name, uuid=self.uuid)
+            await self._quit()
+            return
+        self.env.log.emit("shutdown-requested", f"{self.name}: ACPI shutdown requested", INFO, domain=self.name,
+                          uuid=self.uuid, pid=proc.pid)
+        timeout = shutdown_timeout(self.domain, self.env.shutdown_default)
+        self._escalation = self._spawn_task(self._escalate_later(timeout, 1))
+
+    async def _quit(self) -> None:
+        """End QEMU now: QMP quit, SIGTERM a few seconds later if need be, then SIGKILL."""
+        proc = self.proc
+        if proc is None:
+            return
+        if self.state not in (State.STOPPING,):
+            self.sm.set(State.STOPPING, "ending QEMU")
+        self._cancel_escalation()
+        ok = False
+        if self.qmp is not None:
+            try:
+                await self.qmp.execute("quit", timeout=QMP_TIMEOUT)
+                ok = True
+            except QmpError:
+                ok = False
+        if not ok:
+            proc.kill(signal.SIGTERM)
+        self._escalation = self._spawn_task(self._escalate_later(ESCALATE_STEP, 2 if ok else 3))
+
+    async def _escalate_later(self, delay: float, step: int) -> None:
+        await asyncio.sleep(delay)
+        self.inbox.put_nowait(("escalate", step))
+
+    def _cancel_escalation(self) -> None:
+        if self._escalation is not None:
+            self._escalation.cancel()
+            self._escalation = None
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _mark_asked(self, asked: str) -> None:
+        rec_dir = self.paths.run
+        for d, rec in records.load_all(rec_dir.parent):
+            if d == rec_dir and rec is not None:
+                rec.asked = asked
+                records.write(rec_dir, rec)
+
+    def _finish_removal(self) -> None:
+        records.remove(self.paths.run)
+        self.env.log.emit("undefined", f"{self.name}: definition removed, guest forgotten", INFO,
+                          domain=self.name, uuid=self.uuid)
+        self.gone.set()
+
+    def _attach_qmp(self, proc: QemuProcess, qmp: Qmp) -> None:
+        self.qmp = qmp
+        self._spawn_task(self._read_events(proc, qmp))
+
+    # ---- helper tasks ----------------------------------------------------------------------
+    async def _watch_exit(self, proc: QemuProcess) -> None:
+        info = await proc.wait()
+        self.inbox.put_nowait(("exited", proc, info))
+
+    async def _connect(self, proc: QemuProcess, path: Path) -> None:
+        """Connect to a fresh QEMU's QMP: the socket appears once QEMU has parsed its options."""
+        qmp = Qmp(self.name)
+        deadline = self.env.clock() + QMP_CONNECT_TIMEOUT
+        delay = 0.005
+        while True:
+            if proc.child is not None and proc.child.poll() is not None:
+                return  # it died; its exit message says how
+            try:
+                await qmp.connect(str(path), timeout=max(0.1, deadline - self.env.clock()))
+                self.inbox.put_nowait(("qmp-ready", proc, qmp))
+                return
+            except QmpError as exc:
+                if self.env.clock() > deadline:
+                    self.inbox.put_nowait(("qmp-failed", proc, f"QMP did not come up: {exc}"))
+                    return
+                qmp = Qmp(self.name)
+            # QEMU creates the socket early in its start; until then a short, growing wait
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    async def _read_events(self, proc: QemuProcess, qmp: Qmp) -> None:
+        try:
+            async for event in qmp.events():
+                self.inbox.put_nowait(("qmp-event", proc, event))
+        except Exception:  # noqa: BLE001 - EOF or a broken connection: the pidfd tells the end
+            return

@@ -1,0 +1,132 @@
+"""The thin seam between the supervisor and the OS: QEMU processes.
+
+A QEMU qemud started is its child; one it adopted after a restart is not. Either way its end is
+seen through a pidfd (readable once the process has exited, zombie or reaped), never by waiting
+for the PID to vanish: this machine's PID 1 reaps others' children only every second or two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    exitcode: int | None = None  # exit status, when it ended by exiting
+    signal: int | None = None  # the signal that killed it
+    known: bool = True  # False for an adopted process: its status went to someone else
+
+    def describe(self) -> str:
+        if not self.known:
+            return "QEMU ended (status unknown: it was adopted, not qemud's child)"
+        if self.signal is not None:
+            try:
+                name = signal.Signals(self.signal).name
+            except ValueError:
+                name = f"signal {self.signal}"
+            return f"QEMU killed by signal {self.signal} ({name})"
+        return f"QEMU exited with status {self.exitcode}"
+
+    @property
+    def clean(self) -> bool:
+        return self.known and self.signal is None and self.exitcode == 0
+
+
+class QemuProcess:
+    """A running QEMU: its pid, its start time (identity), and a way to await its end."""
+
+    def __init__(self, pid: int, create_time: float, child: subprocess.Popen[bytes] | None) -> None:
+        self.pid = pid
+        self.create_time = create_time
+        self.child = child
+        self.pidfd = os.pidfd_open(pid)
+        self._exit: ExitInfo | None = None
+
+    @property
+    def adopted(self) -> bool:
+        return self.child is None
+
+    async def wait(self) -> ExitInfo:
+        """Until the process has ended; its exit status when it is our child."""
+        if self._exit is not None:
+            return self._exit
+        loop = asyncio.get_running_loop()
+        ended = loop.create_future()
+        loop.add_reader(self.pidfd, lambda: ended.done() or ended.set_result(None))
+        try:
+            await ended
+        finally:
+            loop.remove_reader(self.pidfd)
+        self._exit = self._collect()
+        return self._exit
+
+    def _collect(self) -> ExitInfo:
+        if self.child is not None:
+            rc = self.child.wait()
+            return ExitInfo(signal=-rc) if rc < 0 else ExitInfo(exitcode=rc)
+        return ExitInfo(known=False)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the process through its pidfd (never a recycled PID)."""
+        try:
+            signal.pidfd_send_signal(self.pidfd, sig)
+        except ProcessLookupError:
+            pass
+
+    def close(self) -> None:
+        try:
+            os.close(self.pidfd)
+        except OSError:
+            pass
+
+
+def spawn(argv: list[str], env: dict[str, str], log_path: Path) -> QemuProcess:
+    """Start QEMU in its own session (so the daemon's signals and death do not reach it), with
+    stdout/stderr appended to its log file (a pipe would break when the daemon restarts)."""
+    with open(log_path, "ab", buffering=0) as log:
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                 env={**os.environ, **env}, start_new_session=True, close_fds=True)
+    try:
+        ctime = psutil.Process(child.pid).create_time()
+    except psutil.Error:
+        ctime = 0.0
+    return QemuProcess(child.pid, ctime, child)
+
+
+def adopt(pid: int, create_time: float, argv: list[str]) -> QemuProcess | None:
+    """The QEMU a record names, if that very process still runs: same pid, same start time,
+    same command line. Anything else (gone, a zombie, a recycled pid) is None."""
+    try:
+        p = psutil.Process(pid)
+        if abs(p.create_time() - create_time) > 0.01:
+            return None
+        if p.status() == psutil.STATUS_ZOMBIE:
+            return None
+        if p.cmdline() != argv:
+            return None
+        proc = QemuProcess(pid, create_time, None)
+    except (psutil.Error, OSError):
+        return None
+    return proc
+
+
+def log_tail(path: Path, lines: int = 10, max_bytes: int = 16384) -> list[str]:
+    """The last lines of QEMU's log (its stderr)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - max_bytes))
+            data = fh.read()
+    except OSError:
+        return []
+    tail = deque((ln.decode(errors="replace").rstrip() for ln in data.splitlines()), maxlen=lines)
+    return [ln for ln in tail if ln]

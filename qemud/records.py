@@ -1,0 +1,71 @@
+"""Runtime records: what a restarted daemon needs to adopt a guest it did not start.
+
+One JSON file per guest in its runtime directory, written atomically (temporary file, fsync,
+rename) so a daemon killed mid-write leaves the old record or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+RECORD = "record.json"
+
+
+@dataclass
+class Record:
+    name: str
+    uuid: str
+    file: str
+    definition: str  # hash of the definition QEMU runs
+    pid: int
+    create_time: float
+    argv: list[str]
+    qmp: str
+    log: str
+    started_at: float  # wall clock, for uptime
+    domain: dict[str, Any] = field(default_factory=dict)  # the definition QEMU runs (model, XML keys)
+    asked: str = ""  # what qemud asked of it: "" | "stop" | "restart"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def write(directory: Path, rec: Record) -> None:
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = directory / f".{RECORD}.tmp"
+    data = json.dumps(asdict(rec), indent=1).encode()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, directory / RECORD)
+
+
+def remove(directory: Path) -> None:
+    try:
+        (directory / RECORD).unlink()
+    except FileNotFoundError:
+        pass
+
+
+def load_all(domains_dir: Path) -> list[tuple[Path, Record | None]]:
+    """Every record under ``domains_dir``/*/; None for one that cannot be read (to be removed)."""
+    out: list[tuple[Path, Record | None]] = []
+    try:
+        dirs = sorted(p for p in domains_dir.iterdir() if p.is_dir())
+    except FileNotFoundError:
+        return out
+    for d in dirs:
+        f = d / RECORD
+        if not f.exists():
+            continue
+        try:
+            raw = json.loads(f.read_text())
+            out.append((d, Record(**raw)))
+        except (OSError, ValueError, TypeError):
+            out.append((d, None))
+    return out
