@@ -10,7 +10,7 @@ CORPUS ?= ../shared/libvirt-corpus
 DEB_PACKAGES := qemu-system-x86 qemu-utils ovmf busybox-static cpio zstd xz-utils \
 	libsystemd-dev pkg-config gcc python3-dev python3-venv systemd
 
-.PHONY: all deps venv test test-fast conformance bench run clean
+.PHONY: all deps venv test conformance bench run clean
 
 all: venv
 
@@ -42,6 +42,19 @@ conformance: venv
 # Speed goals live here, never in tests.
 bench: venv
 	$(PY) bench/translate.py --corpus $(CORPUS)
+
+# qemud in the foreground, unprivileged, on a domains directory in the checkout holding the tiny
+# test guest. Its console: `socat - UNIX-CONNECT:.state/tiny.console`. Ctrl-C stops qemud; the
+# guest keeps running and is adopted at the next `make run`.
+STATE := $(CURDIR)/.state
+run: venv
+	@mkdir -p $(STATE)/domains
+	@$(PY) -m tests.support.tinyguest > $(STATE)/tinyguest.json
+	@$(PY) -c 'import json,sys; g=json.load(open("$(STATE)/tinyguest.json")); \
+		t=open("etc/qemud/examples/tiny.xml.in").read(); \
+		sys.stdout.write(t.replace("@KERNEL@", g["kernel"]).replace("@INITRD@", g["initrd"]).replace("@STATE@", "$(STATE)"))' \
+		> $(STATE)/tiny.xml.new && mv $(STATE)/tiny.xml.new $(STATE)/domains/tiny.xml
+	$(VENV)/bin/qemud --domains-dir $(STATE)/domains --state-dir $(STATE)/run
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
