@@ -357,6 +357,10 @@ class Guest:
         if not self.want_running:
             self.sm.set(State.STOPPED, "not restarted: no start is wanted")
             return
+        if self.backoff.policy.mode == "on-failure" and info.clean:
+            self.want_running = False
+            self.sm.set(State.STOPPED, "QEMU exited cleanly; restart policy is on-failure")
+            return
         delay = self.backoff.died(self.env.clock(), self.started_at if st != State.STARTING else None)
         if delay is None:
             self.next_delay = None
