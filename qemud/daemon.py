@@ -160,8 +160,9 @@ class Daemon:
         asyncio.get_running_loop().create_task(forget())
 
     # ---- adoption ------------------------------------------------------------------------
-    def adopt_all(self) -> None:
+    def adopt_all(self) -> list[Guest]:
         """Take over every recorded QEMU that still runs; remove stale records."""
+        adopted: list[Guest] = []
         for directory, rec in records.load_all(self.dirs.runtime / "domains"):
             if rec is None:
                 records.remove(directory)
@@ -179,12 +180,14 @@ class Daemon:
             guest.definition = rec.definition  # what QEMU actually runs
             if guest.adopt(rec):
                 self.guests[rec.name] = guest
+                adopted.append(guest)
             else:
                 records.remove(directory)
                 self.guests[rec.name] = guest
                 self.log.emit("ended-while-down", f"{rec.name}: QEMU pid {rec.pid} ended while qemud was not running",
                               WARNING, domain=rec.name, uuid=rec.uuid, pid=rec.pid)
                 guest.start("QEMU ended while qemud was not running")
+        return adopted
 
     # ---- main loop -------------------------------------------------------------------------
     _started = False
@@ -210,7 +213,9 @@ class Daemon:
         watch.start()
         self.log.emit("daemon-started", f"qemud {__version__} watching {self.dirs.domains}", NOTICE,
                       domains_dir=str(self.dirs.domains), runtime_dir=str(self.dirs.runtime))
-        self.adopt_all()
+        adopted = self.adopt_all()
+        if adopted:  # READY means: every live guest is adopted and its state known
+            await asyncio.wait([loop.create_task(g.settled.wait()) for g in adopted], timeout=30)
         self.reconcile()
         self._started = True
         self.log.emit("ready", f"ready: {len(self.guests)} guest(s) defined", NOTICE)

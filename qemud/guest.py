@@ -101,6 +101,7 @@ class Guest:
         self.inbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
         self.task = asyncio.get_running_loop().create_task(self._run(), name=f"guest:{self.name}")
         self.gone = asyncio.Event()  # set once a removed guest has fully stopped
+        self.settled = asyncio.Event()  # set once an adoption has been handled
 
     # ---- the public interface: messages ----------------------------------------------------
     def start(self, cause: str) -> None:
@@ -214,6 +215,12 @@ class Guest:
             await self._launch("definition changed")
 
     async def _on_adopted(self, proc: QemuProcess, rec: records.Record) -> None:
+        try:
+            await self._adopted(proc, rec)
+        finally:
+            self.settled.set()
+
+    async def _adopted(self, proc: QemuProcess, rec: records.Record) -> None:
         if proc is not self.proc:
             return
         self.want_running = rec.asked != "stop"

@@ -78,15 +78,22 @@ def test_direct_kernel_boot_reaches_marker_and_powers_off(tmp_path: Path, machin
             chunk = sock.recv(4096)
             assert chunk, f"console closed before the marker; got {seen[-500:]!r}"
             seen += chunk
-        # the guest honours ACPI: a QMP powerdown makes QEMU exit (it was started without -no-shutdown)
-        async def powerdown() -> None:
+        # the guest honours ACPI: after a QMP powerdown it powers off; QEMU (run with -no-shutdown,
+        # so qemud can apply on_poweroff) reports the guest's SHUTDOWN and quits when told to
+        async def powerdown() -> dict:
             q = Qmp()
             await q.connect(str(paths.qmp), timeout=10)
             try:
                 await q.execute("system_powerdown")
+                async for ev in q.events():
+                    if ev["event"] == "SHUTDOWN":
+                        await q.execute("quit")
+                        return ev
             finally:
                 await q.close()
-        asyncio.run(powerdown())
+            return {}
+        event = asyncio.run(asyncio.wait_for(powerdown(), 30))
+        assert event["data"] == {"guest": True, "reason": "guest-shutdown"}
         assert proc.wait(timeout=30) == 0
         sock.close()
     finally:
