@@ -69,7 +69,10 @@ def parse_xml(data: bytes | str) -> dict[str, Any]:
     Raises DomainError with the parser's line number for malformed input.
     """
     if isinstance(data, str):
-        data = data.encode("utf-8")
+        try:
+            data = data.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DomainError.at("", "is not valid Unicode text") from None
     if len(data) > MAX_XML_BYTES:
         raise DomainError.at("", f"is {len(data)} bytes; a domain file may have at most {MAX_XML_BYTES}")
     if not data.strip():
@@ -100,13 +103,12 @@ def element_lines(data: bytes | str) -> dict[str, int]:
     "[1]" from error paths to match.
     """
     if isinstance(data, str):
-        data = data.encode("utf-8")
+        data = data.encode("utf-8", errors="replace")
     lines: dict[str, int] = {}
     stack: list[tuple[str, dict[str, int]]] = [("", {})]
     parser = expat.ParserCreate(namespace_separator=None)
 
     def start(name: str, _attrs: Any) -> None:
-        name = name.split(":")[-1]
         parent_path, counts = stack[-1]
         n = counts.get(name, 0) + 1
         counts[name] = n

@@ -97,6 +97,14 @@ class Builder:
         self.ids.add(name)
         return name
 
+    def socket_path(self, p: Path, path: str) -> str:
+        """A unix socket qemud names itself: it must fit the 107 bytes a socket path can have."""
+        from qemud.paths import MAX_SOCKET_PATH
+        if len(str(p).encode()) > MAX_SOCKET_PATH:
+            self.error(path, f"the socket path {p} is longer than the {MAX_SOCKET_PATH} bytes a unix socket "
+                       "can have; use a shorter domain name or runtime directory")
+        return str(p)
+
     # ---- PCI ------------------------------------------------------------------------------
     def pci_props(self, address: Address | None, path: str, what: str) -> dict[str, Any]:
         """bus/addr for a PCI device: its explicit address, or a free slot."""

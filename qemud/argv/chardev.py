@@ -47,7 +47,7 @@ def chardev(b: Builder, c: CharDev, cid: str, path: str) -> bool:
             if not server:
                 b.error(f"{path}/source/@path", "a unix socket in connect mode needs a path")
                 return False
-            sock = str(b.paths.chardev_socket(cid))
+            sock = b.socket_path(b.paths.chardev_socket(cid), path)
         b.add("-chardev", "socket," + opts(("id", cid), ("path", sock), ("server", server),
                                            ("wait", False) if server else None, *logfile))
     elif t == "tcp":
@@ -179,6 +179,9 @@ def add_channels(b: Builder) -> None:
             if c.address is not None and c.address.type == "virtio-serial":
                 props["bus"] = f"virtio-serial{c.address.controller or 0}.{c.address.bus or 0}"
                 if c.address.port:
+                    if not c.address.port.isascii() or not c.address.port.isdigit():
+                        b.error(f"{path}/address/@port", f"'{c.address.port}' is not a port number")
+                        continue
                     props["nr"] = int(c.address.port)
             if name:
                 props["name"] = name
@@ -189,6 +192,15 @@ def add_channels(b: Builder) -> None:
             b.warn(path, "guestfwd channels work with user networking only")
             if tgt is None or not tgt.address or tgt.port is None:
                 b.error(f"{path}/target", "a guestfwd channel needs address and port")
+                continue
+            import ipaddress
+            try:
+                ipaddress.IPv4Address(tgt.address)
+            except ValueError:
+                b.error(f"{path}/target/@address", f"'{tgt.address}' is not an IPv4 address")
+                continue
+            if not 0 < tgt.port < 65536:
+                b.error(f"{path}/target/@port", f"{tgt.port} is not a TCP port")
                 continue
             # attached to the first user-mode netdev
             for j, iface in enumerate(b.domain.devices.interface):

@@ -145,7 +145,7 @@ def add_other_controllers(b: Builder) -> None:
             b.error(f"{path}/@index", f"two {c.type} controllers have index {c.index}")
             continue
         seen.add((c.type, c.index))
-        cid = c.alias.name if c.alias is not None and c.alias.name.startswith("ua-") else controller_id(c)
+        cid = controller_id(c)  # an <alias> of a controller only renames QEMU's id: not followed
         b.ids.add(cid)
         if c.type == "usb":
             _usb(b, c, cid, path)
@@ -221,10 +221,6 @@ def _usb(b: Builder, c: Controller, cid: str, path: str) -> None:
     companion = _is_companion(c, b.domain.devices.controller)
     if companion:
         master = "usb" if c.index == 0 else f"usb{c.index}"
-        for o in b.domain.devices.controller:
-            if o.type == "usb" and o.index == c.index and o.model not in COMPANION_PORTS and o.alias is not None \
-                    and o.alias.name.startswith("ua-"):
-                master = o.alias.name
         props["masterbus"] = f"{master}.0"
         props["firstport"] = c.master.startport if c.master is not None else COMPANION_PORTS.get(model, 0)
     else:

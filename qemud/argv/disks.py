@@ -75,6 +75,9 @@ def _storage(b: Builder, d: Disk, path: str, node: str) -> dict[str, Any] | None
         if proto == "nbd":
             h = hosts[0] if hosts else None
             if h is not None and h.transport == "unix":
+                if not h.socket:
+                    b.error(f"{path}/source/host/@socket", "an NBD disk over a unix socket needs its path")
+                    return {}
                 server: dict[str, Any] = {"type": "unix", "path": h.socket}
             elif h is not None:
                 server = {"type": "inet", "host": h.name or "localhost", "port": str(h.port or 10809)}
@@ -90,15 +93,19 @@ def _storage(b: Builder, d: Disk, path: str, node: str) -> dict[str, Any] | None
                 b.error(f"{path}/source/host", f"an {proto} disk needs a <host name=...>")
                 return {}
             port = f":{h.port}" if h.port else ""
-            props.update(driver=proto, url=f"{proto}://{h.name}{port}/{name.lstrip('/')}")
+            from urllib.parse import quote
+            props.update(driver=proto, url=f"{proto}://{h.name}{port}/{quote(name.lstrip('/'), safe='/')}")
         elif proto == "iscsi":
             h = hosts[0] if hosts else None
             if h is None or not h.name:
                 b.error(f"{path}/source/host", "an iSCSI disk needs a <host name=...>")
                 return {}
             target, _, lun = name.partition("/")
+            if lun and not (lun.isascii() and lun.isdigit()):
+                b.error(f"{path}/source/@name", f"'{lun}' is not a LUN number (name='IQN/LUN')")
+                return {}
             props.update(driver="iscsi", transport="tcp", portal=f"{h.name}:{h.port or 3260}",
-                         target=target, lun=int(lun or 0) if (lun or "0").isdigit() else 0)
+                         target=target, lun=int(lun or 0))
         else:
             b.error(f"{path}/source/@protocol", f"network protocol '{proto}' is not supported by qemud yet")
             return {}

@@ -30,7 +30,7 @@ def add_graphics(b: Builder) -> None:
         if g.type == "vnc":
             sock = g.socket or (listen.socket if listen is not None and listen.type == "socket" else None)
             if listen is not None and listen.type == "socket" and not sock:
-                sock = str(b.paths.run / "vnc.sock")
+                sock = b.socket_path(b.paths.run / "vnc.sock", path)
             auto = False
             if listen is not None and listen.type == "none":
                 spec = "none"
@@ -40,7 +40,7 @@ def add_graphics(b: Builder) -> None:
                 host = addr or "127.0.0.1"
                 if ":" in host and not host.startswith("["):
                     host = f"[{host}]"
-                if g.autoport is not False and (g.port is None or g.port == -1):
+                if g.autoport is True or (g.autoport is None and (g.port is None or g.port == -1)):
                     spec, auto = f"{host}:0", True  # QEMU takes the first free display from :0
                 else:
                     port = g.port or 5900
@@ -66,14 +66,14 @@ def add_graphics(b: Builder) -> None:
                 b.error(f"{path}/@tlsPort", "SPICE TLS needs certificates qemud does not manage yet")
                 continue
             if listen is not None and listen.type == "socket":
-                parts2 += [("unix", True), ("addr", listen.socket or str(b.paths.run / "spice.sock"))]
+                parts2 += [("unix", True), ("addr", listen.socket or b.socket_path(b.paths.run / "spice.sock", path))]
             elif addr:
                 parts2.append(("addr", addr))
             if not g.passwd:
                 parts2.append(("disable-ticketing", True))
             parts2.append(("seamless-migration", True))
             if not any(p and p[0] in ("port", "unix") for p in parts2):
-                parts2 += [("unix", True), ("addr", str(b.paths.run / "spice.sock"))]
+                parts2 += [("unix", True), ("addr", b.socket_path(b.paths.run / "spice.sock", path))]
             b.add("-spice", opts(*parts2))
         elif g.type == "egl-headless":
             b.add("-display", "egl-headless")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from qemud.argv.builder import Builder, Prepare
@@ -144,8 +145,6 @@ def add_cpu(b: Builder) -> None:
                 features.append("host-phys-bits=on")
             elif cpu.maxphysaddr.bits:
                 features.append(f"phys-bits={cpu.maxphysaddr.bits}")
-        if features and model is None:
-            model = "qemu64"
     f = d.features
     if f is not None:
         if f.pmu is not None:
@@ -157,6 +156,8 @@ def add_cpu(b: Builder) -> None:
     for t in (d.clock.timer if d.clock else ()):
         if t.name == "kvmclock" and t.present is not None:
             features.append(f"kvmclock={'on' if t.present else 'off'}")
+    if features and model is None:
+        model = "qemu64"  # QEMU's default x86 model, with the asked-for changes
     if model is not None:
         b.add("-cpu", ",".join([model, *features]))
 
@@ -313,14 +314,19 @@ def add_clock(b: Builder) -> None:
         rtc.append(("base", "localtime"))
     elif clock.offset == "variable":
         import datetime
-        adj = int(clock.adjustment or 0) if (clock.adjustment or "0").lstrip("-+").isdigit() else None
-        if adj is None:
-            b.error("/domain/clock/@adjustment", f"'{clock.adjustment}' is not a number of seconds")
+        adj_s = (clock.adjustment or "0").strip()
+        adj = int(adj_s) if re.fullmatch(r"[-+]?[0-9]{1,12}", adj_s) else None
+        if adj is None or abs(adj) > 100 * 365 * 86400:
+            b.error("/domain/clock/@adjustment", f"'{clock.adjustment}' is not a number of seconds within 100 years")
             return
         if (clock.basis or "utc") == "localtime":
             b.error("/domain/clock/@basis", "basis='localtime' is not supported; use utc")
             return
-        now = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=adj)
+        try:
+            now = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=adj)
+        except OverflowError:
+            b.error("/domain/clock/@adjustment", f"'{clock.adjustment}' is out of range")
+            return
         rtc.append(("base", now.strftime("%Y-%m-%dT%H:%M:%S")))
     elif clock.offset == "timezone":
         tz = clock.timezone or ""
@@ -331,10 +337,14 @@ def add_clock(b: Builder) -> None:
         b.env["TZ"] = tz
     elif clock.offset == "absolute":
         import datetime
-        start = datetime.datetime.fromtimestamp(clock.start or 0, datetime.timezone.utc)
+        try:
+            start = datetime.datetime.fromtimestamp(clock.start or 0, datetime.timezone.utc)
+        except (ValueError, OverflowError, OSError):
+            b.error("/domain/clock/@start", f"{clock.start} is not a time QEMU can start the clock at")
+            return
         rtc.append(("base", start.strftime("%Y-%m-%dT%H:%M:%S")))
-    for t in (clock.timer if clock else ()):
-        path = "/domain/clock/timer"
+    for ti, t in enumerate(clock.timer if clock else ()):
+        path = f"/domain/clock/timer[{ti + 1}]"
         if t.name == "rtc":
             if t.track is not None:
                 rtc.append(("clock", {"boot": "vm", "guest": "vm", "wall": "host", "realtime": "rt"}[t.track]))

@@ -24,9 +24,14 @@ def add_rngs(b: Builder) -> None:
         elif be.model == "egd":
             from qemud.argv.chardev import chardev
             from qemud.domain.devices.chardev import CharDev
-            cd = CharDev.model_validate({"@type": be.type or "tcp",
+            from pydantic import ValidationError
+            try:
+                cd = CharDev.model_validate({"@type": be.type or "tcp",
                                          "source": [s.model_dump(by_alias=True, exclude_none=True) for s in be.source],
-                                         **({"protocol": be.protocol.model_dump(by_alias=True)} if be.protocol else {})})
+                                             **({"protocol": be.protocol.model_dump(by_alias=True)} if be.protocol else {})})
+            except ValidationError:
+                b.error(f"{path}/backend/@type", f"'{be.type}' is not a character device type")
+                continue
             cid = f"charrng{i}"
             if not chardev(b, cd, cid, f"{path}/backend"):
                 continue

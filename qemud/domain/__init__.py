@@ -135,6 +135,8 @@ class Domain(Element):
     @field_validator("name", mode="before")
     @classmethod
     def _name(cls, v: Any) -> Any:
+        if v is None or v == "":
+            raise ValueError("a domain name may not be empty")
         if not isinstance(v, str):
             raise ValueError("must be text")
         if not v:

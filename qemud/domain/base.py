@@ -175,6 +175,8 @@ def _describe(err: dict[str, Any]) -> str:
             return f"attribute '{last[1:]}' is not supported by qemud here (refused rather than silently dropped)"
         return f"element <{last}> is not supported by qemud here (refused rather than silently dropped)"
     if kind == "missing":
+        if loc and loc[-1] == "#text":
+            return "the element is empty; it needs a value"
         return "required attribute is missing" if is_attr else "required element is missing"
     if kind == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")

@@ -46,7 +46,7 @@ class Size(Element):
     @classmethod
     def _value(cls, v: object) -> object:
         s = str(v).strip()
-        if not s.isdigit():
+        if not (s.isascii() and s.isdigit()):
             raise ValueError(f"'{v}' is not a non-negative integer")
         return int(s)
 
