@@ -26,7 +26,8 @@ from qemud.events import ERR, INFO, NOTICE, WARNING, EventLog
 from qemud.launch import prepare
 from qemud.paths import GuestPaths
 from qemud.policy import Backoff, RestartPolicy
-from qemud.proc import ExitInfo, QemuProcess, adopt, log_tail, spawn
+from qemud.proc import (ExitInfo, QemuProcess, adopt, log_tail, pidfile_holder, qmp_fd_argv, qmp_listener,
+                        spawn)
 from qemud.qmp import Qmp, QmpError
 from qemud.states import ALIVE, State, StateMachine
 
@@ -416,8 +417,16 @@ class Guest:
             caps = self.env.caps_for(emulator_for(self.domain))
             cmd = build_argv(self.domain, caps, self.paths, paused=True)
             prepare(cmd)
-            self.paths.run.mkdir(parents=True, exist_ok=True)
-            proc = spawn(cmd.argv, cmd.env, self.paths.run / "qemu.log")
+            holder = pidfile_holder(self.paths.pidfile)
+            if holder is not None:
+                raise QemudError(f"a QEMU (pid {holder}) already runs this guest without a record; "
+                                 "qemud will not start a second one")
+            listener = qmp_listener(cmd.qmp)
+            try:
+                argv = qmp_fd_argv(cmd.argv, listener.fileno())
+                proc = spawn(argv, cmd.env, self.paths.run / "qemu.log", (listener.fileno(),))
+            finally:
+                listener.close()
         except DomainError as exc:
             self._cannot_start("; ".join(p.message for p in exc.problems))
             return
@@ -426,14 +435,24 @@ class Guest:
             return
         self.cmd = cmd
         self.proc = proc
-        records.write(self.paths.run, records.Record(
-            name=self.name, uuid=self.uuid, file=self.file, definition=self.definition, pid=proc.pid,
-            create_time=proc.create_time, argv=cmd.argv, qmp=str(cmd.qmp), log=str(self.paths.run / "qemu.log"),
-            started_at=time.time(), domain=self.domain.model_dump(by_alias=True, exclude_unset=True)))
+        self._spawn_task(self._watch_exit(proc))
+        try:
+            self._write_record(proc, argv, cmd)
+        except OSError as exc:
+            self.last_exit = f"cannot write its runtime record: {exc.strerror}"
+            self.env.log.emit("record-error", f"{self.name}: {self.last_exit}; ending QEMU", ERR,
+                              domain=self.name, uuid=self.uuid, pid=proc.pid)
+            proc.kill()  # a QEMU qemud could not adopt after a restart must not run
+            return
         self.env.log.emit("spawned", f"{self.name}: QEMU started, pid {proc.pid}", INFO, domain=self.name,
                           uuid=self.uuid, pid=proc.pid)
-        self._spawn_task(self._watch_exit(proc))
         self._spawn_task(self._connect(proc, cmd.qmp))
+
+    def _write_record(self, proc: QemuProcess, argv: list[str], cmd: Command) -> None:
+        records.write(self.paths.run, records.Record(
+            name=self.name, uuid=self.uuid, file=self.file, definition=self.definition, pid=proc.pid,
+            create_time=proc.create_time, argv=argv, qmp=str(cmd.qmp), log=str(self.paths.run / "qemu.log"),
+            started_at=time.time(), domain=self.domain.model_dump(by_alias=True, exclude_unset=True)))
 
     def _cannot_start(self, why: str) -> None:
         """A start that failed before QEMU ran counts as a failed start."""
@@ -536,25 +555,15 @@ class Guest:
         self.inbox.put_nowait(("exited", proc, info))
 
     async def _connect(self, proc: QemuProcess, path: Path) -> None:
-        """Connect to a fresh QEMU's QMP: the socket appears once QEMU has parsed its options."""
+        """Connect to a fresh QEMU's QMP. The socket listens before QEMU starts (qemud made it),
+        so this waits only for QEMU's greeting, bounded."""
         qmp = Qmp(self.name)
-        deadline = self.env.clock() + QMP_CONNECT_TIMEOUT
-        delay = 0.005
-        while True:
-            if proc.child is not None and proc.child.poll() is not None:
-                return  # it died; its exit message says how
-            try:
-                await qmp.connect(str(path), timeout=max(0.1, deadline - self.env.clock()))
-                self.inbox.put_nowait(("qmp-ready", proc, qmp))
-                return
-            except QmpError as exc:
-                if self.env.clock() > deadline:
-                    self.inbox.put_nowait(("qmp-failed", proc, f"QMP did not come up: {exc}"))
-                    return
-                qmp = Qmp(self.name)
-            # QEMU creates the socket early in its start; until then a short, growing wait
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.1)
+        try:
+            await qmp.connect(str(path), timeout=QMP_CONNECT_TIMEOUT)
+        except QmpError as exc:
+            self.inbox.put_nowait(("qmp-failed", proc, f"QMP did not come up: {exc}"))
+            return
+        self.inbox.put_nowait(("qmp-ready", proc, qmp))
 
     async def _read_events(self, proc: QemuProcess, qmp: Qmp) -> None:
         try:

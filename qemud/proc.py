@@ -8,8 +8,10 @@ for the PID to vanish: this machine's PID 1 reaps others' children only every se
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import signal
+import socket
 import subprocess
 from collections import deque
 from dataclasses import dataclass
@@ -88,12 +90,13 @@ class QemuProcess:
             pass
 
 
-def spawn(argv: list[str], env: dict[str, str], log_path: Path) -> QemuProcess:
+def spawn(argv: list[str], env: dict[str, str], log_path: Path, pass_fds: tuple[int, ...] = ()) -> QemuProcess:
     """Start QEMU in its own session (so the daemon's signals and death do not reach it), with
     stdout/stderr appended to its log file (a pipe would break when the daemon restarts)."""
     with open(log_path, "ab", buffering=0) as log:
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                 env={**os.environ, **env}, start_new_session=True, close_fds=True)
+                                 env={**os.environ, **env}, start_new_session=True, close_fds=True,
+                                 pass_fds=pass_fds)
     try:
         ctime = psutil.Process(child.pid).create_time()
     except psutil.Error:
@@ -130,3 +133,51 @@ def log_tail(path: Path, lines: int = 10, max_bytes: int = 16384) -> list[str]:
         return []
     tail = deque((ln.decode(errors="replace").rstrip() for ln in data.splitlines()), maxlen=lines)
     return [ln for ln in tail if ln]
+
+
+def qmp_listener(path: Path) -> socket.socket:
+    """The QMP socket, bound and listening before QEMU starts, handed to QEMU as an fd: qemud can
+    connect at once (the connection waits in the backlog until QEMU accepts), no retry loop."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.bind(str(path))
+        s.listen(4)
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+def qmp_fd_argv(argv: list[str], fd: int) -> list[str]:
+    """argv with the QMP chardev's path replaced by an inherited listening fd."""
+    out = list(argv)
+    for i, a in enumerate(out[:-1]):
+        if a == "-chardev" and out[i + 1].startswith("socket,id=qmp,"):
+            out[i + 1] = f"socket,id=qmp,fd={fd},server=on,wait=off"
+            return out
+    raise ValueError("no QMP chardev in the command line")
+
+
+def pidfile_holder(path: Path) -> int | None:
+    """The pid of a QEMU that holds this guest's pid file lock (a live QEMU for the guest), or
+    None. QEMU locks its -pidfile for its whole life."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            return int(os.pread(fd, 32, 0).split()[0])
+        except (ValueError, IndexError, OSError):
+            return -1
+    else:
+        fcntl.lockf(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
