@@ -80,7 +80,10 @@ class Daemon:
             except OSError:
                 continue
             files.append((st.st_mtime, e.path, st))
-        files.sort()
+        # a file that defines a guest already keeps it: a duplicate never takes over, whatever
+        # the modification times do later; new files are taken oldest first
+        owned = {g.file for g in self.guests.values()}
+        files.sort(key=lambda f: (f[1] not in owned, f[0], f[1]))
         seen: set[str] = set()
         for _, path, st in files:
             seen.add(path)

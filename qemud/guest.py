@@ -92,6 +92,7 @@ class Guest:
         self.last_exit: str | None = None
         self.last_stderr: list[str] = []
         self.restarts = 0
+        self.last_pid: int | None = None
         self.next_delay: float | None = None
         self._shutdown_seen: dict[str, Any] | None = None  # the SHUTDOWN event of this QEMU
         self._after_exit: str | None = None  # "start" | "remove" once the current QEMU ends
@@ -123,6 +124,7 @@ class Guest:
         if proc is None:
             return False
         self.proc = proc
+        self.last_pid = proc.pid
         self._spawn_task(self._watch_exit(proc))
         self.inbox.put_nowait(("adopted", proc, rec))
         return True
@@ -163,7 +165,7 @@ class Guest:
         prio = ERR if new in (State.FAILED,) else WARNING if new in (State.CRASHED, State.BACKOFF) else NOTICE
         self.env.log.emit(new.value, f"{self.name}: {new.value} ({cause})", prio, domain=self.name,
                           uuid=self.uuid, state=new.value, old_state=old.value,
-                          pid=self.proc.pid if self.proc else None, restarts=self.restarts or None,
+                          pid=self.proc.pid if self.proc else self.last_pid, restarts=self.restarts or None,
                           next_delay=self.next_delay if new == State.BACKOFF else None,
                           exit=self.last_exit if new in (State.CRASHED, State.FAILED) else None)
 
@@ -411,6 +413,7 @@ class Guest:
     # ---- actions ---------------------------------------------------------------------------
     async def _launch(self, cause: str) -> None:
         self._shutdown_seen = None
+        self.last_exit = None
         self.next_delay = None
         self.sm.set(State.STARTING, cause)
         try:
@@ -435,6 +438,7 @@ class Guest:
             return
         self.cmd = cmd
         self.proc = proc
+        self.last_pid = proc.pid
         self._spawn_task(self._watch_exit(proc))
         try:
             self._write_record(proc, argv, cmd)

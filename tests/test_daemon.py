@@ -158,10 +158,15 @@ def test_qemu_dying_at_once_backs_off_then_fails_and_leaves_others_alone(daemon:
 
 # ---- 4 -----------------------------------------------------------------------------------------
 
-def test_daemon_killed_and_restarted_adopts_the_running_guest(daemon: Daemon, guest: TinyGuest) -> None:
+@pytest.mark.parametrize("how", ["kill9", "sigterm"])
+def test_daemon_killed_and_restarted_adopts_the_running_guest(daemon: Daemon, guest: TinyGuest, how: str) -> None:
     d = daemon
     pid = start_guest(d, guest, "web1")
-    d.kill9()
+    if how == "kill9":
+        d.kill9()
+    else:
+        assert d.stop() == 0
+        d.wait_for("daemon-stopping", timeout=0)
     assert pid_alive(pid), "QEMU must outlive its daemon"
 
     after = d.mark()
@@ -326,7 +331,11 @@ def test_guest_poweroff_with_on_poweroff_restart_starts_again(daemon: Daemon, gu
 
 # ---- 10 ----------------------------------------------------------------------------------------
 
-def test_second_file_with_the_same_name_is_refused(daemon: Daemon, guest: TinyGuest) -> None:
+@pytest.mark.parametrize("then", ["nothing", "touch-first-file"])
+def test_second_file_with_the_same_name_is_refused(daemon: Daemon, guest: TinyGuest, then: str) -> None:
+    """The file that defined the guest first keeps it. `touch-first-file`: the first file's
+    mtime is bumped afterwards (touch, a backup restore, a save without changes): its content is
+    the same, so nothing may happen to the guest, and the second file stays refused."""
     d = daemon
     pid = start_guest(d, guest, "web1", filename="a.xml", uuid="6d6f1c02-8a4b-4f3e-9d55-0123456789ab")
     running = d.events("running", "web1")[-1]
@@ -338,7 +347,12 @@ def test_second_file_with_the_same_name_is_refused(daemon: Daemon, guest: TinyGu
     dup = d.wait_for("duplicate-definition", timeout=10)
     assert dup["file"] == str(d.path("b.xml"))
     assert str(d.path("a.xml")) in dup.message and "web1" in dup.message
+    if then == "touch-first-file":
+        os.utime(d.path("a.xml"))
+    # nothing happens to the guest (not a redefinition from b.xml, not a restart)
     d.assert_no(domain="web1", within=2.0, after=running.index + 1)
+    # and a.xml is not the one refused now
+    d.assert_no("duplicate-definition", within=0, pred=lambda e: e["file"] == str(d.path("a.xml")))
     assert pid_alive(pid) and d.qemu_pid("web1") == pid
     assert "size=256M" in cmdline(pid)
     assert not other_console.exists()

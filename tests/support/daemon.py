@@ -151,6 +151,7 @@ class Daemon:
         self._cond = threading.Condition()
         self._reader: threading.Thread | None = None
         self._eof = True  # the current run's stderr has ended (the daemon exited)
+        self._asked_stop = False  # stop() sent SIGTERM to the current run
         self._closed = False
 
     # ---- the process -----------------------------------------------------------------------
@@ -162,6 +163,7 @@ class Daemon:
         """Start the daemon (again, with the same directories). Returns its `ready` event."""
         assert not self.running, "the daemon already runs"
         self._join_reader()
+        self._asked_stop = False
         with self._cond:
             self.runs += 1
             run = self.runs
@@ -197,6 +199,7 @@ class Daemon:
     def stop(self, timeout: float = 20.0) -> int:
         """SIGTERM: the daemon exits and leaves its guests running. Returns its exit status."""
         assert self.proc is not None
+        self._asked_stop = True
         self.proc.send_signal(signal.SIGTERM)
         return self._reap(timeout)
 
@@ -265,8 +268,12 @@ class Daemon:
                         return ev
                 if self._eof:
                     what = "exited" if self.proc is None or self.proc.poll() is not None else "closed its stderr"
-                    raise DaemonError(f"qemud {what} (status {self.proc.poll() if self.proc else None}) before "
-                                      f"{self._want(event, domain, fields)}\n{self.tail()}")
+                    why = ""
+                    last = next((e for e in reversed(self.lines) if e.event), None)
+                    if last is not None and last.event == "daemon-stopping" and not self._asked_stop:
+                        why = " after a SIGTERM/SIGINT the test did not send"
+                    raise DaemonError(f"qemud {what}{why} (status {self.proc.poll() if self.proc else None}) "
+                                      f"before {self._want(event, domain, fields)}\n{self.tail()}")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise DaemonError(f"no {self._want(event, domain, fields)} within {timeout:g} s "
