@@ -324,7 +324,7 @@ class Guest:
             if self.state == State.RUNNING:
                 self.sm.set(State.PAUSED, f"guest {what.split(' ')[0]}, QEMU kept ({action})")
             return
-        self.sm.set(State.STOPPING, f"guest {what.split(' ')[0]}")
+        self.sm.set(State.STOPPING, f"guest {what.split(' ')[0]} ({what.split(' ')[1][1:-1]}={action})")
         self._after_exit = "start" if action == "restart" else None
         if action != "restart":
             self.want_running = False

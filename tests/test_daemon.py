@@ -356,3 +356,33 @@ def test_second_file_with_the_same_name_is_refused(daemon: Daemon, guest: TinyGu
     assert pid_alive(pid) and d.qemu_pid("web1") == pid
     assert "size=256M" in cmdline(pid)
     assert not other_console.exists()
+
+
+# ---- guest reboot --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("on_reboot", ["restart", "destroy"])
+def test_guest_reboot_follows_on_reboot(daemon: Daemon, guest: TinyGuest, on_reboot: str) -> None:
+    """A reboot inside the guest: on_reboot='restart' relaunches QEMU (faster than a reset in
+    place under TCG), on_reboot='destroy' leaves the guest stopped."""
+    d = daemon
+    name = "web1"
+    sock = d.scratch / f"{name}.sock"
+    log = console_path(d, name)
+    pid = start_guest(d, guest, name, serial="unix", serial_path=sock, serial_log=log, on_reboot=on_reboot)
+    wait_file_contains(log, guest.marker, timeout=BOOT_TIMEOUT, alive=lambda: _still_running(pid))
+    wait_file_contains(log, PROMPT, timeout=BOOT_TIMEOUT, alive=lambda: _still_running(pid))
+    con = Console(sock)
+    try:
+        d.mark()
+        con.send("reboot -f\n")
+        shutdown = d.wait_for("guest-shutdown", name, timeout=20)
+        assert shutdown.pid == pid and f"on_reboot={on_reboot}" in shutdown.message
+    finally:
+        con.close()
+    d.wait_for("stopped", name, timeout=STOP_TIMEOUT)
+    if on_reboot == "restart":
+        running = d.wait_for("running", name, timeout=RUN_TIMEOUT)
+        assert running.pid is not None and running.pid != pid and pid_alive(running.pid)
+    else:
+        d.assert_no("starting", name, within=3)
+        assert not pid_alive(pid)

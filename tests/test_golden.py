@@ -558,7 +558,8 @@ def check_lifecycle_preserve(d: Domain, cmd: Command) -> None:
 
 def check_lifecycle_restart(d: Domain, cmd: Command) -> None:
     a = cmd.argv
-    assert "-no-reboot" not in a  # on_reboot restart: the guest reboots inside QEMU
+    # on_reboot restart: QEMU stops at the reboot (-no-reboot) and qemud relaunches it
+    assert "-no-reboot" in a and "-no-shutdown" in a
     actions = options(a, "-action")
     assert "panic=pause" not in actions  # on_crash restart: not kept paused
     assert "watchdog=reset" in actions

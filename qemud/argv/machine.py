@@ -372,9 +372,9 @@ def add_clock(b: Builder) -> None:
 
 
 def add_lifecycle(b: Builder) -> None:
-    """QEMU always runs with -no-shutdown: a guest poweroff leaves QEMU in its 'shutdown' state
-    and qemud applies on_poweroff, on_reboot (-no-reboot turns a reboot into a shutdown) and
-    on_crash itself, even when the guest powered off while the daemon was down."""
+    """QEMU always runs with -no-shutdown and -no-reboot: a guest poweroff or reboot leaves QEMU
+    in its 'shutdown' state and qemud applies on_poweroff, on_reboot and on_crash itself, even
+    when it happened while the daemon was down."""
     d = b.domain
     for name in ("on_poweroff", "on_reboot", "on_crash"):
         action = getattr(d, name)
@@ -383,8 +383,9 @@ def add_lifecycle(b: Builder) -> None:
         if action.value in ("rename-restart", "coredump-destroy", "coredump-restart"):
             b.error(f"/domain/{name}", f"action '{action.value}' is not supported by qemud; use destroy, restart or preserve")
     b.add("-no-shutdown")
-    if d.on_reboot is not None and d.on_reboot.value == "destroy":
-        b.add("-no-reboot")
+    # a guest reboot is a shutdown too: qemud relaunches QEMU for on_reboot='restart' (a fresh
+    # QEMU boots the test guest in 1.5 s under TCG, a reset in place takes 1.7-2.5 s)
+    b.add("-no-reboot")
     if d.on_crash is not None and d.on_crash.value == "preserve":
         b.add("-action", "panic=pause")
     pm = d.pm
