@@ -386,3 +386,21 @@ def test_guest_reboot_follows_on_reboot(daemon: Daemon, guest: TinyGuest, on_reb
     else:
         d.assert_no("starting", name, within=3)
         assert not pid_alive(pid)
+
+
+def test_idle_daemon_does_no_periodic_work(daemon: Daemon, guest: TinyGuest) -> None:
+    """With a guest running and nothing happening, the daemon is never woken: no polling timer,
+    no periodic task (inotify, pidfds and QMP sockets wake it when something happens)."""
+    d = daemon
+    start_guest(d, guest, "web1")
+    assert d.proc is not None
+    status = Path(f"/proc/{d.proc.pid}/status")
+
+    def switches() -> int:
+        text = status.read_text()
+        return sum(int(line.split()[1]) for line in text.splitlines()
+                   if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")))
+    time.sleep(1.0)  # let the start settle
+    before = switches()
+    time.sleep(3.0)
+    assert switches() - before == 0
