@@ -11,7 +11,9 @@ from pathlib import Path
 
 from asyncinotify import Inotify, Mask
 
-MASK = (Mask.CLOSE_WRITE | Mask.MOVED_TO | Mask.MOVED_FROM | Mask.DELETE | Mask.CREATE | Mask.ATTRIB
+#: A file counts once it is complete: closed after writing, or renamed into place. Creation and
+#: single writes are not events (a half-written file must not be read).
+MASK = (Mask.CLOSE_WRITE | Mask.MOVED_TO | Mask.MOVED_FROM | Mask.DELETE | Mask.ATTRIB
         | Mask.DELETE_SELF | Mask.MOVE_SELF)
 
 
