@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import field_validator
 
 from qemud.domain.base import Element, Many, UInt, YesNo, attr, ignored, text
+from qemud.domain.units import Unit
 
 #: The most vCPUs QEMU 7.2's x86 machines take (q35 with x2apic: 288; pc: 255).
 MAX_VCPUS = 288
@@ -105,7 +106,7 @@ class Cell(Element):
     id: UInt | None = attr()
     cpus: str | None = attr()
     memory: UInt = attr(...)
-    unit: str = attr("KiB")
+    unit: Unit = attr("KiB")
     memAccess: Literal["shared", "private"] | None = attr()
     discard: YesNo | None = attr()
     distances: Distances | None = None
@@ -115,14 +116,6 @@ class Cell(Element):
     def _cpus(cls, v: str | None) -> str | None:
         if v is not None:
             parse_cpuset(v)
-        return v
-
-    @field_validator("unit")
-    @classmethod
-    def _unit(cls, v: str) -> str:
-        from qemud.domain.units import unit_bytes
-        if unit_bytes(v) is None:
-            raise ValueError(f"'{v}' is not a unit libvirt knows (b, KiB, MiB, GiB, TiB, KB, MB, GB, ...)")
         return v
 
     @property

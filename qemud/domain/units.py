@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import field_validator
+from typing import Annotated
+
+from pydantic import AfterValidator, field_validator
 
 from qemud.domain.base import Element, attr, text
 
@@ -29,18 +31,21 @@ def unit_bytes(unit: str) -> int | None:
 MAX_BYTES = 1 << 52
 
 
+def _unit(v: str) -> str:
+    if unit_bytes(v) is None:
+        raise ValueError(f"'{v}' is not a unit libvirt knows (b, KiB, MiB, GiB, TiB, KB, MB, GB, ...)")
+    return v
+
+
+#: A libvirt size unit attribute.
+Unit = Annotated[str, AfterValidator(_unit)]
+
+
 class Size(Element):
     """An amount of memory: ``<memory unit='MiB'>512</memory>``; default unit KiB."""
 
-    unit: str = attr("KiB")
+    unit: Unit = attr("KiB")
     value: int = text(...)
-
-    @field_validator("unit")
-    @classmethod
-    def _unit(cls, v: str) -> str:
-        if unit_bytes(v) is None:
-            raise ValueError(f"'{v}' is not a unit libvirt knows (b, KiB, MiB, GiB, TiB, KB, MB, GB, ...)")
-        return v
 
     @field_validator("value", mode="before")
     @classmethod
