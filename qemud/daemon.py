@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from qemud import __version__, records
+from qemud import __version__, notify, records
 from qemud.caps import HostCaps, probe
 from qemud.config import Config, load_config
 from qemud.domain import Domain, load_domain
@@ -50,7 +50,7 @@ class Daemon:
                        restart_defaults=RestartPolicy(max_retries=config.max_retries, backoff=config.backoff,
                                                       max_backoff=config.max_backoff,
                                                       reset_after=config.reset_after),
-                       shutdown_default=config.shutdown_timeout)
+                       shutdown_default=config.shutdown_timeout, on_state=self.state_changed)
         self._stop = asyncio.Event()
         self._rescan = asyncio.Event()
 
@@ -192,6 +192,14 @@ class Daemon:
                 guest.start("QEMU ended while qemud was not running")
         return adopted
 
+    def status_line(self) -> str:
+        return notify.summary(g.state.value for g in self.guests.values())
+
+    def state_changed(self) -> None:
+        """Every guest state change: systemd's STATUS= follows."""
+        if self._started:
+            notify.status(self.status_line())
+
     # ---- main loop -------------------------------------------------------------------------
     _started = False
 
@@ -222,9 +230,13 @@ class Daemon:
         self.reconcile()
         self._started = True
         self.log.emit("ready", f"ready: {len(self.guests)} guest(s) defined", NOTICE)
+        notify.ready(self.status_line())
         changes = loop.create_task(self._follow(watch))
+        dog = loop.create_task(notify.watchdog())
         await self._stop.wait()
+        notify.stopping()
         changes.cancel()
+        dog.cancel()
         watch.close()
         self.log.emit("daemon-stopping", "qemud exits; guests keep running and are adopted at the next start", NOTICE)
         for g in list(self.guests.values()):
@@ -241,8 +253,11 @@ class Daemon:
                 t.cancel()
             if hup in done:
                 self._rescan.clear()
+                notify.reloading()
                 self.log.emit("reloading", "rereading the domains directory", INFO)
             self.reconcile()
+            if hup in done:
+                notify.ready(self.status_line())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -252,13 +267,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--domains-dir", type=Path, help="directory of domain XML files (default /etc/qemud/domains)")
     p.add_argument("--state-dir", type=Path, help="one directory for runtime and persistent state "
                    "(default /run/qemud and /var/lib/qemud)")
+    p.add_argument("--log-target", choices=("auto", "journal", "stderr"), default="auto",
+                   help="where events go: the journal when journald runs (auto, the default), or stderr")
     p.add_argument("--version", action="version", version=f"qemud {__version__}")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    log = EventLog()
+    log = EventLog(args.log_target)
     dirs = Dirs.default()
     try:
         config = load_config(args.config or dirs.config, explicit=args.config is not None)

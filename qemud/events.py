@@ -1,34 +1,153 @@
 """What happened, told once: every event is a sentence for a person plus structured fields.
 
-Sinks: readable lines on stderr (``MESSAGE  KEY=value ...``). The journal sink comes with the
-journald work; the fields are already the journal's (QEMUD_DOMAIN, QEMUD_EVENT, ...).
+Two sinks, chosen automatically (``--log-target`` overrides): the journal, through
+systemd-python's ``journal.send`` (MESSAGE, PRIORITY, SYSLOG_IDENTIFIER=qemud, MESSAGE_ID,
+QEMUD_EVENT and QEMUD_* fields), when journald's socket exists; otherwise readable lines on
+stderr: ``MESSAGE  QEMUD_EVENT=... QEMUD_DOMAIN=...``. A journal that goes away does not lose
+events: they go to stderr until it is back.
+
+The event names and their MESSAGE_IDs are an interface (``journalctl QEMUD_EVENT=crashed``,
+``journalctl MESSAGE_ID=...``, the catalog): change them only on purpose.
 """
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 import syslog
 import time
+import uuid
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 # syslog priorities, as journald takes them
-ERR, WARNING, NOTICE, INFO, DEBUG = syslog.LOG_ERR, syslog.LOG_WARNING, syslog.LOG_NOTICE, syslog.LOG_INFO, syslog.LOG_DEBUG
+ERR, WARNING, NOTICE, INFO, DEBUG = (syslog.LOG_ERR, syslog.LOG_WARNING, syslog.LOG_NOTICE, syslog.LOG_INFO,
+                                     syslog.LOG_DEBUG)
+
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+_ID_NAMESPACE = uuid.UUID("0b5a6a2c-54a4-4c47-9f0e-4a2f3b8f6d11")
+
+
+@dataclass(frozen=True)
+class EventKind:
+    name: str
+    subject: str
+    explanation: str
+
+    @property
+    def message_id(self) -> str:
+        """Stable: derived from the name, so it never changes while the name does not."""
+        return uuid.uuid5(_ID_NAMESPACE, self.name).hex
+
+
+_KINDS = [
+    EventKind("daemon-started", "qemud started", "qemud started and watches @QEMUD_DOMAINS_DIR@."),
+    EventKind("ready", "qemud is ready", "The domains directory was read and every running guest adopted."),
+    EventKind("reloading", "qemud rereads its directory", "SIGHUP (systemctl reload qemud): the domains "
+              "directory is read again."),
+    EventKind("daemon-stopping", "qemud exits", "qemud exits. Guests keep running; the next qemud adopts them."),
+    EventKind("defined", "A guest was defined", "The domain file @QEMUD_FILE@ defines guest @QEMUD_DOMAIN@."),
+    EventKind("redefined", "A guest's definition changed", "The file of guest @QEMUD_DOMAIN@ changed; a running "
+              "guest is restarted gracefully with the new definition."),
+    EventKind("undefined", "A guest was removed", "The file of guest @QEMUD_DOMAIN@ was removed; the guest was "
+              "shut down and is forgotten."),
+    EventKind("invalid-definition", "A domain file is invalid", "qemud cannot accept @QEMUD_FILE@; the message "
+              "names the element and the problem. A guest already running from this file keeps its last "
+              "good definition. Fix the file; qemud rereads it when it is saved."),
+    EventKind("duplicate-definition", "A domain file duplicates another", "Two files define the same name or "
+              "UUID. The later one is refused; the guest of the first is untouched."),
+    EventKind("starting", "A guest is starting", "QEMU is being started for guest @QEMUD_DOMAIN@."),
+    EventKind("spawned", "QEMU was started", "QEMU pid @QEMUD_PID@ runs guest @QEMUD_DOMAIN@."),
+    EventKind("running", "A guest is running", "Guest @QEMUD_DOMAIN@ runs (QEMU pid @QEMUD_PID@)."),
+    EventKind("paused", "A guest is paused", "QEMU paused guest @QEMUD_DOMAIN@ (asked for, an I/O error, or a "
+              "preserved crash or poweroff)."),
+    EventKind("stopping", "A guest is stopping", "Guest @QEMUD_DOMAIN@ is being shut down."),
+    EventKind("stopped", "A guest stopped", "Guest @QEMUD_DOMAIN@ is not running and will not be restarted until "
+              "its file changes or it is started."),
+    EventKind("crashed", "A guest's QEMU ended unexpectedly", "QEMU of guest @QEMUD_DOMAIN@ ended without being "
+              "asked to (a signal, an abort, the OOM killer, a KVM error): @QEMUD_EXIT@. QEMU's last words are "
+              "in the journal (QEMUD_SOURCE=qemu). qemud restarts it according to its restart policy."),
+    EventKind("backoff", "A guest waits before its next restart", "Guest @QEMUD_DOMAIN@ failed repeatedly; the "
+              "next start is in @QEMUD_NEXT_DELAY@ s."),
+    EventKind("failed", "A guest failed", "Guest @QEMUD_DOMAIN@ failed to start too many times in a row and is "
+              "not restarted again until its file changes or it is started by hand."),
+    EventKind("adopted", "A running guest was adopted", "qemud found QEMU pid @QEMUD_PID@ of guest "
+              "@QEMUD_DOMAIN@ running from before its own start and took it over without restarting it."),
+    EventKind("ended-while-down", "A guest ended while qemud was down", "QEMU of guest @QEMUD_DOMAIN@ ended "
+              "while qemud was not running; its restart policy applies."),
+    EventKind("shutdown-requested", "A guest was asked to shut down", "qemud pressed the ACPI power button of "
+              "guest @QEMUD_DOMAIN@."),
+    EventKind("shutdown-timeout", "A guest did not shut down in time", "Guest @QEMUD_DOMAIN@ did not power off "
+              "within its shutdown timeout; QEMU is ended."),
+    EventKind("shutdown-failed", "An ACPI shutdown request failed", "The power button could not be pressed "
+              "over QMP; QEMU is ended instead."),
+    EventKind("guest-shutdown", "A guest powered off, rebooted or panicked", "The guest itself shut down; "
+              "on_poweroff, on_reboot or on_crash of its definition decides what follows."),
+    EventKind("rebooted", "A guest rebooted", "Guest @QEMUD_DOMAIN@ was reset in place."),
+    EventKind("panicked", "A guest kernel panicked", "The guest kernel of @QEMUD_DOMAIN@ reported a panic "
+              "(pvpanic); on_crash decides what follows."),
+    EventKind("record-error", "A runtime record could not be written", "Without its record a restarted qemud "
+              "could not adopt the guest, so its QEMU was ended. Check the runtime directory."),
+    EventKind("stale-record", "A runtime record was unreadable", "A runtime record could not be read and was "
+              "removed."),
+    EventKind("directory-error", "The domains directory cannot be read", "qemud cannot read its domains "
+              "directory."),
+    EventKind("already-running", "Another qemud runs", "Another qemud uses the same runtime directory."),
+    EventKind("config-error", "The configuration is invalid", "qemud.conf cannot be used; the message says why."),
+    EventKind("host-error", "The host cannot run qemud", "A host problem stopped qemud."),
+    EventKind("internal-error", "qemud hit a bug", "qemud hit an internal error while handling a guest; the "
+                                                   "guest's supervision goes on. Please report it."),
+]
+KINDS: dict[str, EventKind] = {k.name: k for k in _KINDS}
+
+
+def catalog() -> str:
+    """journald's message catalog for every event (installed so ``journalctl -x`` explains them)."""
+    out = ["# qemud's journal message catalog. Generated by `python -m qemud.events`; do not edit.", ""]
+    for k in _KINDS:
+        out += [f"-- {k.message_id}", f"Subject: {k.subject}", "Defined-By: qemud",
+                "", k.explanation, ""]
+    return "\n".join(out)
 
 
 class EventLog:
-    def __init__(self, stream: TextIO | None = None) -> None:
+    def __init__(self, target: str = "auto", stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stderr
+        self._journal: Any = None
+        if target == "journal" or (target == "auto" and os.path.exists(JOURNAL_SOCKET)):
+            from systemd import journal
+            self._journal = journal
+        self.target = "journal" if self._journal is not None else "stderr"
 
     def emit(self, event: str, message: str, priority: int = INFO, **fields: Any) -> None:
         """One event: ``event`` is the QEMUD_EVENT name, fields become QEMUD_<NAME>."""
-        parts = [f"QEMUD_EVENT={event}"]
-        for k, v in fields.items():
-            if v is None:
-                continue
-            parts.append(f"QEMUD_{k.upper()}={shlex.quote(str(v))}")
-        stamp = time.strftime("%H:%M:%S")
+        self._send(event, message, priority, fields)
+
+    def line(self, source: str, message: str, priority: int = INFO, **fields: Any) -> None:
+        """A line of a guest's console or of QEMU's stderr (QEMUD_SOURCE=console|qemu); not an event."""
+        self._send(None, message, priority, {"source": source, **fields})
+
+    def _send(self, event: str | None, message: str, priority: int, fields: dict[str, Any]) -> None:
+        qf = {f"QEMUD_{k.upper()}": str(v) for k, v in fields.items() if v is not None}
+        if event is not None:
+            qf["QEMUD_EVENT"] = event
         message = message.replace("\n", "\\n")
+        if self._journal is not None:
+            kind = KINDS.get(event) if event else None
+            if kind is not None:
+                qf["MESSAGE_ID"] = kind.message_id
+            try:
+                self._journal.send(message, PRIORITY=str(priority), SYSLOG_IDENTIFIER="qemud", **qf)
+                return
+            except OSError:
+                pass  # journald went away: this one goes to stderr
+        self._line(message, priority, qf)
+
+    def _line(self, message: str, priority: int, qf: dict[str, str]) -> None:
+        order = sorted(qf, key=lambda k: (k != "QEMUD_EVENT", k != "QEMUD_SOURCE", 0))
+        parts = [f"{k}={shlex.quote(qf[k])}" for k in order if k != "MESSAGE_ID"]
+        stamp = time.strftime("%H:%M:%S")
         try:
             self.stream.write(f"{stamp} {_PRIO.get(priority, '')}{message}  {' '.join(parts)}\n")
             self.stream.flush()
@@ -37,3 +156,7 @@ class EventLog:
 
 
 _PRIO = {ERR: "error: ", WARNING: "warning: "}
+
+
+if __name__ == "__main__":
+    sys.stdout.write(catalog())

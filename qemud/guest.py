@@ -71,6 +71,7 @@ class Env:
     restart_defaults: RestartPolicy
     shutdown_default: float
     clock: Callable[[], float] = time.monotonic
+    on_state: Callable[[], None] = lambda: None
 
 
 class Guest:
@@ -168,6 +169,7 @@ class Guest:
                           pid=self.proc.pid if self.proc else self.last_pid, restarts=self.restarts or None,
                           next_delay=self.next_delay if new == State.BACKOFF else None,
                           exit=self.last_exit if new in (State.CRASHED, State.FAILED) else None)
+        self.env.on_state()
 
     # ---- handlers --------------------------------------------------------------------------
     async def _on_start(self, cause: str) -> None:

@@ -157,7 +157,8 @@ class Daemon:
     # ---- the process -----------------------------------------------------------------------
     @property
     def argv(self) -> list[str]:
-        return [str(QEMUD), "--domains-dir", str(self.domains), "--state-dir", str(self.state), *self.extra_args]
+        return [str(QEMUD), "--domains-dir", str(self.domains), "--state-dir", str(self.state),
+                "--log-target", "stderr", *self.extra_args]
 
     def start(self, wait_ready: bool = True, timeout: float = 30.0) -> Event | None:
         """Start the daemon (again, with the same directories). Returns its `ready` event."""
