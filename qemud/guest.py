@@ -30,6 +30,7 @@ from qemud.proc import (ExitInfo, QemuProcess, adopt, log_tail, pidfile_holder, 
                         spawn)
 from qemud.qmp import Qmp, QmpError
 from qemud.states import ALIVE, State, StateMachine
+from qemud.tail import Follower
 
 QMP_CONNECT_TIMEOUT = 10.0
 QMP_TIMEOUT = 5.0
@@ -100,6 +101,8 @@ class Guest:
         self._removed = False
         self._timer: asyncio.TimerHandle | None = None
         self._escalation: asyncio.Task[None] | None = None
+        self._stderr_task: asyncio.Task[None] | None = None
+        self._stderr: Follower | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.inbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
         self.task = asyncio.get_running_loop().create_task(self._run(), name=f"guest:{self.name}")
@@ -127,6 +130,7 @@ class Guest:
         self.proc = proc
         self.last_pid = proc.pid
         self._spawn_task(self._watch_exit(proc))
+        self._follow_stderr(proc)
         self.inbox.put_nowait(("adopted", proc, rec))
         return True
 
@@ -336,6 +340,10 @@ class Guest:
         if proc is not self.proc:
             return
         self._cancel_escalation()
+        if self._stderr is not None:
+            self._stderr_task.cancel()  # type: ignore[union-attr]
+            self._stderr.close()  # the last lines of a dying QEMU are its most important ones
+            self._stderr = self._stderr_task = None
         self.proc = None
         proc.close()
         if self.qmp is not None:
@@ -426,6 +434,8 @@ class Guest:
             if holder is not None:
                 raise QemudError(f"a QEMU (pid {holder}) already runs this guest without a record; "
                                  "qemud will not start a second one")
+            log_path = self.paths.run / "qemu.log"
+            log_start = log_path.stat().st_size if log_path.exists() else 0
             listener = qmp_listener(cmd.qmp)
             try:
                 argv = qmp_fd_argv(cmd.argv, listener.fileno())
@@ -442,6 +452,7 @@ class Guest:
         self.proc = proc
         self.last_pid = proc.pid
         self._spawn_task(self._watch_exit(proc))
+        self._follow_stderr(proc, log_start)
         try:
             self._write_record(proc, argv, cmd)
         except OSError as exc:
@@ -550,6 +561,21 @@ class Guest:
         self.env.log.emit("undefined", f"{self.name}: definition removed, guest forgotten", INFO,
                           domain=self.name, uuid=self.uuid)
         self.gone.set()
+
+    def _follow_stderr(self, proc: QemuProcess, start: int | None = None) -> None:
+        """QEMU's stderr (its log file) line by line into the journal, QEMUD_SOURCE=qemu."""
+        def emit(line: str) -> None:
+            self.env.log.line("qemu", f"{self.name}: {line}", WARNING, domain=self.name, uuid=self.uuid,
+                              pid=proc.pid)
+
+        def dropped(n: int) -> None:
+            self.env.log.line("qemu", f"{self.name}: {n} lines of QEMU output dropped (rate limit)", WARNING,
+                              domain=self.name, uuid=self.uuid, pid=proc.pid)
+        try:
+            self._stderr = Follower(self.paths.run / "qemu.log", emit, dropped, start)
+        except OSError:
+            return
+        self._stderr_task = self._spawn_task(self._stderr.run())
 
     def _attach_qmp(self, proc: QemuProcess, qmp: Qmp) -> None:
         self.qmp = qmp
