@@ -29,6 +29,9 @@ from qemud.states import ALIVE
 from qemud.watch import DirectoryWatch, is_candidate
 
 
+PIDFILE = "qemud.pid"  # holds the daemon's pid and its lock: one daemon per runtime directory
+
+
 @dataclass
 class Parsed:
     key: tuple[int, int, int]
@@ -192,6 +195,13 @@ class Daemon:
                 guest.start("QEMU ended while qemud was not running")
         return adopted
 
+    def stop_all(self) -> None:
+        """Host shutdown (qemud --stop-guests, SIGUSR1): every guest shut down gracefully, in
+        parallel, and kept down until the daemon starts again."""
+        self.log.emit("stopping-all", f"shutting down all {len(self.guests)} guest(s)", NOTICE)
+        for g in self.guests.values():
+            g.stop("host shutdown")
+
     def status_line(self) -> str:
         return notify.summary(g.state.value for g in self.guests.values())
 
@@ -207,12 +217,15 @@ class Daemon:
         self.dirs.runtime.mkdir(parents=True, exist_ok=True, mode=0o755)
         (self.dirs.runtime / "domains").mkdir(exist_ok=True, mode=0o700)
         self.dirs.state.mkdir(parents=True, exist_ok=True, mode=0o700)
-        lock = open(self.dirs.runtime / "qemud.lock", "a")
+        lock = open(self.dirs.runtime / PIDFILE, "a+")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self.log.emit("already-running", f"another qemud already runs with {self.dirs.runtime}", ERR)
             return 1
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
         if not self.dirs.domains.is_dir():
             self.log.emit("directory-error", f"the domains directory {self.dirs.domains} does not exist", ERR)
             return 1
@@ -220,6 +233,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._rescan.set)
+        loop.add_signal_handler(signal.SIGUSR1, self.stop_all)
         watch = DirectoryWatch(self.dirs.domains, self.config.debounce)
         watch.start()
         self.log.emit("daemon-started", f"qemud {__version__} watching {self.dirs.domains}", NOTICE,
@@ -269,6 +283,11 @@ def _parser() -> argparse.ArgumentParser:
                    "(default /run/qemud and /var/lib/qemud)")
     p.add_argument("--log-target", choices=("auto", "journal", "stderr"), default="auto",
                    help="where events go: the journal when journald runs (auto, the default), or stderr")
+    p.add_argument("--stop-guests", action="store_true",
+                   help="shut down every guest gracefully, in parallel, and wait (for host shutdown); "
+                        "the running daemon does it and keeps them down, or, without one, this command")
+    p.add_argument("--timeout", type=float, default=300.0, metavar="S",
+                   help="with --stop-guests: seconds to wait for all guests before ending their QEMU")
     p.add_argument("--version", action="version", version=f"qemud {__version__}")
     return p
 
@@ -288,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         dirs = Dirs(dirs.config, domains.absolute(), base, base)
     else:
         dirs = Dirs(dirs.config, domains.absolute(), dirs.runtime, dirs.state)
+    if args.stop_guests:
+        from qemud.stopall import stop_guests
+        return asyncio.run(stop_guests(dirs.runtime, args.timeout, log))
     try:
         return asyncio.run(Daemon(config, dirs, log).run())
     except KeyboardInterrupt:

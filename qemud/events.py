@@ -87,6 +87,10 @@ _KINDS = [
     EventKind("rebooted", "A guest rebooted", "Guest @QEMUD_DOMAIN@ was reset in place."),
     EventKind("panicked", "A guest kernel panicked", "The guest kernel of @QEMUD_DOMAIN@ reported a panic "
               "(pvpanic); on_crash decides what follows."),
+    EventKind("stopping-all", "All guests are being shut down", "Host shutdown: every guest is shut down "
+              "gracefully, in parallel, and kept down until qemud starts again."),
+    EventKind("stopped-all", "All guests were shut down", "The host-shutdown stop of all guests ended; the "
+              "message says how many were ended after the timeout."),
     EventKind("record-error", "A runtime record could not be written", "Without its record a restarted qemud "
               "could not adopt the guest, so its QEMU was ended. Check the runtime directory."),
     EventKind("stale-record", "A runtime record was unreadable", "A runtime record could not be read and was "

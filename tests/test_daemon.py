@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -404,3 +405,33 @@ def test_idle_daemon_does_no_periodic_work(daemon: Daemon, guest: TinyGuest) -> 
     before = switches()
     time.sleep(3.0)
     assert switches() - before == 0
+
+
+# ---- host shutdown -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("with_daemon", [True, False])
+def test_stop_guests_shuts_every_guest_down_in_parallel(daemon: Daemon, guest: TinyGuest, with_daemon: bool) -> None:
+    """qemud --stop-guests (the host-shutdown unit's ExecStop): every guest powers off through
+    ACPI, and a running daemon keeps them down instead of restarting them."""
+    d = daemon
+    pids = [start_guest(d, guest, name) for name in ("g1", "g2")]
+    for name in ("g1", "g2"):
+        wait_file_contains(console_path(d, name), guest.marker, timeout=BOOT_TIMEOUT)
+    if not with_daemon:
+        d.kill9()
+    mark = d.mark()
+    t0 = time.monotonic()
+    r = subprocess.run([str(d.argv[0]), "--state-dir", str(d.state), "--log-target", "stderr",
+                        "--stop-guests", "--timeout", "30"], capture_output=True, text=True, timeout=60)
+    took = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr
+    assert "2 guest(s) shut down, 0 ended after the timeout" in r.stderr
+    assert took < 20  # in parallel, each within milliseconds of its poweroff
+    for pid in pids:
+        assert not pid_alive(pid)
+    for name in ("g1", "g2"):
+        assert "reboot: Power down" in console_path(d, name).read_text(errors="replace")
+    if with_daemon:
+        for name in ("g1", "g2"):
+            d.wait_for("stopped", name, timeout=10, after=mark)
+        d.assert_no("starting", "g1", within=2)
