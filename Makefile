@@ -10,7 +10,7 @@ CORPUS ?= ../shared/libvirt-corpus
 DEB_PACKAGES := qemu-system-x86 qemu-utils ovmf busybox-static cpio zstd xz-utils \
 	libsystemd-dev pkg-config gcc python3-dev python3-venv systemd
 
-.PHONY: all deps venv test conformance bench run clean
+.PHONY: all deps venv test conformance bench run install verify-units clean
 
 all: venv
 
@@ -55,6 +55,46 @@ run: venv
 		sys.stdout.write(t.replace("@KERNEL@", g["kernel"]).replace("@INITRD@", g["initrd"]).replace("@STATE@", "$(STATE)"))' \
 		> $(STATE)/tiny.xml.new && mv $(STATE)/tiny.xml.new $(STATE)/domains/tiny.xml
 	$(VENV)/bin/qemud --domains-dir $(STATE)/domains --state-dir $(STATE)/run
+
+# Install into the system (or DESTDIR): the package into its own venv under PREFIX/lib/qemud,
+# the commands, units, config, catalog, examples, sysusers and tmpfiles entries.
+PREFIX ?= /usr
+DESTDIR ?=
+SYSCONFDIR ?= /etc
+UNITDIR ?= /lib/systemd/system
+LIBDIR := $(PREFIX)/lib/qemud
+install: deps
+	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) \
+		$(DESTDIR)$(SYSCONFDIR)/qemud/domains $(DESTDIR)$(PREFIX)/share/doc/qemud/examples \
+		$(DESTDIR)$(PREFIX)/lib/systemd/catalog $(DESTDIR)$(PREFIX)/lib/sysusers.d $(DESTDIR)$(PREFIX)/lib/tmpfiles.d
+	$(PYTHON) -m venv $(DESTDIR)$(LIBDIR)/venv
+	$(DESTDIR)$(LIBDIR)/venv/bin/python -m pip install -q .
+	@# the venv is made in DESTDIR but runs from LIBDIR: point its scripts there
+	sed -i '1s|^#!.*python.*$$|#!$(LIBDIR)/venv/bin/python|' $(DESTDIR)$(LIBDIR)/venv/bin/qemud $(DESTDIR)$(LIBDIR)/venv/bin/qemuctl
+	ln -sf $(LIBDIR)/venv/bin/qemud $(DESTDIR)$(PREFIX)/bin/qemud
+	ln -sf $(LIBDIR)/venv/bin/qemuctl $(DESTDIR)$(PREFIX)/bin/qemuctl
+	sed 's|/usr/bin/|$(PREFIX)/bin/|g' units/qemud.service > $(DESTDIR)$(UNITDIR)/qemud.service
+	sed 's|/usr/bin/|$(PREFIX)/bin/|g' units/qemud-guests.service > $(DESTDIR)$(UNITDIR)/qemud-guests.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/qemud.service $(DESTDIR)$(UNITDIR)/qemud-guests.service
+	install -m 0644 units/qemud.catalog $(DESTDIR)$(PREFIX)/lib/systemd/catalog/qemud.catalog
+	install -m 0644 units/qemud.sysusers $(DESTDIR)$(PREFIX)/lib/sysusers.d/qemud.conf
+	install -m 0644 units/qemud.tmpfiles $(DESTDIR)$(PREFIX)/lib/tmpfiles.d/qemud.conf
+	[ -e $(DESTDIR)$(SYSCONFDIR)/qemud/qemud.conf ] || install -m 0644 etc/qemud/qemud.conf $(DESTDIR)$(SYSCONFDIR)/qemud/qemud.conf
+	install -m 0644 etc/qemud/examples/*.xml $(DESTDIR)$(PREFIX)/share/doc/qemud/examples/
+	install -m 0644 README.md $(DESTDIR)$(PREFIX)/share/doc/qemud/README.md
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
+		systemd-sysusers; systemd-tmpfiles --create qemud.conf; journalctl --update-catalog; systemctl daemon-reload; fi
+
+# The units as systemd reads them: any warning fails (verify exits 0 on a misspelt key).
+# (They are checked as installed from this checkout: ExecStart pointing at .venv/bin.)
+verify-units: venv
+	@tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; \
+	for u in qemud.service qemud-guests.service; do \
+		sed 's|/usr/bin/|$(CURDIR)/$(VENV)/bin/|g' units/$$u > $$tmp/$$u; done; \
+	out=$$(systemd-analyze verify --man=no $$tmp/qemud.service $$tmp/qemud-guests.service 2>&1); \
+	if [ -n "$$out" ]; then echo "$$out"; echo "systemd-analyze verify: warnings above"; exit 1; fi; \
+	echo "systemd-analyze verify: no warnings"; \
+	systemd-analyze security --offline=yes $$tmp/qemud.service | tail -1
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
