@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from qemud.qmp import Qmp, QmpError
 from qemud.states import ALIVE, State, StateMachine
 from qemud.tail import Follower
 
+_CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")
 QMP_CONNECT_TIMEOUT = 10.0
 QMP_TIMEOUT = 5.0
 #: after `quit` over QMP, then after SIGTERM: how long before the next step
@@ -101,8 +103,8 @@ class Guest:
         self._removed = False
         self._timer: asyncio.TimerHandle | None = None
         self._escalation: asyncio.Task[None] | None = None
-        self._stderr_task: asyncio.Task[None] | None = None
-        self._stderr: Follower | None = None
+        self._followers: dict[str, tuple[Follower, asyncio.Task[None]]] = {}
+        self._console_start: int | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.inbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
         self.task = asyncio.get_running_loop().create_task(self._run(), name=f"guest:{self.name}")
@@ -130,7 +132,9 @@ class Guest:
         self.proc = proc
         self.last_pid = proc.pid
         self._spawn_task(self._watch_exit(proc))
-        self._follow_stderr(proc)
+        self._follow("qemu", self.paths.run / "qemu.log", proc)
+        console = rec.extra.get("console_log")
+        self._follow("console", Path(console) if console else None, proc)
         self.inbox.put_nowait(("adopted", proc, rec))
         return True
 
@@ -270,6 +274,8 @@ class Guest:
             proc.kill()
             return
         self.started_at = self.env.clock()
+        if self.cmd is not None:  # QEMU has opened its console's log by now
+            self._follow("console", self.cmd.console_log, proc, self._console_start)
         if status.get("status") == "running":
             self.sm.set(State.RUNNING, f"QEMU pid {proc.pid} runs the guest")
         else:
@@ -340,10 +346,7 @@ class Guest:
         if proc is not self.proc:
             return
         self._cancel_escalation()
-        if self._stderr is not None:
-            self._stderr_task.cancel()  # type: ignore[union-attr]
-            self._stderr.close()  # the last lines of a dying QEMU are its most important ones
-            self._stderr = self._stderr_task = None
+        self._stop_following()
         self.proc = None
         proc.close()
         if self.qmp is not None:
@@ -436,6 +439,8 @@ class Guest:
                                  "qemud will not start a second one")
             log_path = self.paths.run / "qemu.log"
             log_start = log_path.stat().st_size if log_path.exists() else 0
+            con = cmd.console_log
+            self._console_start = con.stat().st_size if con is not None and con.exists() else 0
             listener = qmp_listener(cmd.qmp)
             try:
                 argv = qmp_fd_argv(cmd.argv, listener.fileno())
@@ -452,7 +457,7 @@ class Guest:
         self.proc = proc
         self.last_pid = proc.pid
         self._spawn_task(self._watch_exit(proc))
-        self._follow_stderr(proc, log_start)
+        self._follow("qemu", log_path, proc, log_start)
         try:
             self._write_record(proc, argv, cmd)
         except OSError as exc:
@@ -469,7 +474,8 @@ class Guest:
         records.write(self.paths.run, records.Record(
             name=self.name, uuid=self.uuid, file=self.file, definition=self.definition, pid=proc.pid,
             create_time=proc.create_time, argv=argv, qmp=str(cmd.qmp), log=str(self.paths.run / "qemu.log"),
-            started_at=time.time(), domain=self.domain.model_dump(by_alias=True, exclude_unset=True)))
+            started_at=time.time(), domain=self.domain.model_dump(by_alias=True, exclude_unset=True),
+            extra={"console_log": str(cmd.console_log) if cmd.console_log else None}))
 
     def _cannot_start(self, why: str) -> None:
         """A start that failed before QEMU ran counts as a failed start."""
@@ -562,20 +568,33 @@ class Guest:
                           domain=self.name, uuid=self.uuid)
         self.gone.set()
 
-    def _follow_stderr(self, proc: QemuProcess, start: int | None = None) -> None:
-        """QEMU's stderr (its log file) line by line into the journal, QEMUD_SOURCE=qemu."""
+    def _follow(self, source: str, path: Path | None, proc: QemuProcess, start: int | None = None) -> None:
+        """A file QEMU writes, line by line into the journal: its stderr (QEMUD_SOURCE=qemu) or
+        the guest's console (QEMUD_SOURCE=console). Rate-limited, with a note of what was dropped."""
+        if path is None or source in self._followers:
+            return
+        prio = WARNING if source == "qemu" else INFO
+
         def emit(line: str) -> None:
-            self.env.log.line("qemu", f"{self.name}: {line}", WARNING, domain=self.name, uuid=self.uuid,
-                              pid=proc.pid)
+            line = _CONTROL.sub("", line)
+            if line.strip():
+                self.env.log.line(source, f"{self.name}: {line}" if source == "qemu" else line, prio,
+                                  domain=self.name, uuid=self.uuid, pid=proc.pid)
 
         def dropped(n: int) -> None:
-            self.env.log.line("qemu", f"{self.name}: {n} lines of QEMU output dropped (rate limit)", WARNING,
-                              domain=self.name, uuid=self.uuid, pid=proc.pid)
+            self.env.log.line(source, f"{self.name}: {n} lines of {'QEMU' if source == 'qemu' else 'console'} "
+                              "output dropped (rate limit)", WARNING, domain=self.name, uuid=self.uuid, pid=proc.pid)
         try:
-            self._stderr = Follower(self.paths.run / "qemu.log", emit, dropped, start)
+            f = Follower(path, emit, dropped, start)
         except OSError:
             return
-        self._stderr_task = self._spawn_task(self._stderr.run())
+        self._followers[source] = (f, self._spawn_task(f.run()))
+
+    def _stop_following(self) -> None:
+        for f, task in self._followers.values():
+            task.cancel()
+            f.close()  # what is left: the last lines of a dying QEMU are its most important ones
+        self._followers.clear()
 
     def _attach_qmp(self, proc: QemuProcess, qmp: Qmp) -> None:
         self.qmp = qmp

@@ -55,6 +55,10 @@ class GuestPaths:
     def pidfile(self) -> Path:
         return self.run / "qemu.pid"
 
+    @property
+    def console_log(self) -> Path:
+        return self.run / "console.log"
+
     def chardev_socket(self, alias: str) -> Path:
         return self.run / f"{alias}.sock"
 

@@ -54,6 +54,12 @@ class Follower:
                 self.drain()
 
     def drain(self) -> None:
+        try:
+            if os.fstat(self.fd).st_size < self.pos:  # truncated (a file console reopened by QEMU)
+                self.pos = 0
+                self.pending = b""
+        except OSError:
+            return
         while True:
             try:
                 chunk = os.pread(self.fd, 65536, self.pos)

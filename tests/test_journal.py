@@ -4,6 +4,7 @@ them through the installed catalog."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -127,3 +128,32 @@ def test_catalog_is_current_and_explains_events_in_journalctl_x(ns: Namespace, d
                   "QEMUD_EVENT=failed"]).stdout
     assert "Subject: A guest failed" in out
     assert "Guest j3 failed to start too many times in a row" in out
+
+
+def test_guest_console_reaches_the_journal_line_by_line(ns: Namespace, dirs: Path) -> None:
+    from tests.support.tinyguest import ensure_guest
+    g = ensure_guest()
+    (dirs / "domains" / "c1.xml").write_text(f"""<domain type='qemu'>
+  <name>c1</name>
+  <memory unit='MiB'>256</memory>
+  <os><type arch='x86_64' machine='pc'>hvm</type><kernel>{g.kernel}</kernel><initrd>{g.initrd}</initrd>
+    <cmdline>console=ttyS0</cmdline></os>
+  <features><acpi/></features>
+  <devices><serial type='pty'/><memballoon model='none'/></devices>
+</domain>""")
+    p = _start(ns, dirs)
+    try:
+        marker = ns.wait_for(30, "QEMUD_DOMAIN=c1", "QEMUD_SOURCE=console",
+                             where=lambda e: e["MESSAGE"] == g.marker)[0]
+        assert marker["SYSLOG_IDENTIFIER"] == "qemud" and marker["QEMUD_PID"].isdigit()
+        # the kernel's boot messages (no 'quiet'): many lines, each its own entry, in order
+        lines = [e["MESSAGE"] for e in ns.journal("QEMUD_DOMAIN=c1", "QEMUD_SOURCE=console")]
+        assert any(m.startswith("Linux version") or "Linux version" in m for m in lines)
+        assert lines.index(g.marker) > 10
+    finally:
+        _stop(p)
+        for pid_file in (dirs / "s" / "domains").glob("*/qemu.pid"):
+            try:
+                os.kill(int(pid_file.read_text().split()[0]), 9)
+            except (OSError, ValueError):
+                pass

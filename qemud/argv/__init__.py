@@ -37,6 +37,7 @@ class Command:
     qmp: Path
     prepare: list[Prepare] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
+    console_log: Path | None = None
 
 
 def emulator_for(domain: Domain) -> str:
@@ -105,7 +106,7 @@ def build_argv(domain: Domain, caps: HostCaps, paths: GuestPaths, *, paused: boo
     b.add("-msg", "timestamp=on")
     prepare = [Prepare("dir", paths.run), *b.prepare]
     return Command(argv=b.args, env=b.env, qmp=paths.qmp, prepare=prepare,
-                   warnings=ignored_warnings(domain) + b.warnings)
+                   warnings=ignored_warnings(domain) + b.warnings, console_log=b.console_log)
 
 
 def add_interfaces_and_chardevs(b: Builder) -> None:

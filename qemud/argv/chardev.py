@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from qemud.argv.builder import Builder
@@ -11,13 +12,23 @@ from qemud.domain.devices.chardev import CharDev
 GUEST_AGENT = "org.qemu.guest_agent.0"
 
 
-def chardev(b: Builder, c: CharDev, cid: str, path: str) -> bool:
-    """Emit -chardev id=cid for c; False (with an error) when it cannot be realized."""
+def chardev(b: Builder, c: CharDev, cid: str, path: str, console: bool = False) -> bool:
+    """Emit -chardev id=cid for c; False (with an error) when it cannot be realized.
+
+    The guest's console (``console=True``) is also logged by QEMU to a file qemud follows into
+    the journal: QEMU never waits for qemud, and nothing is lost while the daemon restarts."""
     src = c.src
     t = c.type
     logfile: list[tuple[str, object]] = []
     if c.log is not None:
         logfile = [("logfile", c.log.file), ("logappend", bool(c.log.append))]
+        if console:
+            b.console_log = Path(c.log.file)
+    elif console and t == "file" and src is not None and src.path:
+        b.console_log = Path(src.path)
+    elif console:
+        b.console_log = b.paths.console_log
+        logfile = [("logfile", str(b.paths.console_log)), ("logappend", True)]
     if t == "pty":
         b.add("-chardev", "pty," + opts(("id", cid), *logfile))
     elif t == "null":
@@ -100,7 +111,7 @@ def add_serials(b: Builder) -> None:
         port = s.target.port if s.target and s.target.port is not None else i
         cid = f"charserial{port}"
         ttype = s.target.type if s.target and s.target.type else "isa-serial"
-        if not chardev(b, s, cid, path):
+        if not chardev(b, s, cid, path, console=b.console_log is None and (port == 0 or i == 0)):
             continue
         sid = b.alias(s.alias, f"serial{port}", path)
         model = s.target.model.name if s.target and s.target.model else None
@@ -129,12 +140,12 @@ def add_serials(b: Builder) -> None:
                 b.error(f"{path}/target/@type", "only the first console can be a serial port")
                 continue
             cid = "charserial0"
-            if chardev(b, c, cid, path):
+            if chardev(b, c, cid, path, console=b.console_log is None):
                 b.device({"driver": "isa-serial", "chardev": cid, "id": b.alias(c.alias, "serial0", path), "index": 0})
                 serials.append(c)
         elif ttype == "virtio":
             cid = f"charconsole{i}"
-            if not chardev(b, c, cid, path):
+            if not chardev(b, c, cid, path, console=b.console_log is None):
                 continue
             bus = _virtio_serial_bus(b)
             b.device({"driver": "virtconsole", "chardev": cid, "id": b.alias(c.alias, f"console{i}", path), "bus": bus})
