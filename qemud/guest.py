@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import re
 import signal
 import time
@@ -38,6 +39,18 @@ QMP_CONNECT_TIMEOUT = 10.0
 QMP_TIMEOUT = 5.0
 #: after `quit` over QMP, then after SIGTERM: how long before the next step
 ESCALATE_STEP = 5.0
+
+
+#: QEMU's logs (stderr, console) are rotated at a start when larger than this; one old copy kept
+LOG_ROTATE_BYTES = 8 << 20
+
+
+def rotate(path: Path) -> None:
+    try:
+        if path.stat().st_size > LOG_ROTATE_BYTES:
+            os.replace(path, path.with_name(path.name + ".1"))
+    except OSError:
+        pass
 
 
 def definition_hash(domain: Domain) -> str:
@@ -438,6 +451,8 @@ class Guest:
                 raise QemudError(f"a QEMU (pid {holder}) already runs this guest without a record; "
                                  "qemud will not start a second one")
             log_path = self.paths.run / "qemu.log"
+            for f in (log_path, self.paths.console_log):
+                rotate(f)
             log_start = log_path.stat().st_size if log_path.exists() else 0
             con = cmd.console_log
             self._console_start = con.stat().st_size if con is not None and con.exists() else 0
