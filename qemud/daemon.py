@@ -40,22 +40,41 @@ class Parsed:
 
 
 class Daemon:
-    def __init__(self, config: Config, dirs: Dirs, log: EventLog) -> None:
+    def __init__(self, config: Config, dirs: Dirs, log: EventLog, config_path: Path | None = None) -> None:
         self.config = config
+        self.config_path = config_path
         self.dirs = dirs
         self.log = log
         self.guests: dict[str, Guest] = {}  # by domain name
         self._parsed: dict[str, Parsed] = {}  # by file path, reread only when the file changes
         self._reported: dict[str, tuple[int, int, int]] = {}  # file -> version whose error was logged
         self._caps: dict[str, HostCaps] = {}
+        self._apply_config(config)
+        self._stop = asyncio.Event()
+        self._rescan = asyncio.Event()
+
+    def _apply_config(self, config: Config) -> None:
+        """Settings that can change at a reload: restart and shutdown defaults, networks."""
+        self.config = config
         self._networks = config.networks
-        self.env = Env(caps_for=self._caps_for, runtime=dirs.runtime, state=dirs.state, log=log,
+        self._caps = {}  # host caps carry the networks: probe results come from the disk cache
+        self.env = Env(caps_for=self._caps_for, runtime=self.dirs.runtime, state=self.dirs.state, log=self.log,
                        restart_defaults=RestartPolicy(max_retries=config.max_retries, backoff=config.backoff,
                                                       max_backoff=config.max_backoff,
                                                       reset_after=config.reset_after),
                        shutdown_default=config.shutdown_timeout, on_state=self.state_changed)
-        self._stop = asyncio.Event()
-        self._rescan = asyncio.Event()
+        for g in self.guests.values():
+            g.env = self.env
+
+    def reload_config(self) -> None:
+        if self.config_path is None:
+            return
+        try:
+            config = load_config(self.config_path, explicit=False)
+        except QemudError as exc:
+            self.log.emit("config-error", f"{exc}; keeping the previous configuration", ERR)
+            return
+        self._apply_config(config)
 
     def _caps_for(self, emulator: str) -> HostCaps:
         caps = self._caps.get(emulator)
@@ -268,7 +287,8 @@ class Daemon:
             if hup in done:
                 self._rescan.clear()
                 notify.reloading()
-                self.log.emit("reloading", "rereading the domains directory", INFO)
+                self.log.emit("reloading", "rereading the configuration and the domains directory", INFO)
+                self.reload_config()
             self.reconcile()
             if hup in done:
                 notify.ready(self.status_line())
@@ -311,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         from qemud.stopall import stop_guests
         return asyncio.run(stop_guests(dirs.runtime, args.timeout, log))
     try:
-        return asyncio.run(Daemon(config, dirs, log).run())
+        return asyncio.run(Daemon(config, dirs, log, args.config or Dirs.default().config).run())
     except KeyboardInterrupt:
         return 130
     except HostError as exc:
