@@ -56,11 +56,13 @@ class Config:
     max_backoff: float = 60.0
     reset_after: float = 60.0
     debounce: float = 0.2
+    control_group: str | None = None
     networks: dict[str, str] = field(default_factory=dict)
 
 
 _KEYS = {"domains_dir": (str,), "shutdown_timeout": (int, float), "max_retries": (int,), "backoff": (int, float),
-         "max_backoff": (int, float), "reset_after": (int, float), "debounce": (int, float)}
+         "max_backoff": (int, float), "reset_after": (int, float), "debounce": (int, float),
+         "group": (str,)}
 
 
 def load_config(path: Path, explicit: bool = False) -> Config:
@@ -79,16 +81,18 @@ def load_config(path: Path, explicit: bool = False) -> Config:
         raise QemudError(f"{path}: not valid TOML: {exc}") from None
     daemon = data.get("daemon", {})
     restart = data.get("restart", {})
-    flat = {**{k: v for k, v in daemon.items()}, **{k: v for k, v in restart.items()}}
+    control = data.get("control", {})
+    flat = {**{k: v for k, v in daemon.items()}, **{k: v for k, v in restart.items()},
+            **{k: v for k, v in control.items()}}
     unknown = set(flat) - set(_KEYS)
-    unknown |= set(data) - {"daemon", "restart", "networks"}
+    unknown |= set(data) - {"daemon", "restart", "networks", "control"}
     if unknown:
         raise QemudError(f"{path}: unknown key(s): {', '.join(sorted(unknown))}")
     kw: dict[str, object] = {}
     for k, v in flat.items():
         if not isinstance(v, _KEYS[k]) or isinstance(v, bool):
             raise QemudError(f"{path}: {k} = {v!r} is not a {' or '.join(t.__name__ for t in _KEYS[k])}")
-        kw[k] = Path(v) if k == "domains_dir" else v
+        kw["control_group" if k == "group" else k] = Path(v) if k == "domains_dir" else v
     return Config(networks=host_networks(path), **kw)  # type: ignore[arg-type]
 
 

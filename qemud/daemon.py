@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+from collections.abc import Callable
 import fcntl
 import os
 import signal
@@ -32,6 +34,43 @@ from qemud.watch import DirectoryWatch, is_candidate
 PIDFILE = "qemud.pid"  # holds the daemon's pid and its lock: one daemon per runtime directory
 
 
+class AskedStops:
+    """Guests stopped with qemuctl stay stopped across daemon restarts, until started or their
+    file changes. Kept in the persistent state directory, with the definition it applied to."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            data = json.loads(path.read_text())
+            self._names: dict[str, str] = {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            self._names = {}
+        self.definitions: Callable[[str], str | None] = lambda name: None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def definition(self, name: str) -> str | None:
+        return self._names.get(name)
+
+    def add(self, name: str) -> None:
+        self._names[name] = self.definitions(name) or ""
+        self._save()
+
+    def discard(self, name: str) -> None:
+        if self._names.pop(name, None) is not None:
+            self._save()
+
+    def _save(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text(json.dumps(self._names))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
+
+
 @dataclass
 class Parsed:
     key: tuple[int, int, int]
@@ -52,6 +91,7 @@ class Daemon:
         self._apply_config(config)
         self._stop = asyncio.Event()
         self._rescan = asyncio.Event()
+        self.asked_stops = AskedStops(dirs.state / "asked-stops.json")
 
     def _apply_config(self, config: Config) -> None:
         """Settings that can change at a reload: restart and shutdown defaults, networks."""
@@ -171,9 +211,14 @@ class Daemon:
                 self.guests[name] = guest
                 self.log.emit("defined", f"{name}: defined by {path}", INFO, domain=name,
                               uuid=domain.uuid_value, file=path)
-                if autostart(domain):
+                if name in self.asked_stops and self.asked_stops.definition(name) == definition_hash(domain):
+                    self.log.emit("stays-stopped", f"{name}: stays stopped, as asked with qemuctl", INFO,
+                                  domain=name, uuid=domain.uuid_value)
+                elif autostart(domain):
+                    self.asked_stops.discard(name)
                     guest.start("its file appeared" if self._started else "autostart")
             elif definition_hash(domain) != guest.definition or guest.file != path:
+                self.asked_stops.discard(name)  # a changed file clears an asked-for stop
                 guest.redefine(domain, path)
 
     def _forget_when_gone(self, name: str, guest: Guest) -> None:
@@ -264,10 +309,15 @@ class Daemon:
         self._started = True
         self.log.emit("ready", f"ready: {len(self.guests)} guest(s) defined", NOTICE)
         notify.ready(self.status_line())
+        self.asked_stops.definitions = lambda n: self.guests[n].definition if n in self.guests else None
+        from qemud.control import SOCKET, ControlServer
+        control = ControlServer(self, self.dirs.runtime / SOCKET, self.config.control_group, self.log)
+        await control.start()
         changes = loop.create_task(self._follow(watch))
         dog = loop.create_task(notify.watchdog())
         await self._stop.wait()
         notify.stopping()
+        await control.close()
         changes.cancel()
         dog.cancel()
         watch.close()

@@ -91,6 +91,11 @@ _KINDS = [
               "gracefully, in parallel, and kept down until qemud starts again."),
     EventKind("stopped-all", "All guests were shut down", "The host-shutdown stop of all guests ended; the "
               "message says how many were ended after the timeout."),
+    EventKind("stays-stopped", "A guest stays stopped as asked", "Guest @QEMUD_DOMAIN@ was shut down with "
+              "qemuctl and stays stopped until it is started or its file changes."),
+    EventKind("control", "A guest was controlled with qemuctl", "An administrator asked for this through "
+              "the control socket."),
+    EventKind("reset", "A guest was reset", "Guest @QEMUD_DOMAIN@ was reset with qemuctl (the reset button)."),
     EventKind("record-error", "A runtime record could not be written", "Without its record a restarted qemud "
               "could not adopt the guest, so its QEMU was ended. Check the runtime directory."),
     EventKind("stale-record", "A runtime record was unreadable", "A runtime record could not be read and was "

@@ -131,6 +131,47 @@ class Guest:
     def stop(self, cause: str) -> None:
         self.inbox.put_nowait(("stop", cause))
 
+    def shutdown(self, cause: str, timeout: float | None = None) -> None:
+        """A graceful stop with its own timeout (qemuctl shutdown --timeout)."""
+        self.inbox.put_nowait(("stop", cause, timeout))
+
+    def destroy(self, cause: str) -> None:
+        self.inbox.put_nowait(("destroy", cause))
+
+    def restart(self, cause: str) -> None:
+        self.inbox.put_nowait(("restart", cause))
+
+    async def qmp_command(self, cmd: str) -> None:
+        """reset, pause, resume: straight to QMP (the state follows from QEMU's events)."""
+        qmp_cmd = {"reset": "system_reset", "pause": "stop", "resume": "cont"}[cmd]
+        if self.qmp is None:
+            raise QmpError("no QMP connection")
+        await self.qmp.execute(qmp_cmd, timeout=QMP_TIMEOUT)
+        if cmd == "reset":
+            self.env.log.emit("reset", f"{self.name}: reset by qemuctl", INFO, domain=self.name, uuid=self.uuid)
+
+    async def console_device(self) -> str:
+        """The pty of the guest's console (QEMU's first serial port), for qemuctl console."""
+        from qemud.control import ControlError
+        if self.qmp is None or self.state not in ALIVE:
+            raise ControlError(f"{self.name} is {self.state.value}; its console needs a running QEMU")
+        try:
+            chardevs = await self.qmp.execute("query-chardev", timeout=QMP_TIMEOUT)
+        except QmpError as exc:
+            raise ControlError(str(exc)) from exc
+        by_label = {c["label"]: c["filename"] for c in chardevs}
+        for label in ("charserial0", "charconsole0"):
+            fn = by_label.get(label, "")
+            if fn.startswith("pty:"):
+                return fn[4:]
+        raise ControlError(f"{self.name} has no pty console (make its first <serial> type='pty' to attach to it)")
+
+    def shutdown_timeout(self) -> float:
+        return shutdown_timeout(self.domain, self.env.shutdown_default)
+
+    def stderr_tail(self) -> list[str]:
+        return log_tail(self.paths.run / "qemu.log")
+
     def redefine(self, domain: Domain, file: str) -> None:
         self.inbox.put_nowait(("redefine", domain, file))
 
@@ -205,10 +246,35 @@ class Guest:
             self.backoff.reset()
         await self._launch(cause)
 
-    async def _on_stop(self, cause: str) -> None:
+    async def _on_stop(self, cause: str, timeout: float | None = None) -> None:
         self.want_running = False
         self._after_exit = None
-        await self._stop(cause)
+        await self._stop(cause, timeout)
+
+    async def _on_destroy(self, cause: str) -> None:
+        self.want_running = False
+        self._after_exit = None
+        if self.state in ALIVE:
+            self.last_exit = cause
+            if self.state != State.STOPPING:
+                self.sm.set(State.STOPPING, cause)
+            if self.proc is not None:
+                self.proc.kill(signal.SIGKILL)  # destroy: pull the plug, as virsh destroy does
+        else:
+            await self._stop(cause)
+
+    async def _on_restart(self, cause: str) -> None:
+        self.want_running = True
+        if self.state in ALIVE:
+            if self.state != State.STOPPING:
+                self._after_exit = "start"
+                await self._stop(cause)
+            else:
+                self._after_exit = "start"
+        else:
+            self._cancel_timer()
+            self.backoff.reset()
+            await self._launch(cause)
 
     async def _on_remove(self, cause: str) -> None:
         self._removed = True
@@ -505,7 +571,7 @@ class Guest:
         self.sm.set(State.BACKOFF, f"retry in {self.next_delay:g} s")
         self._timer = asyncio.get_running_loop().call_later(self.next_delay, self.inbox.put_nowait, ("backoff-over",))
 
-    async def _stop(self, cause: str) -> None:
+    async def _stop(self, cause: str, timeout: float | None = None) -> None:
         st = self.state
         if st in (State.BACKOFF, State.CRASHED, State.FAILED):
             self._cancel_timer()
@@ -534,7 +600,8 @@ class Guest:
             return
         self.env.log.emit("shutdown-requested", f"{self.name}: ACPI shutdown requested", INFO, domain=self.name,
                           uuid=self.uuid, pid=proc.pid)
-        timeout = shutdown_timeout(self.domain, self.env.shutdown_default)
+        if timeout is None:
+            timeout = shutdown_timeout(self.domain, self.env.shutdown_default)
         self._escalation = self._spawn_task(self._escalate_later(timeout, 1))
 
     async def _quit(self) -> None:
