@@ -82,6 +82,7 @@ install: deps
 	[ -e $(DESTDIR)$(SYSCONFDIR)/qemud/qemud.conf ] || install -m 0644 etc/qemud/qemud.conf $(DESTDIR)$(SYSCONFDIR)/qemud/qemud.conf
 	install -m 0644 etc/qemud/examples/*.xml $(DESTDIR)$(PREFIX)/share/doc/qemud/examples/
 	install -m 0644 README.md $(DESTDIR)$(PREFIX)/share/doc/qemud/README.md
+	install -D -m 0644 etc/bash-completion/qemuctl $(DESTDIR)$(PREFIX)/share/bash-completion/completions/qemuctl
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
 		systemd-sysusers; systemd-tmpfiles --create qemud.conf; journalctl --update-catalog; systemctl daemon-reload; fi
 
