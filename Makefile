@@ -44,15 +44,15 @@ bench: venv
 	$(PY) bench/translate.py --corpus $(CORPUS)
 
 # qemud in the foreground, unprivileged, on a domains directory in the checkout holding the tiny
-# test guest. Its console: `socat - UNIX-CONNECT:.state/tiny.console`. Ctrl-C stops qemud; the
-# guest keeps running and is adopted at the next `make run`.
+# test guest. Its console: `.venv/bin/qemuctl --state-dir .state/run console tiny`. Ctrl-C stops
+# qemud; the guest keeps running and is adopted at the next `make run`.
 STATE := $(CURDIR)/.state
 run: venv
 	@mkdir -p $(STATE)/domains
 	@$(PY) -m tests.support.tinyguest > $(STATE)/tinyguest.json
 	@$(PY) -c 'import json,sys; g=json.load(open("$(STATE)/tinyguest.json")); \
 		t=open("etc/qemud/examples/tiny.xml.in").read(); \
-		sys.stdout.write(t.replace("@KERNEL@", g["kernel"]).replace("@INITRD@", g["initrd"]).replace("@STATE@", "$(STATE)"))' \
+		sys.stdout.write(t.replace("@KERNEL@", g["kernel"]).replace("@INITRD@", g["initrd"]))' \
 		> $(STATE)/tiny.xml.new && mv $(STATE)/tiny.xml.new $(STATE)/domains/tiny.xml
 	$(VENV)/bin/qemud --domains-dir $(STATE)/domains --state-dir $(STATE)/run
 
