@@ -63,11 +63,13 @@ DESTDIR ?=
 SYSCONFDIR ?= /etc
 UNITDIR ?= /lib/systemd/system
 LIBDIR := $(PREFIX)/lib/qemud
+# the system's Python, not one from a user's home (a service must not depend on it)
+INSTALL_PYTHON ?= /usr/bin/python3
 install: deps
 	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) \
 		$(DESTDIR)$(SYSCONFDIR)/qemud/domains $(DESTDIR)$(PREFIX)/share/doc/qemud/examples \
 		$(DESTDIR)$(PREFIX)/lib/systemd/catalog $(DESTDIR)$(PREFIX)/lib/sysusers.d $(DESTDIR)$(PREFIX)/lib/tmpfiles.d
-	$(PYTHON) -m venv $(DESTDIR)$(LIBDIR)/venv
+	$(INSTALL_PYTHON) -m venv $(DESTDIR)$(LIBDIR)/venv
 	$(DESTDIR)$(LIBDIR)/venv/bin/python -m pip install -q .
 	@# the venv is made in DESTDIR but runs from LIBDIR: point its scripts there
 	sed -i '1s|^#!.*python.*$$|#!$(LIBDIR)/venv/bin/python|' $(DESTDIR)$(LIBDIR)/venv/bin/qemud $(DESTDIR)$(LIBDIR)/venv/bin/qemuctl

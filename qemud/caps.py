@@ -102,6 +102,8 @@ def kvm_usable() -> tuple[bool, str]:
 
 
 def default_cache_dir() -> Path:
+    if os.environ.get("QEMUD_CACHE_DIR"):
+        return Path(os.environ["QEMUD_CACHE_DIR"]) / "caps"
     if os.geteuid() == 0:
         return Path("/var/cache/qemud/caps")
     base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")

@@ -116,10 +116,12 @@ class Daemon:
             return
         self._apply_config(config)
 
-    def _caps_for(self, emulator: str) -> HostCaps:
+    async def _caps_for(self, emulator: str) -> HostCaps:
+        """A QEMU binary's capabilities: probed once (in a worker thread: a slow or hung probe
+        never stalls the daemon), then from memory; the disk cache makes restarts cheap."""
         caps = self._caps.get(emulator)
         if caps is None:
-            caps = probe(emulator).with_networks(self._networks)
+            caps = (await asyncio.to_thread(probe, emulator)).with_networks(self._networks)
             self._caps[emulator] = caps
         return caps
 

@@ -14,7 +14,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,7 +80,7 @@ def autostart(domain: Domain) -> bool:
 class Env:
     """What a guest needs from the daemon."""
 
-    caps_for: Callable[[str], HostCaps]
+    caps_for: Callable[[str], Awaitable[HostCaps]]
     runtime: Path
     state: Path
     log: EventLog
@@ -509,7 +509,7 @@ class Guest:
         self.next_delay = None
         self.sm.set(State.STARTING, cause)
         try:
-            caps = self.env.caps_for(emulator_for(self.domain))
+            caps = await self.env.caps_for(emulator_for(self.domain))
             cmd = build_argv(self.domain, caps, self.paths, paused=True)
             prepare(cmd)
             holder = pidfile_holder(self.paths.pidfile)

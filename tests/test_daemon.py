@@ -8,8 +8,10 @@ that nothing happens.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -435,3 +437,18 @@ def test_stop_guests_shuts_every_guest_down_in_parallel(daemon: Daemon, guest: T
         for name in ("g1", "g2"):
             d.wait_for("stopped", name, timeout=10, after=mark)
         d.assert_no("starting", "g1", within=2)
+
+
+def test_first_start_with_an_empty_capability_cache(guest: TinyGuest) -> None:
+    """A fresh install or a QEMU upgrade: the daemon probes QEMU (off its event loop) and the
+    guest starts."""
+    cache = Path(tempfile.mkdtemp(prefix="qc", dir="/tmp"))
+    d = Daemon(env={"QEMUD_CACHE_DIR": str(cache)})
+    try:
+        d.start(timeout=30)
+        start_guest(d, guest, "fresh")
+        assert list((cache / "caps").glob("*.json")), "the probe result is cached"
+    finally:
+        print(d.log_text())
+        d.close()
+        shutil.rmtree(cache, ignore_errors=True)

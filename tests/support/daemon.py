@@ -136,7 +136,8 @@ def _matches(ev: Event, event: str | None, domain: str | None, fields: dict[str,
 class Daemon:
     """The real ``qemud --domains-dir D --state-dir S`` as a subprocess, for one test."""
 
-    def __init__(self, extra_args: list[str] | None = None) -> None:
+    def __init__(self, extra_args: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+        self.extra_env = env or {}
         self.base = Path(tempfile.mkdtemp(prefix="qd", dir="/tmp"))
         self.domains = self.base / "domains"
         self.state = self.base / "state"
@@ -172,7 +173,7 @@ class Daemon:
             start_at = len(self.lines)
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, start_new_session=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env})
         self._reader = threading.Thread(target=self._read, args=(self.proc, run), daemon=True,
                                         name=f"qemud-stderr-{run}")
         self._reader.start()
