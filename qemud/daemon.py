@@ -309,12 +309,12 @@ class Daemon:
             await asyncio.wait([loop.create_task(g.settled.wait()) for g in adopted], timeout=30)
         self.reconcile()
         self._started = True
-        self.log.emit("ready", f"ready: {len(self.guests)} guest(s) defined", NOTICE)
-        notify.ready(self.status_line())
         self.asked_stops.definitions = lambda n: self.guests[n].definition if n in self.guests else None
         from qemud.control import SOCKET, ControlServer
         control = ControlServer(self, self.dirs.runtime / SOCKET, self.config.control_group, self.log)
-        await control.start()
+        await control.start()  # before READY: `systemctl start qemud && qemuctl list` must work
+        self.log.emit("ready", f"ready: {len(self.guests)} guest(s) defined", NOTICE)
+        notify.ready(self.status_line())
         changes = loop.create_task(self._follow(watch))
         dog = loop.create_task(notify.watchdog())
         await self._stop.wait()

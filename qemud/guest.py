@@ -36,6 +36,8 @@ from qemud.tail import Follower
 
 _CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")
 QMP_CONNECT_TIMEOUT = 10.0
+#: after `qemuctl reset`, how long guest resets stay in place before reboots relaunch QEMU again
+RESET_GRACE = 2.0
 QMP_TIMEOUT = 5.0
 #: after `quit` over QMP, then after SIGTERM: how long before the next step
 ESCALATE_STEP = 5.0
@@ -106,7 +108,9 @@ class Guest:
         self.cmd: Command | None = None
         self.started_at: float | None = None  # monotonic, when it last reached running
         self.want_running = False
-        self.last_exit: str | None = None
+        self.last_exit: str | None = None  # how QEMU last ended, kept until the next end
+        self._note: str | None = None  # what went wrong on the way (QMP, escalation), for that end
+        self._resetting = False
         self.last_stderr: list[str] = []
         self.restarts = 0
         self.last_pid: int | None = None
@@ -146,6 +150,11 @@ class Guest:
         qmp_cmd = {"reset": "system_reset", "pause": "stop", "resume": "cont"}[cmd]
         if self.qmp is None:
             raise QmpError("no QMP connection")
+        if cmd == "reset":
+            # QEMU runs with -no-reboot (a guest reboot relaunches it); the reset button must
+            # reset in place, so for this one reset QEMU resets, and the RESET event restores it
+            await self.qmp.execute("set-action", {"reboot": "reset"}, timeout=QMP_TIMEOUT)
+            self._resetting = True
         await self.qmp.execute(qmp_cmd, timeout=QMP_TIMEOUT)
         if cmd == "reset":
             self.env.log.emit("reset", f"{self.name}: reset by qemuctl", INFO, domain=self.name, uuid=self.uuid)
@@ -255,7 +264,7 @@ class Guest:
         self.want_running = False
         self._after_exit = None
         if self.state in ALIVE:
-            self.last_exit = cause
+            self._note = cause
             if self.state != State.STOPPING:
                 self.sm.set(State.STOPPING, cause)
             if self.proc is not None:
@@ -349,7 +358,7 @@ class Guest:
             await qmp.execute("cont", timeout=QMP_TIMEOUT)
             status = await qmp.execute("query-status", timeout=QMP_TIMEOUT)
         except QmpError as exc:
-            self.last_exit = f"QMP failed after start: {exc}"
+            self._note = f"QMP failed after start: {exc}"
             proc.kill()
             return
         self.started_at = self.env.clock()
@@ -366,7 +375,7 @@ class Guest:
     async def _on_qmp_failed(self, proc: QemuProcess, error: str) -> None:
         if proc is not self.proc:
             return
-        self.last_exit = error
+        self._note = error
         proc.kill()  # its end arrives as an exit message
 
     async def _on_qmp_event(self, proc: QemuProcess, event: dict[str, Any]) -> None:
@@ -384,7 +393,12 @@ class Guest:
             if self.state == State.PAUSED:
                 self.sm.set(State.RUNNING, "QEMU resumed the guest")
         elif name == "RESET":
-            if data.get("guest"):
+            if self._resetting:
+                # the firmware resets once more on its way up (SeaBIOS does): in place too, for a
+                # moment, then reboots go back to relaunching QEMU
+                self._resetting = False
+                self._spawn_task(self._later(RESET_GRACE, ("reset-over", proc)))
+            elif data.get("guest"):
                 self.env.log.emit("rebooted", f"{self.name}: the guest rebooted (reset in place)", INFO,
                                   domain=self.name, uuid=self.uuid, pid=proc.pid)
         elif name == "GUEST_PANICKED":
@@ -435,8 +449,8 @@ class Guest:
         records.remove(self.paths.run)
         st = self.state
         if st == State.STOPPING:
-            if not self.last_exit or info.clean or not info.known:
-                self.last_exit = info.describe()
+            self.last_exit = info.describe() + (f"; {self._note}" if self._note else "")
+            self._note = None
             self.sm.set(State.STOPPED, self.sm.cause if self.sm.cause.startswith("guest") else "QEMU ended as asked")
             after, self._after_exit = self._after_exit, None
             if after == "start" and not self._removed:
@@ -445,12 +459,11 @@ class Guest:
                 self._finish_removal()
             return
         # QEMU ended without being asked to
-        why = info.describe()
-        if self.last_exit and st == State.STARTING:
-            why = f"{why}; {self.last_exit}"
+        why = info.describe() + (f"; {self._note}" if self._note else "")
+        self._note = None
         self.last_exit = why
-        if self.last_stderr:
-            why += f": {self.last_stderr[-1]}"
+        if self.last_stderr and not info.signal:
+            why += f": {self.last_stderr[-1]}"  # QEMU's last words explain an exit, not a signal
         self.sm.set(State.CRASHED, why)
         if self._removed:
             self.sm.set(State.STOPPED, "definition removed")
@@ -479,6 +492,17 @@ class Guest:
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(delay, self.inbox.put_nowait, ("backoff-over",))
 
+    async def _on_reset_over(self, proc: QemuProcess) -> None:
+        if proc is self.proc and self.qmp is not None:
+            try:
+                await self.qmp.execute("set-action", {"reboot": "shutdown"}, timeout=QMP_TIMEOUT)
+            except QmpError:
+                pass
+
+    async def _later(self, delay: float, msg: tuple[Any, ...]) -> None:
+        await asyncio.sleep(delay)
+        self.inbox.put_nowait(msg)
+
     async def _on_backoff_over(self) -> None:
         self._timer = None
         if self.state == State.BACKOFF and self.want_running:
@@ -489,15 +513,15 @@ class Guest:
             return
         proc = self.proc
         if step == 1:
-            self.last_exit = "the guest ignored the ACPI shutdown request; QEMU was told to quit"
+            self._note = "the guest ignored the ACPI shutdown request; QEMU was told to quit"
             self.env.log.emit("shutdown-timeout", f"{self.name}: no poweroff within the timeout, ending QEMU", WARNING,
                               domain=self.name, uuid=self.uuid, pid=proc.pid)
             await self._quit()
         elif step == 2:
-            self.last_exit = "QEMU did not quit; sent SIGTERM"
+            self._note = "QEMU did not quit; sent SIGTERM"
             proc.kill(signal.SIGTERM)
         else:
-            self.last_exit = "QEMU ignored SIGTERM; sent SIGKILL"
+            self._note = "QEMU ignored SIGTERM; sent SIGKILL"
             proc.kill(signal.SIGKILL)
             return
         self._escalation = self._spawn_task(self._escalate_later(ESCALATE_STEP, step + 1))
@@ -505,7 +529,7 @@ class Guest:
     # ---- actions ---------------------------------------------------------------------------
     async def _launch(self, cause: str) -> None:
         self._shutdown_seen = None
-        self.last_exit = None
+        self._note = None
         self.next_delay = None
         self.sm.set(State.STARTING, cause)
         try:
@@ -542,8 +566,8 @@ class Guest:
         try:
             self._write_record(proc, argv, cmd)
         except OSError as exc:
-            self.last_exit = f"cannot write its runtime record: {exc.strerror}"
-            self.env.log.emit("record-error", f"{self.name}: {self.last_exit}; ending QEMU", ERR,
+            self._note = f"cannot write its runtime record: {exc.strerror}"
+            self.env.log.emit("record-error", f"{self.name}: {self._note}; ending QEMU", ERR,
                               domain=self.name, uuid=self.uuid, pid=proc.pid)
             proc.kill()  # a QEMU qemud could not adopt after a restart must not run
             return

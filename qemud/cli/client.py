@@ -33,8 +33,16 @@ class Client:
             raise Refused(f"permission denied: {path} (root and members of qemud's control group only)") from None
         self.buf = b""
 
+    def send(self, obj: dict[str, Any]) -> None:
+        """Send a request; a daemon that refused us may have closed already: its answer is
+        still to be read."""
+        try:
+            self.sock.sendall(json.dumps(obj).encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
     def call(self, cmd: str, **args: Any) -> Any:
-        self.sock.sendall(json.dumps({"v": VERSION, "cmd": cmd, **args}).encode() + b"\n")
+        self.send({"v": VERSION, "cmd": cmd, **args})
         reply = self.read_reply()
         if not reply.get("ok"):
             raise Refused(str(reply.get("error", "refused")))
@@ -42,7 +50,10 @@ class Client:
 
     def read_reply(self) -> dict[str, Any]:
         while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
+            try:
+                chunk = self.sock.recv(65536)
+            except ConnectionResetError:
+                chunk = b""
             if not chunk:
                 raise Refused("qemud closed the connection")
             self.buf += chunk

@@ -235,8 +235,8 @@ def cmd_guest(args: argparse.Namespace) -> int:
             status = EXIT_FAIL
             continue
         want = {"start": ("running", "paused"), "restart": ("running", "paused"), "shutdown": ("stopped",),
-                "destroy": ("stopped",), "pause": ("paused", "running"), "resume": ("running", "paused"),
-                "reset": ("running", "paused")}[args.command]
+                "destroy": ("stopped",), "pause": ("paused",), "resume": ("running",),
+                "reset": ("running",)}[args.command]
         ok = g["state"] in want
         if args.json:
             print(json.dumps(g))
@@ -255,7 +255,7 @@ def cmd_console(args: argparse.Namespace) -> int:
     import tty
     c = _client(args)
     c.sock.settimeout(None)
-    c.sock.sendall(json.dumps({"v": 1, "cmd": "console", "name": args.name}).encode() + b"\n")
+    c.send({"v": 1, "cmd": "console", "name": args.name})
     reply = c.read_reply()
     if not reply.get("ok"):
         print(f"qemuctl: {reply.get('error')}", file=sys.stderr)
