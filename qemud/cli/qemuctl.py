@@ -11,7 +11,6 @@ import json
 import os
 import shlex
 import sys
-from pathlib import Path
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -22,7 +21,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Control qemud and check libvirt domain XML files against it.",
         epilog="Exit status: 0 success, 1 failure, 2 usage error.")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--state-dir", metavar="DIR", type=Path,
+    where.add_argument("--state-dir", metavar="DIR",
                        help="the daemon's state directory, as given to qemud --state-dir (default: /run/qemud "
                             "and /var/lib/qemud as root, $XDG_RUNTIME_DIR/qemud and ~/.local/state/qemud otherwise)")
     where.add_argument("--socket", metavar="PATH", help="the control socket (default: qemud.sock in the runtime directory)")
@@ -78,9 +77,11 @@ def _caps_for(domain):  # type: ignore[no-untyped-def]
 
 
 def _paths(args: argparse.Namespace, name: str):  # type: ignore[no-untyped-def]
+    from pathlib import Path
+
     from qemud.paths import Dirs, GuestPaths
     if args.state_dir is not None:
-        base = args.state_dir.absolute()
+        base = Path(args.state_dir).absolute()
         return GuestPaths.for_domain(base, base, name)
     d = Dirs.default()
     return GuestPaths.for_domain(d.runtime, d.state, name)
