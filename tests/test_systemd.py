@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -149,7 +150,29 @@ def test_qemud_under_systemd() -> None:
     prefix = Path(os.path.realpath(python3)).parent.parent
     if mount_point(prefix) != Path("/"):
         binds.add(prefix)
-    with Container(overlay_dirs=[CHECKOUT], ro_binds=sorted(binds)) as c:
+    src, copied = _visible_checkout()
+    try:
+        _run_in_container(src, binds, guest, guest_uuid, timings, t_all)
+    finally:
+        if copied:
+            shutil.rmtree(src, ignore_errors=True)
+
+
+def _visible_checkout() -> tuple[Path, bool]:
+    """The checkout as the container can see it: where nspawn mounts its own file systems
+    (/tmp, /run: a CI clone may sit in /tmp) a copy of the working tree elsewhere is used."""
+    if not any(p == CHECKOUT or p in CHECKOUT.parents for p in (Path("/tmp"), Path("/run"), Path("/dev"))):
+        return CHECKOUT, False
+    dest = Path(tempfile.mkdtemp(prefix="qemud-e2e-src-", dir="/var/tmp"))
+    shutil.copytree(CHECKOUT, dest, dirs_exist_ok=True, symlinks=True,
+                    ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", ".state", ".cache",
+                                                  "*.egg-info", "build", ".pytest_cache", ".hypothesis"))
+    return dest, True
+
+
+def _run_in_container(src: Path, binds: set[Path], guest: Any, guest_uuid: str, timings: dict[str, float],
+                      t_all: float) -> None:
+    with Container(overlay_dirs=[src], ro_binds=sorted(binds)) as c:
         # 1. only ever boot on the overlay, in its own mount namespace
         proof = c.prove_isolation()
         assert c.isolated, proof
@@ -159,12 +182,12 @@ def test_qemud_under_systemd() -> None:
             failed = c.systemctl("--failed", "--no-legend").stdout.strip()
             print(f"\nisolation: {proof}\nbooted to {state!r} in {c.boot_seconds:.1f} s"
                   + (f"; failed units:\n{failed}" if failed else ""))
-            for p in (guest.kernel, guest.initrd, CHECKOUT / "Makefile"):
+            for p in (guest.kernel, guest.initrd, src / "Makefile"):
                 c.run(["test", "-r", str(p)])  # what the container needs is visible in it
 
         with _step(c, "make install", timings):
             # pip needs the package index: the host's network namespace, everything else the container's
-            c.run(["make", "-C", str(CHECKOUT), "install"], host_network=True, timeout=900)
+            c.run(["make", "-C", str(src), "install"], host_network=True, timeout=900)
             unit = c.show("qemud", "LoadState", "FragmentPath", "Type", "NotifyAccess", "KillMode")
             assert unit == {"LoadState": "loaded", "FragmentPath": "/lib/systemd/system/qemud.service",
                             "Type": "notify", "NotifyAccess": "main", "KillMode": "process"}, unit
