@@ -236,7 +236,7 @@ class Guest:
     def _changed(self, old: State, new: State, cause: str) -> None:
         prio = ERR if new in (State.FAILED,) else WARNING if new in (State.CRASHED, State.BACKOFF) else NOTICE
         self.env.log.emit(new.value, f"{self.name}: {new.value} ({cause})", prio, domain=self.name,
-                          uuid=self.uuid, state=new.value, old_state=old.value,
+                          uuid=self.uuid, state=new.value, old_state=old.value, reason=cause,
                           pid=self.proc.pid if self.proc else self.last_pid, restarts=self.restarts or None,
                           next_delay=self.next_delay if new == State.BACKOFF else None,
                           exit=self.last_exit if new in (State.CRASHED, State.FAILED) else None)
