@@ -662,11 +662,14 @@ class Guest:
             self._timer = None
 
     def _mark_asked(self, asked: str) -> None:
-        rec_dir = self.paths.run
-        for d, rec in records.load_all(rec_dir.parent):
-            if d == rec_dir and rec is not None:
-                rec.asked = asked
-                records.write(rec_dir, rec)
+        """Note in the guest's record what was asked of it, for a daemon restarted meanwhile."""
+        rec = records.load(self.paths.run)
+        if rec is not None:
+            rec.asked = asked
+            try:
+                records.write(self.paths.run, rec)
+            except OSError:
+                pass
 
     def _finish_removal(self) -> None:
         records.remove(self.paths.run)

@@ -52,6 +52,13 @@ def remove(directory: Path) -> None:
         pass
 
 
+def load(directory: Path) -> Record | None:
+    try:
+        return Record(**json.loads((directory / RECORD).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 def load_all(domains_dir: Path) -> list[tuple[Path, Record | None]]:
     """Every record under ``domains_dir``/*/; None for one that cannot be read (to be removed)."""
     out: list[tuple[Path, Record | None]] = []
