@@ -31,6 +31,25 @@ from qemud.states import ALIVE
 from qemud.watch import DirectoryWatch, is_candidate
 
 
+def untrusted(path: str | Path) -> str | None:
+    """Why a domain file or directory cannot be trusted, or None (in the spirit of sshd's
+    StrictModes): it, and every directory on its real path, must be owned by root or the daemon's
+    user and writable by no one else. Symlinks are resolved and checked the same way."""
+    me = os.geteuid()
+    real = Path(os.path.realpath(path))
+    for p in [real, *real.parents]:
+        try:
+            st = os.stat(p)
+        except OSError as exc:
+            return f"cannot check {p}: {exc.strerror}"
+        if st.st_uid not in (0, me):
+            return f"{p} belongs to uid {st.st_uid}, not to root or qemud's user"
+        sticky_dir = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX and p != real
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky_dir:
+            return f"{p} is writable by {'others' if st.st_mode & stat.S_IWOTH else 'its group'} (chmod go-w {p})"
+    return None
+
+
 PIDFILE = "qemud.pid"  # holds the daemon's pid and its lock: one daemon per runtime directory
 
 
@@ -130,11 +149,22 @@ class Daemon:
         """name -> (file, domain) wanted by the directory. Errors are logged once per version."""
         wanted: dict[str, tuple[str, Domain]] = {}
         uuids: dict[str, str] = {}
+        unchanged = {name: (g.file, g.domain) for name, g in self.guests.items()}
         try:
+            why = untrusted(self.dirs.domains)
             entries = list(os.scandir(self.dirs.domains))
         except OSError as exc:
             self.log.emit("directory-error", f"cannot read {self.dirs.domains}: {exc.strerror}", ERR)
-            return {name: (g.file, g.domain) for name, g in self.guests.items()}
+            return unchanged
+        if why:
+            # whoever may write the directory could make qemud start QEMU with any file: nothing
+            # in it is read (running guests keep their definitions) until that is fixed
+            if self._reported.get(str(self.dirs.domains)) != (0, 0, hash(why)):
+                self._reported[str(self.dirs.domains)] = (0, 0, hash(why))
+                self.log.emit("directory-error", f"{self.dirs.domains}: refused: {why}", ERR,
+                              file=str(self.dirs.domains))
+            return unchanged
+        self._reported.pop(str(self.dirs.domains), None)
         files: list[tuple[float, str, os.stat_result]] = []
         for e in entries:
             if not is_candidate(e.name):
@@ -152,8 +182,14 @@ class Daemon:
         for _, path, st in files:
             seen.add(path)
             key = (st.st_ino, st.st_size, st.st_mtime_ns)
-            p = self._parsed.get(path)
-            if p is None or p.key != key:
+            distrust = untrusted(path)
+            if distrust:
+                p = Parsed((st.st_ino, st.st_mode, st.st_uid), None,
+                           DomainError.at("", f"refused: {distrust}").with_file(path))
+                self._parsed.pop(path, None)
+            else:
+                p = self._parsed.get(path)
+            if p is None or (p.key != key and not distrust):
                 if not stat.S_ISREG(st.st_mode):
                     p = Parsed(key, None, DomainError.at("", "is not a regular file").with_file(path))
                 else:

@@ -452,3 +452,27 @@ def test_first_start_with_an_empty_capability_cache(guest: TinyGuest) -> None:
         print(d.log_text())
         d.close()
         shutil.rmtree(cache, ignore_errors=True)
+
+
+def test_files_and_directories_others_may_write_are_refused(daemon: Daemon, guest: TinyGuest) -> None:
+    """Whoever can write a domain file can make root start QEMU with any file: like sshd's
+    StrictModes, such a file (or directory) is refused, and a running guest is left alone."""
+    d = daemon
+    pid = start_guest(d, guest, "web1")
+    d.mark()
+    bad = d.domains / "evil.xml"
+    bad.write_text(domain_xml(guest, "evil"))
+    os.chmod(bad, 0o666)
+    os.rename(bad, d.domains / "evil2.xml")  # a rename is what the daemon reacts to
+    refused = d.wait_for("invalid-definition", timeout=10)
+    assert "evil2.xml" in refused.message and "writable by others" in refused.message
+    d.assert_no("defined", "evil", within=1)
+    # the directory itself becomes writable by others: nothing in it is read any more, and the
+    # running guest keeps running
+    os.chmod(d.domains, 0o777)
+    (d.domains / "web1.xml").unlink()
+    err = d.wait_for("directory-error", timeout=10)
+    assert "writable by others" in err.message
+    d.assert_no("stopping", "web1", within=1)
+    assert pid_alive(pid)
+    os.chmod(d.domains, 0o755)
