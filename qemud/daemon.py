@@ -239,7 +239,7 @@ class Daemon:
     def reconcile(self) -> None:
         wanted = self._scan()
         for name, guest in list(self.guests.items()):
-            if name not in wanted:
+            if name not in wanted and not guest.removing:
                 guest.remove("its file was removed")
                 self._forget_when_gone(name, guest)
         for name, (path, domain) in wanted.items():
@@ -255,7 +255,7 @@ class Daemon:
                 elif autostart(domain):
                     self.asked_stops.discard(name)
                     guest.start("its file appeared" if self._started else "autostart")
-            elif definition_hash(domain) != guest.definition or guest.file != path:
+            elif definition_hash(domain) != guest.definition or guest.file != path or guest.removing:
                 self.asked_stops.discard(name)  # a changed file clears an asked-for stop
                 guest.redefine(domain, path)
 
@@ -265,6 +265,7 @@ class Daemon:
             if self.guests.get(name) is guest:
                 del self.guests[name]
                 await guest.close()
+                self.reconcile()  # its file may be back already: then it is a new guest
         asyncio.get_running_loop().create_task(forget())
 
     # ---- adoption ------------------------------------------------------------------------

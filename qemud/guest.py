@@ -215,6 +215,11 @@ class Guest:
     def state(self) -> State:
         return self.sm.state
 
+    @property
+    def removing(self) -> bool:
+        """Asked to go (its file was removed) and not gone yet."""
+        return self._removed and not self.gone.is_set()
+
     # ---- the actor -------------------------------------------------------------------------
     async def _run(self) -> None:
         while True:
@@ -299,6 +304,21 @@ class Guest:
     async def _on_redefine(self, domain: Domain, file: str) -> None:
         self.file = file
         new_hash = definition_hash(domain)
+        if self._removed:
+            # its file came back while the guest was being removed: it is wanted again
+            self._removed = False
+            self.domain, self.definition = domain, new_hash
+            self.env.log.emit("redefined", f"{self.name}: defined again by {file}", INFO,
+                              domain=self.name, uuid=self.uuid, file=file)
+            if autostart(domain):
+                self.want_running = True
+                if self.state in ALIVE:
+                    self._after_exit = "start"
+                else:
+                    await self._launch("its file is back")
+            else:
+                self._after_exit = None
+            return
         if new_hash == self.definition:
             return
         self.domain = domain

@@ -476,3 +476,18 @@ def test_files_and_directories_others_may_write_are_refused(daemon: Daemon, gues
     d.assert_no("stopping", "web1", within=1)
     assert pid_alive(pid)
     os.chmod(d.domains, 0o755)
+
+
+def test_file_removed_and_put_back_while_the_guest_stops(daemon: Daemon, guest: TinyGuest) -> None:
+    """`rm web1.xml; cp backup web1.xml` while the guest is still shutting down: the guest is
+    wanted again and runs afterwards (the file is the truth)."""
+    d = daemon
+    start_guest(d, guest, "web1", acpi=False, shutdown_timeout=2)
+    text = (d.domains / "web1.xml").read_text()
+    mark = d.mark()
+    d.remove("web1.xml")
+    d.wait_for("stopping", "web1", timeout=10, after=mark)
+    d.drop("web1.xml", text)
+    d.wait_for("stopped", "web1", timeout=20, after=mark)
+    running = d.wait_for("running", "web1", timeout=20, after=mark)
+    assert running.pid is not None and pid_alive(running.pid)
