@@ -120,12 +120,17 @@ def test_common_facts(case: str, caps: HostCaps) -> None:
     assert argv[0] == emulator
 
     # every option is one QEMU 7.2 knows, with its argument where it takes one
-    known = {"-name", "-machine", "-accel", "-cpu", "-m", "-smp", "-uuid", "-no-user-config",
+    known = {"-name", "-sandbox", "-machine", "-accel", "-cpu", "-m", "-smp", "-uuid", "-no-user-config",
              "-nodefaults", "-chardev", "-mon", "-rtc", "-global", "-boot", "-kernel", "-initrd",
              "-append", "-display", "-vnc", "-spice", "-device", "-blockdev", "-netdev", "-object",
              "-audiodev", "-no-shutdown", "-no-reboot", "-action", "-msg", "-S", "-bios", "-pidfile",
              "-numa"}
     assert set(names) <= known, set(names) - known
+    # QEMU's seccomp sandbox, always; spawning only for the bridge helper of a bridged NIC
+    (sandbox,) = options(argv, "-sandbox")
+    bridged = any(i.type in ("bridge", "network") for i in domain.devices.interface)
+    assert sandbox == ("on,obsolete=deny,elevateprivileges=deny,spawn=%s,resourcecontrol=deny"
+                       % ("allow" if bridged else "deny"))
 
     # identity
     name_opts = opts_dict(options(argv, "-name")[0], "guest")

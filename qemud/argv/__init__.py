@@ -75,6 +75,10 @@ def build_argv(domain: Domain, caps: HostCaps, paths: GuestPaths, *, paused: boo
     add_smp(b)
     add_identity(b)
     b.add("-no-user-config", "-nodefaults")
+    # QEMU's seccomp sandbox; spawning is allowed only for the bridge helper a bridged NIC needs
+    spawn = any(i.type in ("bridge", "network") for i in domain.devices.interface)
+    b.add("-sandbox", "on," + opts(obsolete="deny", elevateprivileges="deny",
+                                   spawn="allow" if spawn else "deny", resourcecontrol="deny"))
     b.add("-chardev", "socket," + opts(("id", "qmp"), ("path", str(paths.qmp)), ("server", True), ("wait", False)))
     b.add("-mon", "chardev=qmp,mode=control")
     # QEMU locks its pid file: a second QEMU for the same guest cannot start
