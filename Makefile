@@ -40,8 +40,10 @@ conformance: venv
 	$(PY) tools/conformance.py --corpus $(CORPUS)
 
 # Speed goals live here, never in tests.
+# qemud against the physical floor (bare QEMU, bare Python) side by side; writes docs/benchmarks.md.
+# BENCH_ARGS=--quick for a short run, BENCH_ARGS='--only start,stop' for some measurements.
 bench: venv
-	$(PY) bench/translate.py --corpus $(CORPUS)
+	$(PY) bench/run.py --corpus $(CORPUS) $(BENCH_ARGS)
 
 # qemud in the foreground, unprivileged, on a domains directory in the checkout holding the tiny
 # test guest. Its console: `.venv/bin/qemuctl --state-dir .state/run console tiny`. Ctrl-C stops

@@ -27,7 +27,6 @@ from qemud.events import ERR, INFO, NOTICE, WARNING, EventLog
 from qemud.guest import Env, Guest, autostart, definition_hash
 from qemud.paths import Dirs
 from qemud.policy import RestartPolicy
-from qemud.states import ALIVE
 from qemud.watch import DirectoryWatch, is_candidate
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from qemud.argv import Command, Prepare
+from qemud.argv import Command
 from qemud.errors import HostError
 
 

@@ -7,7 +7,6 @@ problem found is collected, so one run reports them all; :class:`DomainError` ca
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -95,7 +95,8 @@ def add_pci_controllers(b: Builder) -> None:
             if model == "pci-bridge":
                 props["chassis_nr"] = tgt.chassisNr if tgt and tgt.chassisNr else c.index
         elif model == "pcie-root-port" or model == "pcie-switch-downstream-port":
-            props["port"] = tgt.port if tgt and tgt.port is not None else 0x10 + (c.index - 1) % 8 + 8 * ((c.index - 1) // 8) if False else (tgt.port if tgt and tgt.port is not None else c.index + 0x0F)
+            # libvirt's numbering without an explicit port: 0x10 for the first root port, and so on
+            props["port"] = tgt.port if tgt and tgt.port is not None else c.index + 0x0F
             props["chassis"] = tgt.chassis if tgt and tgt.chassis is not None else c.index
             if tgt and tgt.hotplug is not None:
                 props["hotplug"] = tgt.hotplug

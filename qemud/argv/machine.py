@@ -198,7 +198,6 @@ def add_memory(b: Builder) -> None:
 
 def _numa(b: Builder, cells) -> None:  # type: ignore[no-untyped-def]
     """One memory backend and one -numa node per <cell>; distances as -numa dist."""
-    from qemud.argv.qemuopts import js
     from qemud.domain.cpu import parse_cpuset
     n = b.domain.vcpus
     ids = [c.id if c.id is not None else i for i, c in enumerate(cells)]

@@ -33,7 +33,7 @@ class Client:
             raise Refused(f"permission denied: {path} (root and members of qemud's control group only)") from None
         self.buf = b""
 
-    def send(self, obj: dict[str, Any]) -> None:
+    def send(self, obj: dict[str, object]) -> None:
         """Send a request; a daemon that refused us may have closed already: its answer is
         still to be read."""
         try:
@@ -41,14 +41,14 @@ class Client:
         except (BrokenPipeError, ConnectionResetError):
             pass
 
-    def call(self, cmd: str, **args: Any) -> Any:
+    def call(self, cmd: str, **args: object) -> object:
         self.send({"v": VERSION, "cmd": cmd, **args})
         reply = self.read_reply()
         if not reply.get("ok"):
             raise Refused(str(reply.get("error", "refused")))
         return reply.get("result")
 
-    def read_reply(self) -> dict[str, Any]:
+    def read_reply(self) -> dict[str, object]:
         while b"\n" not in self.buf:
             try:
                 chunk = self.sock.recv(65536)

@@ -23,7 +23,7 @@ from qemud.domain.metadata import Metadata
 from qemud.domain.osxml import Os
 from qemud.domain.units import Size
 from qemud.errors import DomainError, Problem
-from qemud.xmlload import element_lines, load_domain_dict, parse_xml, read_domain_bytes
+from qemud.xmlload import element_lines, parse_xml, read_domain_bytes
 
 #: Namespace of the UUIDs qemud derives for domains that have none (uuid5 of the name).
 UUID_NAMESPACE = uuidlib.UUID("6f1c7d3e-9a55-4f55-b6c2-0d8f6ad3c0de")

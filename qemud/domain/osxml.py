@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import field_validator
 
-from qemud.domain.base import Element, Many, UInt, YesNo, attr, child, ignored, text
+from qemud.domain.base import Element, Many, UInt, YesNo, attr, ignored, text
 
 
 class OsType(Element):
