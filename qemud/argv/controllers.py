@@ -77,8 +77,6 @@ def add_pci_controllers(b: Builder) -> None:
             continue  # the PIIX3's own IDE function
         if c.type == "sata" and b.q35 and c.index == 0:
             continue  # ICH9's AHCI at 1f.2
-        if c.type == "usb" and c.master is not None:
-            pass
         _reserve(b, c.address, f"/domain/devices/controller[{i + 1}]")
     reserve_device_addresses(b)
     for i, c in ctrls:

@@ -189,9 +189,10 @@ def _disk(b: Builder, d: Disk, i: int, path: str, counts: dict[str, int]) -> Non
             if drv.cache and CACHE.get(drv.cache):
                 direct, noflush, _ = CACHE[drv.cache]  # type: ignore[misc]
                 fmt_props["cache"] = {"direct": direct, "no-flush": noflush}
-            if drv.copy_on_read:
-                pass
         b.add("-blockdev", _js(fmt_props))
+        if d.driver is not None and d.driver.copy_on_read:
+            # copy-on-read: a filter node above the format node, which the device then uses
+            b.add("-blockdev", _js({"driver": "copy-on-read", "node-name": f"{node}-cor", "file": node}))
     dev: dict[str, Any] = {}
     ctrl_i, bus_i, target_i, unit_i = drive_address(d, bus)
     addr = d.address
@@ -274,7 +275,7 @@ def _disk(b: Builder, d: Disk, i: int, path: str, counts: dict[str, int]) -> Non
         b.error(f"{path}/target/@bus", f"'{bus}' is not one of ide, sata, scsi, virtio, usb, fdc")
         return
     if storage is not None:
-        dev["drive"] = node
+        dev["drive"] = f"{node}-cor" if d.driver is not None and d.driver.copy_on_read else node
     dev["id"] = did
     if d.driver is not None and d.driver.cache and CACHE.get(d.driver.cache) and storage is not None:
         dev["write-cache"] = "on" if CACHE[d.driver.cache][2] else "off"  # type: ignore[index]

@@ -364,7 +364,8 @@ def add_clock(b: Builder) -> None:
             if t.frequency:
                 b.warn(f"{path}", "the TSC frequency is only applied under KVM")
         elif t.name == "hypervclock":
-            pass
+            if t.present:
+                b.error(f"{path}/@name", "the Hyper-V reference clock is not supported by qemud yet")
         elif t.name == "platform":
             b.error(f"{path}/@name", "the platform timer is not supported by QEMU")
     b.add("-rtc", opts(*rtc))

@@ -71,9 +71,6 @@ def _iface(b: Builder, iface: Interface, i: int, path: str) -> None:
         key = {"server": "listen", "client": "connect", "mcast": "mcast", "udp": "udp"}[t]
         if t == "udp":
             netdev = {"type": "socket", "udp": f"{host or '127.0.0.1'}:{port}"}
-            local = None
-            if local is None:
-                pass
         else:
             netdev = {"type": "socket", key: f"{host or ''}:{port}"}
     elif t == "null":
