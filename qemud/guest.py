@@ -375,6 +375,10 @@ class Guest:
             return
         self._attach_qmp(proc, qmp)
         try:
+            for g in self.domain.devices.graphics:  # display passwords never go on a command line
+                if g.passwd and g.type in ("vnc", "spice"):
+                    await qmp.execute("set_password", {"protocol": g.type, "password": g.passwd},
+                                      timeout=QMP_TIMEOUT)
             await qmp.execute("cont", timeout=QMP_TIMEOUT)
             status = await qmp.execute("query-status", timeout=QMP_TIMEOUT)
         except QmpError as exc:

@@ -279,6 +279,20 @@ def _disk(b: Builder, d: Disk, i: int, path: str, counts: dict[str, int]) -> Non
     dev["id"] = did
     if d.driver is not None and d.driver.cache and CACHE.get(d.driver.cache) and storage is not None:
         dev["write-cache"] = "on" if CACHE[d.driver.cache][2] else "off"  # type: ignore[index]
+    drv = d.driver
+    if drv is not None and storage is not None:
+        if drv.error_policy:
+            dev["werror"] = "enospc" if drv.error_policy == "enospace" else drv.error_policy
+            if bus == "usb" or bus == "fdc":
+                b.error(f"{path}/driver/@error_policy", f"a {bus} disk has no error policy in QEMU")
+                return
+        if drv.rerror_policy:
+            dev["rerror"] = drv.rerror_policy
+        if bus == "virtio":
+            if drv.ioeventfd is not None:
+                dev["ioeventfd"] = drv.ioeventfd
+            if drv.event_idx is not None:
+                dev["event_idx"] = drv.event_idx
     bi = b.bootindex.get(id(d))
     if bi is not None and bus != "fdc":
         dev["bootindex"] = bi

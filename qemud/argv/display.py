@@ -55,7 +55,8 @@ def add_graphics(b: Builder) -> None:
             if g.keymap:
                 b.warn(f"{path}/@keymap", "QEMU's VNC keymaps are deprecated; the keymap is not set")
             if g.passwd:
-                b.warn(f"{path}/@passwd", "the VNC password is set over QMP when qemud starts the guest")
+                b.warn(f"{path}/@passwd", "the VNC password is set over QMP by qemud at start; run by hand, "
+                       "QEMU refuses every VNC client until it is set")
         elif g.type == "spice":
             parts2: list[tuple[str, object] | None] = []
             if g.port is not None and g.port > 0:
