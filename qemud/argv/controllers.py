@@ -11,6 +11,13 @@ PCI_DEVICES = {
     "pcie-switch-downstream-port": "xio3130-downstream", "pci-expander-bus": "pxb",
     "pcie-expander-bus": "pxb-pcie", "pcie-to-pci-bridge": "pcie-pci-bridge",
 }
+#: the QEMU devices libvirt's <model name=...> may name for each PCI controller model
+PCI_MODEL_NAMES = {
+    "pci-bridge": ("pci-bridge",), "dmi-to-pci-bridge": ("i82801b11-bridge",),
+    "pcie-root-port": ("pcie-root-port", "ioh3420"), "pcie-switch-upstream-port": ("x3130-upstream",),
+    "pcie-switch-downstream-port": ("xio3130-downstream",), "pci-expander-bus": ("pxb",),
+    "pcie-expander-bus": ("pxb-pcie",), "pcie-to-pci-bridge": ("pcie-pci-bridge",),
+}
 USB_DEVICES = {
     "piix3-uhci": "piix3-usb-uhci", "piix4-uhci": "piix4-usb-uhci", "ehci": "usb-ehci",
     "ich9-ehci1": "ich9-usb-ehci1", "ich9-uhci1": "ich9-usb-uhci1", "ich9-uhci2": "ich9-usb-uhci2",
@@ -85,6 +92,12 @@ def add_pci_controllers(b: Builder) -> None:
         path = f"/domain/devices/controller[{i + 1}]"
         model = c.model or ""
         driver = PCI_DEVICES.get(model)
+        if c.model_element is not None:  # <model name='ioh3420'/>: the QEMU device libvirt chose
+            driver = c.model_element.name
+            if driver not in PCI_MODEL_NAMES.get(model, ()):
+                b.error(f"{path}/model/@name", f"'{driver}' is not a {model} device (one of "
+                        f"{', '.join(PCI_MODEL_NAMES.get(model, ())) or 'none'})")
+                continue
         if driver is None or not b.has_device(driver, f"{path}/@model", f"a {model} controller"):
             continue
         props: dict = {"driver": driver}

@@ -156,6 +156,8 @@ def add_cpu(b: Builder) -> None:
     for t in (d.clock.timer if d.clock else ()):
         if t.name == "kvmclock" and t.present is not None:
             features.append(f"kvmclock={'on' if t.present else 'off'}")
+        elif t.name == "hypervclock" and t.present is not None:
+            features.append(f"hv-time={'on' if t.present else 'off'}")
     if features and model is None:
         model = "qemu64"  # QEMU's default x86 model, with the asked-for changes
     if model is not None:
@@ -366,8 +368,7 @@ def add_clock(b: Builder) -> None:
             if t.frequency:
                 b.warn(f"{path}", "the TSC frequency is only applied under KVM")
         elif t.name == "hypervclock":
-            if t.present:
-                b.error(f"{path}/@name", "the Hyper-V reference clock is not supported by qemud yet")
+            pass  # a CPU property (hv-time), with the CPU
         elif t.name == "platform":
             b.error(f"{path}/@name", "the platform timer is not supported by QEMU")
     b.add("-rtc", opts(*rtc))
