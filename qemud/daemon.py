@@ -170,7 +170,11 @@ class Daemon:
                 continue
             try:
                 st = os.stat(e.path)  # follows symlinks, never opens
-            except OSError:
+            except FileNotFoundError:
+                continue  # gone between the listing and now (or a dangling symlink, below)
+            except OSError as exc:  # a symlink loop, a permission problem
+                self._report_invalid(e.path, (0, 0, exc.errno or 0),
+                                     DomainError.at("", f"cannot be read: {exc.strerror}").with_file(e.path))
                 continue
             files.append((st.st_mtime, e.path, st))
         # a file that defines a guest already keeps it: a duplicate never takes over, whatever

@@ -491,3 +491,12 @@ def test_file_removed_and_put_back_while_the_guest_stops(daemon: Daemon, guest: 
     d.wait_for("stopped", "web1", timeout=20, after=mark)
     running = d.wait_for("running", "web1", timeout=20, after=mark)
     assert running.pid is not None and pid_alive(running.pid)
+
+
+def test_symlink_loop_in_the_directory_is_reported_not_fatal(daemon: Daemon, guest: TinyGuest) -> None:
+    d = daemon
+    os.symlink("loop.xml", d.domains / "loop.xml")
+    d.drop("web1.xml", domain_xml(guest, "web1", serial_path=console_path(d, "web1")))
+    err = d.wait_for("invalid-definition", timeout=10)
+    assert "loop.xml" in err.message and "Too many levels of symbolic links" in err.message
+    d.wait_for("running", "web1", timeout=20)
