@@ -47,6 +47,8 @@ class HostCaps:
     #: libvirt network name -> host bridge (from qemud.conf and libvirt's network files)
     networks: dict[str, str] = field(default_factory=dict)
     bridge_helper: str = "/usr/lib/qemu/qemu-bridge-helper"
+    #: QEMU firmware descriptors (docs/interop/firmware.json), by priority
+    firmware: tuple[dict[str, Any], ...] = ()
 
     def machine(self, name: str) -> Machine | None:
         """A machine type by name or alias ('pc' -> pc-i440fx-7.2)."""
@@ -69,6 +71,7 @@ class HostCaps:
         d["format"] = CAPS_FORMAT
         for k in ("devices", "objects", "cpu_models", "chardevs"):
             d[k] = sorted(d[k])
+        d["firmware"] = list(self.firmware)
         d["version"] = list(self.version)
         return d
 
@@ -80,11 +83,40 @@ class HostCaps:
             devices=frozenset(d["devices"]), objects=frozenset(d["objects"]),
             cpu_models=frozenset(d["cpu_models"]), chardevs=frozenset(d["chardevs"]),
             kvm=d["kvm"], kvm_reason=d.get("kvm_reason", ""), networks=dict(d.get("networks", {})),
-            bridge_helper=d.get("bridge_helper", "/usr/lib/qemu/qemu-bridge-helper"))
+            bridge_helper=d.get("bridge_helper", "/usr/lib/qemu/qemu-bridge-helper"),
+            firmware=tuple(d.get("firmware", ())))
 
     def with_networks(self, networks: dict[str, str]) -> HostCaps:
         from dataclasses import replace
         return replace(self, networks=dict(networks))
+
+
+FIRMWARE_DIRS = ("/usr/share/qemu/firmware", "/etc/qemu/firmware")
+
+
+def firmware_descriptors() -> tuple[dict[str, Any], ...]:
+    """QEMU's firmware descriptors, ordered by file name (the priority); a file in
+    /etc/qemu/firmware overrides one of the same name in /usr/share, an empty one disables it."""
+    files: dict[str, str] = {}
+    for d in FIRMWARE_DIRS:
+        try:
+            for name in os.listdir(d):
+                if name.endswith(".json"):
+                    files[name] = os.path.join(d, name)
+        except OSError:
+            continue
+    out = []
+    for name in sorted(files):
+        try:
+            with open(files[name]) as fh:
+                text = fh.read()
+            if text.strip():
+                desc = json.loads(text)
+                if isinstance(desc, dict):
+                    out.append({**desc, "_file": files[name]})
+        except (OSError, ValueError):
+            continue
+    return tuple(out)
 
 
 def kvm_usable() -> tuple[bool, str]:
@@ -128,11 +160,15 @@ def probe(emulator: str, cache_dir: Path | None = None, timeout: float = 30.0) -
         data = json.loads(cache_file.read_text())
         if data.get("format") == CAPS_FORMAT and data.get("key") == key:
             caps = HostCaps.from_json(data)
-            ok, why = kvm_usable()  # host facts are not cached: /dev/kvm can come and go
-            return _with_kvm(caps, ok and caps.kvm, why if not ok else caps.kvm_reason)
+            ok, why = kvm_usable()  # host facts are not cached: /dev/kvm and firmware come and go
+            from dataclasses import replace
+            return replace(_with_kvm(caps, ok and caps.kvm, why if not ok else caps.kvm_reason),
+                           firmware=firmware_descriptors())
     except (OSError, ValueError, KeyError, TypeError):
         pass
     caps = asyncio.run(_probe(emulator, timeout))
+    from dataclasses import replace
+    caps = replace(caps, firmware=firmware_descriptors())
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(f".tmp{os.getpid()}")

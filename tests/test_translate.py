@@ -93,3 +93,33 @@ def test_missing_emulator_is_reported_by_validate(tmp_path: Path) -> None:
     assert r.returncode == 1
     assert "/nonexistent/qemu does not exist" in r.stdout
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("features,want_code,want_vars", [
+    # Debian's ovmf: 40 secure boot with Microsoft's keys enrolled, 50 secure boot, 60 plain
+    ("", "OVMF_CODE_4M.ms.fd", "OVMF_VARS_4M.ms.fd"),  # the first descriptor by priority
+    ("<feature enabled='no' name='enrolled-keys'/>", "OVMF_CODE_4M.secboot.fd", "OVMF_VARS_4M.fd"),
+    ("<feature enabled='no' name='secure-boot'/>", "OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd"),
+])
+def test_firmware_efi_is_selected_from_the_descriptors(caps, features: str, want_code: str,  # type: ignore[no-untyped-def]
+                                                       want_vars: str) -> None:
+    xml_text = f"""<domain type='qemu'><name>g</name><memory unit='MiB'>64</memory>
+      <os firmware='efi'><type arch='x86_64' machine='q35'>hvm</type><firmware>{features}</firmware></os>
+      <features><acpi/></features><devices/></domain>"""
+    cmd = build_argv(parse_domain(xml_text), caps, PATHS)
+    code = [a for a in cmd.argv if "pflash0-file" in a and "filename" in a][0]
+    assert f"/usr/share/OVMF/{want_code}" in code
+    [copy] = [p for p in cmd.prepare if p.kind == "copy"]  # the guest's own NVRAM, from the template
+    assert copy.source == Path(f"/usr/share/OVMF/{want_vars}") and copy.dest.parent == PATHS.state
+    secure = want_code != "OVMF_CODE_4M.fd"
+    assert ("smm=on" in cmd.argv[cmd.argv.index("-machine") + 1]) == secure
+
+
+def test_firmware_efi_that_no_descriptor_has_names_the_problem(caps) -> None:  # type: ignore[no-untyped-def]
+    xml_text = """<domain type='qemu'><name>g</name><memory unit='MiB'>64</memory>
+      <os firmware='efi'><type arch='x86_64' machine='q35'>hvm</type>
+      <firmware><feature enabled='yes' name='no-such-feature'/></firmware></os><devices/></domain>"""
+    with pytest.raises(DomainError) as exc:
+        build_argv(parse_domain(xml_text), caps, PATHS)
+    assert exc.value.problems[0].path == "/domain/os/@firmware"
+    assert "no-such-feature=yes" in exc.value.problems[0].message

@@ -45,7 +45,8 @@ class Builder:
     usb_bus: str | None = None  # id of the first USB bus ("usb.0"), None if no USB
     audiodev: str | None = None
     counters: dict[str, int] = field(default_factory=dict)
-    console_log: Path | None = None  # the file holding the guest console's output
+    console_log: Path | None = None
+    secure_boot: bool = False  # the file holding the guest console's output
     usb_slots: dict[int, tuple[str, str]] = field(default_factory=dict)  # USB index -> (bus, slot)
 
     def __post_init__(self) -> None:

@@ -25,9 +25,6 @@ def add_machine(b: Builder) -> None:
         props.append(("vmport", f.vmport.state))
     if f is not None and f.smm is not None:
         props.append(("smm", f.smm.state))
-    loader = d.os.loader
-    if loader is not None and loader.secure and (f is None or f.smm is None):
-        props.append(("smm", True))
     # ACPI: libvirt turns it off when <features><acpi/> is absent
     if f is None or f.acpi is None:
         props.append(("acpi", False))
@@ -42,18 +39,73 @@ def add_machine(b: Builder) -> None:
         pass  # a device, added with the others
     pflash = _firmware(b)
     props += pflash
+    if b.secure_boot and not any(k == "smm" for k, _ in props):
+        props.append(("smm", True))  # secure boot needs SMM: the firmware's variables live there
     b.add("-machine", opts(*props))
     b.add("-accel", "kvm" if d.kvm else "tcg")
+
+
+def select_firmware(b: Builder) -> dict | str | None:  # type: ignore[type-arg]
+    """libvirt's firmware autoselection (``<os firmware='efi'>``) through QEMU's firmware
+    descriptors: the first, by priority, for this architecture and machine type that has every
+    feature asked for and none refused. A message when none fits; None for firmware='bios'
+    (QEMU's own SeaBIOS)."""
+    import fnmatch
+    d = b.domain
+    if d.os.firmware != "efi":
+        return None
+    want: dict[str, bool] = {}
+    if d.os.firmware_features is not None:
+        for f in d.os.firmware_features.feature:
+            want[f.name] = f.enabled
+    loader = d.os.loader
+    if loader is not None and loader.secure is not None:
+        want.setdefault("secure-boot", loader.secure)
+    arch = d.os.type.arch or "x86_64"
+    for desc in b.caps.firmware:
+        mapping = desc.get("mapping") or {}
+        if "uefi" not in (desc.get("interface-types") or []) or mapping.get("device") != "flash":
+            continue
+        if not any(t.get("architecture") == arch and any(fnmatch.fnmatch(b.machine.name, m)
+                                                         for m in t.get("machines", []))
+                   for t in desc.get("targets", [])):
+            continue
+        features = set(desc.get("features") or [])
+        if any((name in features) != enabled for name, enabled in want.items()):
+            continue
+        code = (mapping.get("executable") or {}).get("filename")
+        if loader is not None and loader.path and loader.path != code:
+            continue
+        if not code:
+            continue
+        return {"code": code, "format": (mapping.get("executable") or {}).get("format", "raw"),
+                "vars": (mapping.get("nvram-template") or {}).get("filename"),
+                "smm": "requires-smm" in features, "file": desc.get("_file")}
+    asked = ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in want.items()) or "no particular features"
+    if loader is not None and loader.path:
+        asked += f" and loader {loader.path}"
+    return (f"no UEFI firmware on this host fits machine {b.machine.name} ({arch}) with {asked}; "
+            "install ovmf, or name the loader and NVRAM template in <loader> and <nvram>")
 
 
 def _firmware(b: Builder) -> list[tuple[str, object]]:
     """-bios for ROM loaders; pflash drives for UEFI (read-only code + per-domain NVRAM)."""
     d = b.domain
     loader = d.os.loader
-    if d.os.firmware is not None:
-        b.error("/domain/os/@firmware", "firmware autoselection is not supported yet; "
-                "name the loader and NVRAM template in <loader> and <nvram>")
+    auto = select_firmware(b)
+    if isinstance(auto, str):
+        b.error("/domain/os/@firmware", auto)
         return []
+    if auto is not None:
+        # the selection fills in what the file leaves out: libvirt's behaviour
+        from qemud.domain.osxml import Loader, Nvram
+        loader = Loader.model_validate({"@type": "pflash", "@readonly": "yes", "@format": auto["format"],
+                                        **({"@secure": "yes"} if auto["smm"] else {}), "#text": auto["code"]})
+        nv = d.os.nvram
+        if auto["vars"] and (nv is None or not nv.template):
+            nv = Nvram.model_validate({**({"#text": nv.path} if nv is not None and nv.path else {}),
+                                       "@template": auto["vars"]})
+        return _pflash(b, loader, nv)
     if loader is None or not loader.path:
         if d.os.nvram is not None:
             b.error("/domain/os/nvram", "<nvram> needs a pflash <loader>")
@@ -64,6 +116,10 @@ def _firmware(b: Builder) -> list[tuple[str, object]]:
             b.error("/domain/os/nvram", "<nvram> needs <loader type='pflash'>")
         b.add("-bios", loader.path)
         return []
+    return _pflash(b, loader, d.os.nvram)
+
+
+def _pflash(b: Builder, loader, nv) -> list[tuple[str, object]]:  # type: ignore[no-untyped-def]
     if loader.stateless:
         b.error("/domain/os/loader/@stateless", "stateless firmware is not supported yet")
     readonly = loader.readonly if loader.readonly is not None else True
@@ -73,7 +129,9 @@ def _firmware(b: Builder) -> list[tuple[str, object]]:
     b.add("-blockdev", js({"node-name": "pflash0", "read-only": readonly, "driver": fmt,
                            "file": "pflash0-file"}))
     out: list[tuple[str, object]] = [("pflash0", "pflash0")]
-    nv = d.os.nvram
+    if loader.secure:
+        b.secure_boot = True
+        b.add("-global", "driver=cfi.pflash01,property=secure,value=on")
     if not readonly:
         if nv is not None:
             b.error("/domain/os/nvram", "a writable loader keeps its own variables; <nvram> needs readonly='yes'")

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import field_validator
 
-from qemud.domain.base import Element, Many, UInt, YesNo, attr, ignored, text
+from qemud.domain.base import Element, Many, UInt, YesNo, attr, child, ignored, text
 
 
 class OsType(Element):
@@ -60,6 +60,18 @@ class Text(Element):
     value: str = text("")
 
 
+class FirmwareFeature(Element):
+    enabled: YesNo = attr(...)
+    name: str = attr(...)
+
+
+class OsFirmware(Element):
+    """``<os><firmware><feature enabled='yes' name='enrolled-keys'/></firmware>``: what the
+    automatically selected firmware must (not) have."""
+
+    feature: Many[FirmwareFeature]
+
+
 class Os(Element):
     firmware: Literal["bios", "efi"] | None = attr()
     type: OsType
@@ -72,4 +84,5 @@ class Os(Element):
     bootmenu: BootMenu | None = None
     bios: Bios | None = None
     smbios: Smbios | None = None
+    firmware_features: OsFirmware | None = child("firmware")
     init: Text | None = ignored("only for container domains")
