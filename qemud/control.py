@@ -153,6 +153,7 @@ class ControlServer:
             from qemud import __version__
             return {"qemud": __version__, "protocol": VERSION}
         if cmd == "list":
+            _prune()
             return [guest_info(g) for g in sorted(self.daemon.guests.values(), key=lambda g: g.name)]
         if cmd == "status":
             return guest_info(self._guest(req), detail=True)
@@ -276,7 +277,7 @@ def guest_info(g: Guest, detail: bool = False) -> dict[str, Any]:
         "file": g.file, "uptime": round(time.monotonic() - g.started_at, 1) if g.started_at and pid else None,
         "cause": g.sm.cause,
     }
-    usage = _usage(pid)
+    usage = _usage(pid, detail)
     info.update(cpu_percent=usage.get("cpu_percent"), rss=usage.get("rss"))
     if detail:
         pol = g.backoff.policy
@@ -292,8 +293,16 @@ def guest_info(g: Guest, detail: bool = False) -> dict[str, Any]:
 _CPU: dict[int, psutil.Process] = {}
 
 
-def _usage(pid: int | None) -> dict[str, Any]:
-    """CPU (since the last ask), RSS, disk and network I/O of a QEMU process."""
+def _prune() -> None:
+    """Forget processes that ended (once per request, not once per guest)."""
+    live = {g for g in psutil.pids()}
+    for dead in [k for k in _CPU if k not in live]:
+        del _CPU[dead]
+
+
+def _usage(pid: int | None, detail: bool = False) -> dict[str, Any]:
+    """CPU (since the last ask) and RSS of a QEMU process; with ``detail`` its disk and network
+    I/O too."""
     if pid is None:
         return {}
     try:
@@ -303,14 +312,14 @@ def _usage(pid: int | None) -> dict[str, Any]:
             p.cpu_percent(None)
         with p.oneshot():
             out: dict[str, Any] = {"cpu_percent": p.cpu_percent(None), "rss": p.memory_info().rss}
-            try:
-                io = p.io_counters()
-                out["io"] = {"read_bytes": io.read_bytes, "write_bytes": io.write_bytes}
-            except (psutil.Error, AttributeError):
-                out["io"] = None
-        out["net"] = _net(pid)
-        for dead in [k for k, v in _CPU.items() if not v.is_running()]:
-            del _CPU[dead]
+            if detail:
+                try:
+                    io = p.io_counters()
+                    out["io"] = {"read_bytes": io.read_bytes, "write_bytes": io.write_bytes}
+                except (psutil.Error, AttributeError):
+                    out["io"] = None
+        if detail:
+            out["net"] = _net(pid)
         return out
     except psutil.Error:
         _CPU.pop(pid, None)

@@ -35,7 +35,9 @@ from qemud.states import ALIVE, State, StateMachine
 from qemud.tail import Follower
 
 _CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")
-QMP_CONNECT_TIMEOUT = 10.0
+QMP_CONNECT_TIMEOUT = 30.0
+#: QMP calls while QEMU starts: a host busy starting many guests answers slowly, not never
+QMP_START_TIMEOUT = 30.0
 #: after `qemuctl reset`, how long guest resets stay in place before reboots relaunch QEMU again
 RESET_GRACE = 2.0
 QMP_TIMEOUT = 5.0
@@ -378,9 +380,9 @@ class Guest:
             for g in self.domain.devices.graphics:  # display passwords never go on a command line
                 if g.passwd and g.type in ("vnc", "spice"):
                     await qmp.execute("set_password", {"protocol": g.type, "password": g.passwd},
-                                      timeout=QMP_TIMEOUT)
-            await qmp.execute("cont", timeout=QMP_TIMEOUT)
-            status = await qmp.execute("query-status", timeout=QMP_TIMEOUT)
+                                      timeout=QMP_START_TIMEOUT)
+            await qmp.execute("cont", timeout=QMP_START_TIMEOUT)
+            status = await qmp.execute("query-status", timeout=QMP_START_TIMEOUT)
         except QmpError as exc:
             self._note = f"QMP failed after start: {exc}"
             proc.kill()

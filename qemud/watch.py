@@ -43,6 +43,8 @@ class DirectoryWatch:
             event = await it.__anext__()
             if event.name is None or is_candidate(event.name.name):
                 break
+        if event.name is not None and event.mask & Mask.MOVED_TO:
+            return  # a complete file renamed into place (how editors and tools save): at once
         while True:  # the quiet period: swallow what follows closely
             try:
                 await asyncio.wait_for(it.__anext__(), self.debounce)
