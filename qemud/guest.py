@@ -468,8 +468,8 @@ class Guest:
         self._stop_following()
         self.proc = None
         proc.close()
-        if self.qmp is not None:
-            await self.qmp.close()
+        if self.qmp is not None:  # closed on the side: the state change is told first
+            self._spawn_task(self.qmp.close())
             self.qmp = None
         self.last_stderr = log_tail(self.paths.run / "qemu.log")
         records.remove(self.paths.run)
