@@ -792,11 +792,9 @@ class Identities:
 
 @pytest.fixture
 def identities() -> Iterator[Identities]:
-    if os.geteuid() != 0:
-        pytest.skip("creating users needs root")
+    assert os.geteuid() == 0, "the tests run as root (they create test users)"
     for tool in ("useradd", "userdel", "groupadd", "groupdel", "setpriv"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed")
+        assert shutil.which(tool) is not None, f"{tool} is not installed"
     ids = Identities()
     try:
         yield ids
