@@ -10,9 +10,7 @@ import contextlib
 import json
 import os
 import platform
-import re
 import select
-import shlex
 import shutil
 import signal
 import socket
@@ -34,8 +32,6 @@ BIN = Path(sys.executable).parent
 QEMUD = BIN / "qemud"
 QEMUCTL = BIN / "qemuctl"
 
-_LINE = re.compile(r"^(\d\d:\d\d:\d\d) (?:error: |warning: )?(.*)$")
-_SEP = "  QEMUD_EVENT="
 
 
 # ---- statistics ----------------------------------------------------------------------------------
@@ -97,22 +93,12 @@ class Ev:
 
 
 def parse_event(line: str) -> tuple[str, str | None, dict[str, str]] | None:
-    m = _LINE.match(line)
-    if not m:
+    from qemud.events import parse_line
+    parsed = parse_line(line)
+    if parsed is None:
         return None
-    rest = m.group(2)
-    cut = rest.find(_SEP)
-    if cut < 0:
-        return None
-    try:
-        toks = shlex.split(rest[cut + 2:])
-    except ValueError:
-        return None
-    f = {}
-    for tok in toks:
-        k, _, v = tok.partition("=")
-        f[k.removeprefix("QEMUD_")] = v
-    return f.get("EVENT", ""), f.get("DOMAIN"), f
+    fields = parsed[3]
+    return fields.get("EVENT", ""), fields.get("DOMAIN"), fields
 
 
 class Daemon:

@@ -13,6 +13,7 @@ The event names and their MESSAGE_IDs are an interface (``journalctl QEMUD_EVENT
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 import syslog
@@ -165,6 +166,31 @@ class EventLog:
 
 
 _PRIO = {ERR: "error: ", WARNING: "warning: "}
+_EVENT_LINE = re.compile(r"^(\d\d:\d\d:\d\d) (error: |warning: )?(.*)$")
+_EVENT_SEP = "  QEMUD_EVENT="
+
+
+def parse_line(line: str) -> tuple[str, str, str, dict[str, str]] | None:
+    """An event line of the stderr sink read back: (time, level, message, fields without their
+    QEMUD_ prefix), or None for anything else (console and QEMU lines, other output)."""
+    m = _EVENT_LINE.match(line.rstrip("\n"))
+    if m is None:
+        return None
+    rest = m.group(3)
+    cut = rest.find(_EVENT_SEP)
+    if cut < 0:
+        return None
+    try:
+        tokens = shlex.split(rest[cut + 2:])
+    except ValueError:
+        return None
+    fields: dict[str, str] = {}
+    for tok in tokens:
+        key, eq, value = tok.partition("=")
+        if not eq or not key.startswith("QEMUD_"):
+            return None
+        fields[key.removeprefix("QEMUD_")] = value
+    return m.group(1), (m.group(2) or "").rstrip(": "), rest[:cut], fields
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import socket
@@ -38,6 +37,8 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
+from qemud.events import parse_line as parse_event_line
+
 import psutil
 
 from tests.support.tinyguest import TinyGuest
@@ -45,8 +46,6 @@ from tests.support.tinyguest import TinyGuest
 QEMUD = Path(sys.executable).with_name("qemud")
 QEMUD_NS = "http://qemud.org/xmlns/domain/1.0"
 
-_LINE = re.compile(r"^(?P<time>\d\d:\d\d:\d\d) (?P<level>error: |warning: )?(?P<rest>.*)$")
-_SEP = "  QEMUD_EVENT="
 
 
 class DaemonError(AssertionError):
@@ -95,27 +94,9 @@ class Event:
 
 def parse_line(raw: str, index: int = 0, run: int = 0, received: float = 0.0) -> Event:
     ev = Event(index=index, run=run, received=received, raw=raw)
-    m = _LINE.match(raw)
-    if m is None:
-        return ev
-    rest = m.group("rest")
-    cut = rest.find(_SEP)
-    if cut < 0:
-        return ev
-    try:
-        tokens = shlex.split(rest[cut + 2:])
-    except ValueError:
-        return ev
-    fields: dict[str, str] = {}
-    for tok in tokens:
-        key, eq, value = tok.partition("=")
-        if not eq or not key.startswith("QEMUD_"):
-            return ev
-        fields[key.removeprefix("QEMUD_")] = value
-    ev.stamp = m.group("time")
-    ev.level = (m.group("level") or "").rstrip(": ")
-    ev.message = rest[:cut]
-    ev.fields = fields
+    parsed = parse_event_line(raw)
+    if parsed is not None:
+        ev.stamp, ev.level, ev.message, ev.fields = parsed
     return ev
 
 
