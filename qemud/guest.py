@@ -444,18 +444,21 @@ class Guest:
             return  # host-initiated (quit, signal): its exit decides
         d = self.domain
         if reason == "guest-reset":
-            action, what = (d.on_reboot.value if d.on_reboot else "restart"), "rebooted (on_reboot)"
+            happened, setting = "rebooted", "on_reboot"
+            action = d.on_reboot.value if d.on_reboot else "restart"
         elif reason == "guest-panic":
-            action, what = (d.on_crash.value if d.on_crash else "destroy"), "panicked (on_crash)"
+            happened, setting = "panicked", "on_crash"
+            action = d.on_crash.value if d.on_crash else "destroy"
         else:
-            action, what = (d.on_poweroff.value if d.on_poweroff else "destroy"), "powered off (on_poweroff)"
-        self.env.log.emit("guest-shutdown", f"{self.name}: the guest {what.split(' ')[0]}; {what.split(' ')[1][1:-1]}={action}",
+            happened, setting = "powered off", "on_poweroff"
+            action = d.on_poweroff.value if d.on_poweroff else "destroy"
+        self.env.log.emit("guest-shutdown", f"{self.name}: the guest {happened}; {setting}={action}",
                           INFO, domain=self.name, uuid=self.uuid, pid=self.proc.pid if self.proc else None)
         if action == "preserve":
             if self.state == State.RUNNING:
-                self.sm.set(State.PAUSED, f"guest {what.split(' ')[0]}, QEMU kept ({action})")
+                self.sm.set(State.PAUSED, f"guest {happened}, QEMU kept ({setting}={action})")
             return
-        self.sm.set(State.STOPPING, f"guest {what.split(' ')[0]} ({what.split(' ')[1][1:-1]}={action})")
+        self.sm.set(State.STOPPING, f"guest {happened} ({setting}={action})")
         self._after_exit = "start" if action == "restart" else None
         if action != "restart":
             self.want_running = False
