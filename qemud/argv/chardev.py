@@ -173,6 +173,30 @@ def _virtio_serial_bus(b: Builder) -> str:
     return "virtio-serial0.0"
 
 
+def guestfwd_problem(c: CharDev) -> tuple[str, str] | None:
+    """What is wrong with a guestfwd channel's target, as (relative path, message), or None."""
+    import ipaddress
+    tgt = c.target
+    if tgt is None or not tgt.address or tgt.port is None:
+        return "target", "a guestfwd channel needs address and port"
+    try:
+        ipaddress.IPv4Address(tgt.address)
+    except ValueError:
+        return "target/@address", f"'{tgt.address}' is not an IPv4 address"
+    if not 0 < tgt.port < 65536:
+        return "target/@port", f"{tgt.port} is not a TCP port"
+    return None
+
+
+def guestfwd_rules(b: Builder) -> list[dict[str, str]]:
+    """slirp's guestfwd rules for the valid guestfwd channels (charchannelN is the chardev)."""
+    rules = []
+    for i, c in enumerate(b.domain.devices.channel):
+        if c.target is not None and c.target.type == "guestfwd" and guestfwd_problem(c) is None:
+            rules.append({"str": f"tcp:{c.target.address}:{c.target.port}-chardev:charchannel{i}"})
+    return rules
+
+
 def add_channels(b: Builder) -> None:
     for i, c in enumerate(b.domain.devices.channel):
         path = f"/domain/devices/channel[{i + 1}]"
@@ -201,31 +225,12 @@ def add_channels(b: Builder) -> None:
             if not chardev(b, c, cid, path):
                 continue
             b.warn(path, "guestfwd channels work with user networking only")
-            if tgt is None or not tgt.address or tgt.port is None:
-                b.error(f"{path}/target", "a guestfwd channel needs address and port")
-                continue
-            import ipaddress
-            try:
-                ipaddress.IPv4Address(tgt.address)
-            except ValueError:
-                b.error(f"{path}/target/@address", f"'{tgt.address}' is not an IPv4 address")
-                continue
-            if not 0 < tgt.port < 65536:
-                b.error(f"{path}/target/@port", f"{tgt.port} is not a TCP port")
-                continue
-            # attached to the first user-mode netdev
-            for j, iface in enumerate(b.domain.devices.interface):
-                if iface.type == "user":
-                    for k in range(len(b.args) - 1):
-                        if b.args[k] == "-netdev" and f'"id":"hostnet{j}"' in b.args[k + 1]:
-                            import json
-                            nd = json.loads(b.args[k + 1])
-                            nd.setdefault("guestfwd", []).append({"str": f"tcp:{tgt.address}:{tgt.port}-chardev:{cid}"})
-                            from qemud.argv.qemuopts import js
-                            b.args[k + 1] = js(nd)
-                    break
-            else:
+            problem = guestfwd_problem(c)
+            if problem is not None:
+                b.error(f"{path}/{problem[0]}", problem[1])
+            elif not any(i.type == "user" for i in b.domain.devices.interface):
                 b.error(path, "a guestfwd channel needs a user-mode interface")
+            # the forward itself is on the first user-mode netdev (net.py)
         elif ttype == "xen":
             b.error(f"{path}/target/@type", "Xen channels do not exist in QEMU guests")
         else:
