@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from qemud.errors import HostError
+from qemud.host import HostFacts, read_host
 
 CAPS_FORMAT = 1
 
@@ -49,6 +50,8 @@ class HostCaps:
     bridge_helper: str = "/usr/lib/qemu/qemu-bridge-helper"
     #: QEMU firmware descriptors (docs/interop/firmware.json), by priority
     firmware: tuple[dict[str, Any], ...] = ()
+    #: facts about the host beyond the binary (qemud.host), read at every probe
+    host: HostFacts = field(default_factory=HostFacts)
 
     def machine(self, name: str) -> Machine | None:
         """A machine type by name or alias ('pc' -> pc-i440fx-7.2)."""
@@ -72,6 +75,7 @@ class HostCaps:
         for k in ("devices", "objects", "cpu_models", "chardevs"):
             d[k] = sorted(d[k])
         d["firmware"] = list(self.firmware)
+        d["host"] = self.host.to_json()
         d["version"] = list(self.version)
         return d
 
@@ -84,7 +88,7 @@ class HostCaps:
             cpu_models=frozenset(d["cpu_models"]), chardevs=frozenset(d["chardevs"]),
             kvm=d["kvm"], kvm_reason=d.get("kvm_reason", ""), networks=dict(d.get("networks", {})),
             bridge_helper=d.get("bridge_helper", "/usr/lib/qemu/qemu-bridge-helper"),
-            firmware=tuple(d.get("firmware", ())))
+            firmware=tuple(d.get("firmware", ())), host=HostFacts.from_json(d.get("host", {})))
 
     def with_networks(self, networks: dict[str, str]) -> HostCaps:
         from dataclasses import replace
@@ -163,12 +167,12 @@ def probe(emulator: str, cache_dir: Path | None = None, timeout: float = 30.0) -
             ok, why = kvm_usable()  # host facts are not cached: /dev/kvm and firmware come and go
             from dataclasses import replace
             return replace(_with_kvm(caps, ok and caps.kvm, why if not ok else caps.kvm_reason),
-                           firmware=firmware_descriptors())
+                           firmware=firmware_descriptors(), host=read_host())
     except (OSError, ValueError, KeyError, TypeError):
         pass
     caps = asyncio.run(_probe(emulator, timeout))
     from dataclasses import replace
-    caps = replace(caps, firmware=firmware_descriptors())
+    caps = replace(caps, firmware=firmware_descriptors(), host=read_host())
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
