@@ -156,7 +156,7 @@ def _vnc_expect(s: str) -> list[Any]:
 
 
 def _guestfwd(cmd: Command) -> list[Any]:
-    (nd,) = json_options(cmd.argv, "-netdev")
+    (nd,) = [n for n in json_options(cmd.argv, "-netdev") if "guestfwd" in n]
     fwd = nd["guestfwd"][0]["str"]
     return [_parse_guestfwd(fwd)]
 
