@@ -79,16 +79,24 @@ def _iface(b: Builder, iface: Interface, i: int, path: str) -> None:
     else:
         b.error(f"{path}/@type", f"interface type '{t}' is not supported by qemud yet; use user, bridge, network or ethernet")
         return
+    model = iface.model.type if iface.model is not None else DEFAULT_MODEL
+    virtio = NIC_MODELS.get(model, model).startswith("virtio")
+    if not _extras_ok(b, iface, path, virtio):
+        return
     if iface.driver is not None and iface.driver.queues and iface.driver.queues > 1:
-        if netdev.get("type") not in ("tap", "bridge"):
-            b.error(f"{path}/driver/@queues", f"multiqueue needs a tap device; interface type '{t}' has one queue")
+        if not virtio:
+            # libvirt ignores queues of a NIC model that has one queue (tap-vhost-incorrect)
+            b.warn(f"{path}/driver/@queues", f"NIC model '{model}' has one queue; queues is ignored")
+        elif netdev.get("type") not in ("tap", "bridge"):
+            b.error(f"{path}/driver/@queues", f"multiqueue is not supported for network interfaces of type "
+                    f"'{t}' (it needs a tap device: use bridge, network or ethernet)")
             return
-        netdev["queues"] = iface.driver.queues
+        else:
+            netdev["queues"] = iface.driver.queues
     if iface.driver is not None and iface.driver.name == "vhost" and netdev.get("type") == "tap":
         netdev["vhost"] = True
     nid = f"hostnet{i}"
     netdev["id"] = nid
-    model = iface.model.type if iface.model is not None else DEFAULT_MODEL
     driver = NIC_MODELS.get(model, model)
     if not b.has_device(driver, f"{path}/model/@type", f"NIC model '{model}'"):
         return
@@ -96,7 +104,13 @@ def _iface(b: Builder, iface: Interface, i: int, path: str) -> None:
     mac = iface.mac.address if iface.mac is not None else stable_mac(b.domain.uuid_value, i)
     dev: dict[str, Any] = {"driver": driver, "netdev": nid,
                            "id": b.alias(iface.alias, f"net{i}", path), "mac": mac}
+    if iface.teaming is not None and iface.teaming.type == "persistent":
+        dev["failover"] = True  # the virtio half of a failover pair (hidden until the VF goes)
     if iface.driver is not None:
+        if iface.driver.rss is not None:
+            dev["rss"] = iface.driver.rss
+        if iface.driver.rss_hash_report is not None:
+            dev["hash"] = iface.driver.rss_hash_report
         q = iface.driver.queues
         if q and q > 1 and driver.startswith("virtio"):
             dev["mq"] = True
@@ -125,6 +139,47 @@ def _iface(b: Builder, iface: Interface, i: int, path: str) -> None:
         elif iface.rom.file:
             dev["romfile"] = iface.rom.file
     b.device(dev)
+
+
+def _extras_ok(b: Builder, iface: Interface, path: str, virtio: bool) -> bool:
+    """The NIC settings beyond model and backend: virtio-only ones checked, host-side ones
+    (applied by libvirt to the tap or by the network, not by QEMU) accepted with a warning."""
+    ok = True
+    d = iface.driver
+    if d is not None and not virtio:
+        for name, value in (("rss", d.rss), ("rss_hash_report", d.rss_hash_report)):
+            if value is not None:
+                b.error(f"{path}/driver/@{name}", f"{name} is a virtio-net setting; this NIC is not virtio")
+                ok = False
+    tm = iface.teaming
+    if tm is not None:
+        if tm.type == "persistent" and not virtio:
+            b.error(f"{path}/teaming", "the persistent member of a failover team must be a virtio NIC")
+            ok = False
+        elif tm.type == "transient" and not tm.persistent:
+            b.error(f"{path}/teaming/@persistent", "a transient team member needs the alias of its persistent member")
+            ok = False
+        elif tm.type == "transient":
+            # libvirt: only a hostdev member gets failover_pair_id; another NIC is a plain NIC
+            b.warn(f"{path}/teaming", "only a passed-through (hostdev) NIC can be the transient half of "
+                   "a failover team; this NIC is a plain NIC")
+    tap = iface.type in ("ethernet", "bridge", "network")
+    for what, el in (("coalesce", iface.coalesce), ("port", iface.port), ("vlan", iface.vlan)):
+        if el is not None:
+            where = "on its tap device" if tap else f"to a type '{iface.type}' interface"
+            b.warn(f"{path}/{what}", f"<{what}> is a host-side setting of the network (libvirt applies it "
+                   f"{where}); qemud does not apply it")
+    bk = iface.backend
+    if bk is not None and bk.type == "passt":
+        b.error(f"{path}/backend/@type", "the passt backend needs qemud to run and supervise a passt process, "
+                "which it does not yet; use the default user-mode (slirp) backend")
+        ok = False
+    elif iface.portForward:
+        b.error(f"{path}/portForward", "port forwarding needs the passt backend (<backend type='passt'>)")
+        ok = False
+    elif bk is not None and (bk.tap or bk.vhost):
+        b.warn(f"{path}/backend", "qemud opens the tap and vhost devices itself; <backend> paths are not used")
+    return ok
 
 
 def _js(props: dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ from pydantic import field_validator
 
 from qemud.domain.base import Element, Many, Opaque, UInt, YesNo, attr, ignored
 from qemud.domain.devices.address import Address, Alias, Boot
+from qemud.domain.devices.chardev import Reconnect
 
 _MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}\Z")
 
@@ -36,6 +37,8 @@ class IfaceSource(Element):
     port: UInt | None = attr()
     path: str | None = attr()
     type: str | None = attr()
+    portid: str | None = attr()
+    reconnect: Reconnect | None = None
 
 
 class IfaceModel(Element):
@@ -62,6 +65,8 @@ class IfaceDriver(Element):
     event_idx: YesNo | None = attr()
     rx_queue_size: UInt | None = attr()
     tx_queue_size: UInt | None = attr()
+    rss: YesNo | None = attr()
+    rss_hash_report: YesNo | None = attr()
     host: Opaque | None = ignored("virtio offload tuning is not applied yet")
     guest: Opaque | None = ignored("virtio offload tuning is not applied yet")
 
@@ -78,6 +83,52 @@ class Rom(Element):
     bar: YesNo | None = attr()
     file: str | None = attr()
     enabled: YesNo | None = attr()
+
+
+class CoalesceFrames(Element):
+    max: UInt = attr(...)
+
+
+class CoalesceRx(Element):
+    frames: CoalesceFrames | None = None
+
+
+class Coalesce(Element):
+    """Interrupt coalescing of the host's tap (ethtool rx-frames): host-side, set by libvirt."""
+
+    rx: CoalesceRx | None = None
+
+
+class Port(Element):
+    """<port isolated>: the bridge port's isolation, a host-side setting."""
+
+    isolated: YesNo | None = attr()
+
+
+class Teaming(Element):
+    """virtio-net failover: the persistent (virtio) member and the transient one naming it."""
+
+    type: Literal["persistent", "transient"] = attr(...)
+    persistent: str | None = attr()
+
+
+class VlanTag(Element):
+    id: UInt = attr(...)
+    nativeMode: Literal["tagged", "untagged"] | None = attr()
+
+
+class Vlan(Element):
+    """VLAN tags of the host-side port (Open vSwitch, SR-IOV): applied by the network, not QEMU."""
+
+    trunk: YesNo | None = attr()
+    tag: Many[VlanTag]
+
+
+class Backend(Element):
+    type: Literal["default", "passt"] | None = attr()
+    logFile: str | None = attr()
+    tap: str | None = attr()
+    vhost: str | None = attr()
 
 
 class Script(Element):
@@ -98,6 +149,12 @@ class Interface(Element):
     mtu: Mtu | None = None
     rom: Rom | None = None
     script: Script | None = None
+    coalesce: Coalesce | None = None
+    port: Port | None = None
+    teaming: Teaming | None = None
+    vlan: Vlan | None = None
+    backend: Backend | None = None
+    portForward: Many[Opaque]
     address: Address | None = None
     alias: Alias | None = None
     filterref: Opaque | None = ignored("libvirt's nwfilter is not part of qemud")
