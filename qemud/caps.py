@@ -52,6 +52,8 @@ class HostCaps:
     firmware: tuple[dict[str, Any], ...] = ()
     #: facts about the host beyond the binary (qemud.host), read at every probe
     host: HostFacts = field(default_factory=HostFacts)
+    #: TLS enabled in qemud.conf, by service ("spice", "vnc", "chardev") -> x509 certificate dir
+    tls_dirs: dict[str, str] = field(default_factory=dict)
 
     def machine(self, name: str) -> Machine | None:
         """A machine type by name or alias ('pc' -> pc-i440fx-7.2)."""
@@ -88,11 +90,17 @@ class HostCaps:
             cpu_models=frozenset(d["cpu_models"]), chardevs=frozenset(d["chardevs"]),
             kvm=d["kvm"], kvm_reason=d.get("kvm_reason", ""), networks=dict(d.get("networks", {})),
             bridge_helper=d.get("bridge_helper", "/usr/lib/qemu/qemu-bridge-helper"),
-            firmware=tuple(d.get("firmware", ())), host=HostFacts.from_json(d.get("host", {})))
+            firmware=tuple(d.get("firmware", ())), host=HostFacts.from_json(d.get("host", {})),
+            tls_dirs=dict(d.get("tls_dirs", {})))
 
     def with_networks(self, networks: dict[str, str]) -> HostCaps:
         from dataclasses import replace
         return replace(self, networks=dict(networks))
+
+    def with_tls(self, tls_dirs: dict[str, str]) -> HostCaps:
+        """These caps with qemud.conf's TLS settings (Config.tls_dirs)."""
+        from dataclasses import replace
+        return replace(self, tls_dirs=dict(tls_dirs))
 
 
 FIRMWARE_DIRS = ("/usr/share/qemu/firmware", "/etc/qemu/firmware")

@@ -44,6 +44,46 @@ def host_networks(config: Path | None = None) -> dict[str, str]:
     return nets
 
 
+#: libvirt's default_tls_x509_cert_dir (qemu.conf), used where a section names no directory
+DEFAULT_TLS_DIR = "/etc/pki/qemu"
+#: services with a TLS section in qemud.conf (libvirt's qemu.conf spice_tls, vnc_tls, chardev_tls)
+TLS_SECTIONS = ("spice", "vnc", "chardev")
+
+
+def tls_dirs(data: dict, path: Path) -> dict[str, str]:
+    """service -> x509 certificate dir for the [spice]/[vnc]/[chardev] sections with tls = true
+    (libvirt's spice_tls + spice_tls_x509_cert_dir, ...). The dir holds ca-cert.pem,
+    server-cert.pem and server-key.pem (and client-*.pem for chardevs that connect)."""
+    out: dict[str, str] = {}
+    for sec in TLS_SECTIONS:
+        table = data.get(sec) or {}
+        if not isinstance(table, dict):
+            raise QemudError(f"{path}: [{sec}] must be a table")
+        unknown = set(table) - {"tls", "tls_x509_cert_dir"}
+        if unknown:
+            raise QemudError(f"{path}: unknown key(s) in [{sec}]: {', '.join(sorted(unknown))}")
+        tls, d = table.get("tls", False), table.get("tls_x509_cert_dir", DEFAULT_TLS_DIR)
+        if not isinstance(tls, bool):
+            raise QemudError(f"{path}: [{sec}] tls = {tls!r} is not true or false")
+        if not isinstance(d, str) or not d.startswith("/"):
+            raise QemudError(f"{path}: [{sec}] tls_x509_cert_dir = {d!r} is not an absolute path")
+        if tls:
+            out[sec] = d
+    return out
+
+
+def host_tls(config: Path | None = None) -> dict[str, str]:
+    """qemud.conf's TLS settings (empty when the file is missing or unreadable)."""
+    if config is None:
+        from qemud.paths import Dirs
+        config = Dirs.default().config
+    try:
+        with open(config, "rb") as fh:
+            return tls_dirs(tomllib.load(fh), config)
+    except (OSError, tomllib.TOMLDecodeError, QemudError):
+        return {}
+
+
 @dataclass(frozen=True)
 class Config:
     """qemud.conf; every key and its default is in the shipped etc/qemud/qemud.conf."""
@@ -57,6 +97,8 @@ class Config:
     debounce: float = 0.2
     control_group: str | None = None
     networks: dict[str, str] = field(default_factory=dict)
+    #: TLS enabled for spice / vnc / chardev -> x509 certificate dir (passed on in HostCaps)
+    tls_dirs: dict[str, str] = field(default_factory=dict)
 
 
 _KEYS = {"domains_dir": (str,), "shutdown_timeout": (int, float), "max_retries": (int,), "backoff": (int, float),
@@ -84,7 +126,7 @@ def load_config(path: Path, explicit: bool = False) -> Config:
     flat = {**{k: v for k, v in daemon.items()}, **{k: v for k, v in restart.items()},
             **{k: v for k, v in control.items()}}
     unknown = set(flat) - set(_KEYS)
-    unknown |= set(data) - {"daemon", "restart", "networks", "control"}
+    unknown |= set(data) - {"daemon", "restart", "networks", "control", *TLS_SECTIONS}
     if unknown:
         raise QemudError(f"{path}: unknown key(s): {', '.join(sorted(unknown))}")
     kw: dict[str, object] = {}
@@ -92,7 +134,7 @@ def load_config(path: Path, explicit: bool = False) -> Config:
         if not isinstance(v, _KEYS[k]) or isinstance(v, bool):
             raise QemudError(f"{path}: {k} = {v!r} is not a {' or '.join(t.__name__ for t in _KEYS[k])}")
         kw["control_group" if k == "group" else k] = Path(v) if k == "domains_dir" else v
-    return Config(networks=host_networks(path), **kw)  # type: ignore[arg-type]
+    return Config(networks=host_networks(path), tls_dirs=tls_dirs(data, path), **kw)  # type: ignore[arg-type]
 
 
-__all__ = ["host_networks", "load_config", "Config"]
+__all__ = ["host_networks", "host_tls", "load_config", "Config"]

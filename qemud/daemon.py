@@ -139,7 +139,8 @@ class Daemon:
         never stalls the daemon), then from memory; the disk cache makes restarts cheap."""
         caps = self._caps.get(emulator)
         if caps is None:
-            caps = (await asyncio.to_thread(probe, emulator)).with_networks(self._networks)
+            caps = (await asyncio.to_thread(probe, emulator)).with_networks(self._networks) \
+                .with_tls(self.config.tls_dirs)
             self._caps[emulator] = caps
         return caps
 

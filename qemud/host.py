@@ -40,7 +40,9 @@ class HostFacts:
 
 
 #: device nodes and directories whose presence decides what a guest can have
-WATCHED_PATHS: tuple[str, ...] = ()
+WATCHED_PATHS: tuple[str, ...] = (
+    "/dev/dri",  # DRM render nodes: OpenGL displays (egl-headless, <gl enable='yes'>)
+)
 
 #: helper programs, by role: the first candidate that is executable wins
 HELPER_CANDIDATES: dict[str, tuple[str, ...]] = {}

@@ -93,6 +93,26 @@ class Guest:
     initrd: str
 
 
+def make_x509_dir(d: Path) -> str:
+    """A scratch CA and a server certificate signed by it: ca-cert.pem, server-cert.pem,
+    server-key.pem (the files QEMU's x509-dir and tls-creds-x509 read)."""
+    d.mkdir(parents=True, exist_ok=True)
+
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, cwd=d, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", "ca-key.pem", "-out", "ca-cert.pem", "-days", "2", "-subj", "/CN=qemud test CA",
+        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    ssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", "server-key.pem", "-out", "server.csr", "-subj", "/CN=localhost")
+    (d / "server.ext").write_text("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+                                  "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    ssl("x509", "-req", "-in", "server.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
+        "-CAcreateserial", "-out", "server-cert.pem", "-days", "2", "-extfile", "server.ext")
+    return str(d)
+
+
 class Rewriter:
     """The measurement's rewrite of one domain XML text, with a scratch folder for its files."""
 
@@ -104,6 +124,8 @@ class Rewriter:
         self.notes: list[str] = []
         #: scratch paths of unix sockets the domain connects to (mode='connect'): listened on
         self.peers: list[str] = []
+        #: qemud.conf TLS settings the input needs (service -> scratch x509 dir)
+        self.tls: dict[str, str] = {}
 
     def _new(self, kind: str, original: str, name: str) -> tuple[str, bool]:
         """A scratch path for ``original`` (the same one each time it is named); new?"""
@@ -141,6 +163,7 @@ class Rewriter:
         if cpu is not None and cpu.get("mode") in ("host-passthrough", "host-model"):
             root.remove(cpu)
         self._os(root)
+        self.tls = self.tls_dirs(root)
         devices = root.find("devices")
         if devices is None:
             devices = ET.SubElement(root, "devices")
@@ -179,6 +202,17 @@ class Rewriter:
                         if new and a == "dir":
                             os.makedirs(p, exist_ok=True)
         return ET.tostring(root, encoding="unicode")
+
+    def tls_dirs(self, root: ET.Element) -> dict[str, str]:
+        """qemud.conf TLS settings this input needs: a scratch x509 dir (CA + server cert, as
+        libvirt expects in spice_tls_x509_cert_dir) when a SPICE display asks for TLS."""
+        devices = root.find("devices")
+        spice = [g for g in (devices.findall("graphics") if devices is not None else [])
+                 if g.get("type") == "spice"]
+        if not any(g.get("tlsPort") or g.get("defaultMode") == "secure"
+                   or any(c.get("mode") == "secure" for c in g.findall("channel")) for g in spice):
+            return {}
+        return {"spice": make_x509_dir(self.scratch / "pki")}
 
     def _os(self, root: ET.Element) -> None:
         osel = root.find("os")
@@ -331,7 +365,7 @@ def _run_one(xml_path: str, name: str, scratch: Path, guest: Guest, timeout: flo
     except Exception:  # noqa: BLE001
         return crashed("parse")
     try:
-        caps = probe(emulator_for(domain))
+        caps = probe(emulator_for(domain)).with_tls(rw.tls)
         paths = GuestPaths(run=scratch / "run", state=scratch / "state")
         cmd = build_argv(domain, caps, paths, paused=True)
     except DomainError as exc:

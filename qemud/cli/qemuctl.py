@@ -72,8 +72,8 @@ def _parser() -> argparse.ArgumentParser:
 def _caps_for(domain):  # type: ignore[no-untyped-def]
     from qemud.argv import emulator_for
     from qemud.caps import probe
-    from qemud.config import host_networks
-    return probe(emulator_for(domain)).with_networks(host_networks())
+    from qemud.config import host_networks, host_tls
+    return probe(emulator_for(domain)).with_networks(host_networks()).with_tls(host_tls())
 
 
 def _paths(args: argparse.Namespace, name: str):  # type: ignore[no-untyped-def]
