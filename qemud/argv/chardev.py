@@ -353,6 +353,15 @@ def guestfwd_problem(c: CharDev) -> tuple[str, str] | None:
     return None
 
 
+def guestfwd_rules(b: Builder) -> list[dict[str, str]]:
+    """slirp's guestfwd rules for the valid guestfwd channels (charchannelN is the chardev)."""
+    rules = []
+    for i, c in enumerate(b.domain.devices.channel):
+        if c.target is not None and c.target.type == "guestfwd" and guestfwd_problem(c) is None:
+            rules.append({"str": f"tcp:{c.target.address}:{c.target.port}-chardev:charchannel{i}"})
+    return rules
+
+
 def add_channels(b: Builder) -> None:
     plan = virtio_serial_plan(b.domain)
     for where, msg in plan.problems:
@@ -389,8 +398,11 @@ def add_channels(b: Builder) -> None:
             if not chardev(b, c, cid, path):
                 continue
             assert tgt is not None
-            # libvirt: a user-mode netdev of its own per channel, with no NIC; the guest reaches
-            # the forward through any user-mode NIC's slirp (10.0.2.x)
+            if any(x.type == "user" for x in b.domain.devices.interface):
+                continue  # on the first user-mode NIC's netdev, where the guest reaches it (net.py)
+            # libvirt gives each guestfwd channel a user-mode netdev of its own; with no NIC on
+            # it no guest traffic reaches the forward, but the guest starts as libvirt's does
+            b.warn(path, "no user-mode interface: the guest has no NIC that reaches this forward")
             nid = b.alias(c.alias, f"channel{i}", path)
             b.add("-netdev", js({"type": "user",
                                  "guestfwd": [{"str": f"tcp:{tgt.address}:{tgt.port}-chardev:{cid}"}], "id": nid}))

@@ -36,7 +36,12 @@ def _iface(b: Builder, iface: Interface, i: int, path: str) -> None:
     netdev: dict[str, Any] = {}
     t = iface.type
     if t == "user":
-        netdev = {"type": "user"}  # guestfwd channels have netdevs of their own (chardev.py)
+        netdev = {"type": "user"}
+        if not any(x.type == "user" for x in b.domain.devices.interface[:i]):
+            from qemud.argv.chardev import guestfwd_rules
+            rules = guestfwd_rules(b)  # guestfwd channels forward through the first user netdev
+            if rules:
+                netdev["guestfwd"] = rules
     elif t in ("bridge", "network"):
         if t == "network":
             net = src.network if src is not None else None
