@@ -316,3 +316,21 @@ def test_multiqueue_on_a_virtio_user_nic_is_refused_like_libvirt(caps: HostCaps,
                   caps, scratch)
     (p,) = e.value.problems
     assert p.path == "/domain/devices/interface[1]/driver/@queues" and "type 'user'" in p.message
+
+
+def test_vhostuser_interface_argv(caps: HostCaps, scratch: Path) -> None:
+    """vhost-user needs a live backend for QEMU to start (QEMU waits for it): argv only."""
+    _, cmd = translate(domain_xml(
+        "<interface type='vhostuser'><mac address='52:54:00:ee:96:6b'/>"
+        "<source type='unix' path='/run/vu0.sock' mode='server'/><model type='virtio'/></interface>"
+        "<interface type='vhostuser'><mac address='52:54:00:ee:96:6e'/>"
+        "<source type='unix' path='/run/vu1.sock' mode='client'><reconnect enabled='yes' timeout='10'/></source>"
+        "<model type='virtio'/><driver queues='4'/></interface>"), caps, scratch)
+    assert options(cmd.argv, "-chardev")[-2:] == ["socket,id=charnet0,path=/run/vu0.sock,server=on",
+                                                  "socket,id=charnet1,path=/run/vu1.sock,reconnect=10"]
+    assert json_options(cmd.argv, "-netdev") == [
+        {"type": "vhost-user", "chardev": "charnet0", "id": "hostnet0"},
+        {"type": "vhost-user", "chardev": "charnet1", "queues": 4, "id": "hostnet1"}]
+    net1 = next(d for d in json_options(cmd.argv, "-device") if d.get("id") == "net1")
+    assert net1["mq"] is True and net1["vectors"] == 10
+    assert any("shared" in w.message for w in cmd.warnings)

@@ -109,11 +109,14 @@ def chardev(b: Builder, c: CharDev, cid: str, path: str, console: bool = False) 
         if not any(g.type == "dbus" for g in b.domain.devices.graphics):
             b.error(f"{path}/@type", "a dbus character device needs <graphics type='dbus'>")
             return False
-        if src is None or not src.channel:
+        name = src.channel if src is not None and src.channel else None
+        if name is None and "/redirdev" in path:
+            name = "org.qemu.usbredir"  # libvirt's channel of a D-Bus USB redirection
+        if name is None:
             b.error(f"{path}/source/@channel", "a dbus character device needs the D-Bus channel name "
                     "(e.g. org.qemu.console.serial.0)")
             return False
-        b.add("-chardev", "dbus," + opts(("id", cid), ("name", src.channel)))
+        b.add("-chardev", "dbus," + opts(("id", cid), ("name", name)))
     elif t == "vc":
         # QEMU's vc backend works without a display too (a text console nobody looks at), as
         # libvirt realizes it; with VNC/SPICE it is the display's text console

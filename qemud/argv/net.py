@@ -6,6 +6,7 @@ import hashlib
 from typing import Any
 
 from qemud.argv.builder import Builder
+from qemud.argv.qemuopts import opts
 from qemud.domain.devices.interface import Interface
 
 NIC_MODELS = {
@@ -78,6 +79,11 @@ def _iface(b: Builder, iface: Interface, i: int, path: str) -> None:
             netdev = {"type": "socket", "udp": f"{host or '127.0.0.1'}:{port}"}
         else:
             netdev = {"type": "socket", key: f"{host or ''}:{port}"}
+    elif t == "vhostuser":
+        got = _vhostuser(b, iface, i, path)
+        if got is None:
+            return
+        netdev = got
     elif t == "null":
         b.error(f"{path}/@type", "interface type 'null' is not supported")
         return
@@ -92,7 +98,7 @@ def _iface(b: Builder, iface: Interface, i: int, path: str) -> None:
         if not virtio:
             # libvirt ignores queues of a NIC model that has one queue (tap-vhost-incorrect)
             b.warn(f"{path}/driver/@queues", f"NIC model '{model}' has one queue; queues is ignored")
-        elif netdev.get("type") not in ("tap", "bridge"):
+        elif netdev.get("type") not in ("tap", "bridge", "vhost-user"):
             b.error(f"{path}/driver/@queues", f"multiqueue is not supported for network interfaces of type "
                     f"'{t}' (it needs a tap device: use bridge, network or ethernet)")
             return
@@ -144,6 +150,48 @@ def _iface(b: Builder, iface: Interface, i: int, path: str) -> None:
         elif iface.rom.file:
             dev["romfile"] = iface.rom.file
     b.device(dev)
+
+
+def _vhostuser(b: Builder, iface: Interface, i: int, path: str) -> dict[str, Any] | None:
+    """A vhost-user backend (a switch such as OVS-DPDK) on a unix socket: its -chardev, and the
+    netdev (None with an error when it cannot be built). QEMU waits at start for the backend."""
+    src = iface.source
+    if src is None or not src.path:
+        b.error(f"{path}/source/@path", "a vhost-user interface needs the backend's socket path")
+        return None
+    if src.type not in (None, "unix"):
+        b.error(f"{path}/source/@type", "a vhost-user backend is reached over a unix socket (type='unix')")
+        return None
+    if src.mode not in ("server", "client"):
+        b.error(f"{path}/source/@mode", "required: 'server' (QEMU listens) or 'client' (QEMU connects)")
+        return None
+    model = iface.model.type if iface.model is not None else None
+    if model is None or not model.startswith("virtio"):
+        b.error(f"{path}/model/@type", "a vhost-user interface must be a virtio NIC")
+        return None
+    if iface.backend is not None and (iface.backend.tap or iface.backend.vhost):
+        b.error(f"{path}/backend", "custom tap device path is not supported for network interfaces of type vhostuser")
+        return None
+    server = src.mode == "server"
+    rc = src.reconnect
+    parts: list[tuple[str, object] | None] = [("id", f"charnet{i}"), ("path", src.path)]
+    if server:
+        parts.append(("server", True))  # QEMU waits for the backend to connect before it starts
+        if rc is not None:
+            b.error(f"{path}/source/reconnect", "reconnect is possible only in client mode")
+            return None
+    elif rc is not None:
+        if rc.enabled and not rc.timeout:
+            b.error(f"{path}/source/reconnect/@timeout", "reconnect needs a timeout of at least 1 second")
+            return None
+        parts.append(("reconnect", rc.timeout if rc.enabled else 0))
+    cells = b.domain.cpu.numa.cell if b.domain.cpu is not None and b.domain.cpu.numa is not None else ()
+    if not any(c.memAccess == "shared" for c in cells):
+        b.warn(path, "vhost-user without shared guest memory (a NUMA cell with memAccess='shared'): "
+               "the backend cannot reach the guest's buffers and the interface may not work")
+    b.add("-chardev", "socket," + opts(*parts))
+    netdev: dict[str, Any] = {"type": "vhost-user", "chardev": f"charnet{i}"}
+    return netdev
 
 
 def _extras_ok(b: Builder, iface: Interface, path: str, virtio: bool) -> bool:
