@@ -45,7 +45,9 @@ WATCHED_PATHS: tuple[str, ...] = (
 )
 
 #: helper programs, by role: the first candidate that is executable wins
-HELPER_CANDIDATES: dict[str, tuple[str, ...]] = {}
+HELPER_CANDIDATES: dict[str, tuple[str, ...]] = {
+    "passt": ("/usr/bin/passt",),  # <interface type='user'><backend type='passt'>
+}
 
 
 def _numa_nodes() -> tuple[int, ...]:

@@ -334,3 +334,56 @@ def test_vhostuser_interface_argv(caps: HostCaps, scratch: Path) -> None:
     net1 = next(d for d in json_options(cmd.argv, "-device") if d.get("id") == "net1")
     assert net1["mq"] is True and net1["vectors"] == 10
     assert any("shared" in w.message for w in cmd.warnings)
+
+
+def test_tcp_serial_tls_from_qemud_conf(caps: HostCaps, scratch: Path) -> None:
+    """A TLS server serial port (qemud.conf [chardev] tls), realized: QEMU loads the scratch certs."""
+    pki = make_x509_dir(scratch / "pki")
+    port = free_port()
+    xml = domain_xml(f"<serial type='tcp'><source mode='bind' host='127.0.0.1' service='{port}'/>"
+                     "<protocol type='raw'/><target port='0'/></serial>"
+                     f"<serial type='tcp'><source mode='bind' host='127.0.0.1' service='{free_port()}' tls='no'/>"
+                     "<target port='1'/></serial>")
+    _, plain = translate(xml, caps, scratch)
+    assert not any("tls-creds" in c for c in options(plain.argv, "-chardev"))
+    _, cmd = translate(xml, caps.with_tls({"chardev": pki}), scratch)
+    assert json_options(cmd.argv, "-object")[-1] == {"qom-type": "tls-creds-x509", "id": "objcharserial0_tls0",
+                                                     "dir": pki, "endpoint": "server", "verify-peer": False}
+    chardevs = options(cmd.argv, "-chardev")
+    assert any(c.startswith("socket,id=charserial0,") and c.endswith("tls-creds=objcharserial0_tls0") or
+               "tls-creds=objcharserial0_tls0," in c for c in chardevs)
+    assert not any("charserial1" in c and "tls-creds" in c for c in chardevs)
+
+    async def ask(q: Qmp) -> Any:
+        return await q.execute("qom-get", {"path": "/objects/objcharserial0_tls0", "property": "endpoint"})
+    assert in_qemu(cmd, ask) == "server"
+
+
+def test_passt_backend_command_and_refusal(caps: HostCaps, scratch: Path) -> None:
+    """libvirt's net-user-passt port forwards become passt's -t/-u specs; the NIC is refused
+    while qemud cannot supervise passt (the reason is named)."""
+    from qemud.argv.net import passt_command
+    xml = domain_xml(
+        "<interface type='user'><mac address='00:11:22:33:44:55'/><source dev='eth42'/>"
+        "<ip family='ipv4' address='172.17.2.0' prefix='24'/>"
+        "<portForward proto='tcp' address='2001:db8:ac10:fd01::1:10'><range start='22' to='2022'/>"
+        "<range start='1000' end='1050'/><range start='1020' exclude='yes'/>"
+        "<range start='1030' end='1040' exclude='yes'/></portForward>"
+        "<portForward proto='udp' address='1.2.3.4' dev='eth0'><range start='5000' end='5020' to='6000'/>"
+        "<range start='5010' end='5015' exclude='yes'/></portForward>"
+        "<model type='rtl8139'/><backend type='passt' logFile='/var/log/passt.log'/></interface>")
+    domain = parse_domain(xml, "t.xml")
+    argv = passt_command("/usr/bin/passt", domain.devices.interface[0], "00:11:22:33:44:55", "/run/p.sock", "/run/p.pid")
+    assert argv == ["/usr/bin/passt", "--one-off", "--socket", "/run/p.sock", "--mac-addr", "00:11:22:33:44:55",
+                    "--pid", "/run/p.pid", "--interface", "eth42", "--address", "172.17.2.0", "--netmask", "24",
+                    "--log-file", "/var/log/passt.log",
+                    "--tcp-ports", "2001:db8:ac10:fd01::1:10/22:2022,1000-1050,~1020,~1030-1040",
+                    "--udp-ports", "1.2.3.4%eth0/5000-5020:6000-6020,~5010-5015"]
+    host = dataclasses.replace(caps.host, helpers={**caps.host.helpers, "passt": "/usr/bin/passt"})
+    with pytest.raises(DomainError) as e:
+        translate(xml, dataclasses.replace(caps, host=host), scratch)
+    (p,) = e.value.problems
+    assert p.path == "/domain/devices/interface[1]/backend/@type" and "supervise" in p.message
+    with pytest.raises(DomainError) as e:
+        translate(xml, dataclasses.replace(caps, host=dataclasses.replace(caps.host, helpers={})), scratch)
+    assert "lacks" in e.value.problems[0].message

@@ -78,9 +78,13 @@ def chardev(b: Builder, c: CharDev, cid: str, path: str, console: bool = False) 
         rc = _reconnect(b, c, path, server)
         if rc is False:
             return False
+        creds = _tls_creds(b, c, cid, path, server)
+        if creds is False:
+            return False
         b.add("-chardev", "socket," + opts(("id", cid), ("host", src.host or "localhost"), ("port", src.service),
                                            ("telnet", True) if telnet else None, ("server", server),
-                                           ("wait", False) if server else None, rc, *logfile))
+                                           ("wait", False) if server else None, rc,
+                                           ("tls-creds", creds) if creds else None, *logfile))
     elif t == "udp":
         connect = next((s for s in c.source if s.mode != "bind"), None)
         bind = next((s for s in c.source if s.mode == "bind"), None)
@@ -152,6 +156,26 @@ def _reconnect(b: Builder, c: CharDev, path: str, server: bool) -> tuple[str, in
         b.error(f"{rpath}/@timeout", "reconnect needs a timeout of at least 1 second")
         return False
     return ("reconnect", rc.timeout)
+
+
+def _tls_creds(b: Builder, c: CharDev, cid: str, path: str, server: bool) -> str | None | bool:
+    """The tls-creds-x509 object of a TCP chardev: with <source tls='yes'>, or by default when
+    qemud.conf has [chardev] tls = true (libvirt's chardev_tls); tls='no' opts out."""
+    src = c.src
+    want = src.tls if src is not None else None
+    tls_dir = b.caps.tls_dirs.get("chardev")
+    if want is False or (want is None and tls_dir is None):
+        return None
+    if tls_dir is None:
+        b.error(f"{path}/source/@tls", "TLS for character devices is disabled in qemud.conf (set [chardev] "
+                "tls = true and tls_x509_cert_dir to a directory with ca-cert.pem and the "
+                "client-/server-cert.pem and -key.pem)")
+        return False
+    oid = f"obj{cid}_tls0"
+    # a client always verifies the server it connects to; a server asks no client certificate
+    b.obj({"qom-type": "tls-creds-x509", "id": oid, "dir": tls_dir,
+           "endpoint": "server" if server else "client", "verify-peer": not server})
+    return oid
 
 
 def _serial_ports(b: Builder) -> list[int]:

@@ -7,7 +7,7 @@ from typing import Any
 
 from qemud.argv.builder import Builder
 from qemud.argv.qemuopts import opts
-from qemud.domain.devices.interface import Interface
+from qemud.domain.devices.interface import Interface, PortForward
 
 NIC_MODELS = {
     "virtio": "virtio-net-pci", "virtio-transitional": "virtio-net-pci-transitional",
@@ -36,7 +36,11 @@ def _iface(b: Builder, iface: Interface, i: int, path: str) -> None:
     src = iface.source
     netdev: dict[str, Any] = {}
     t = iface.type
-    if t == "user":
+    if t == "user" and iface.backend is not None and iface.backend.type == "passt":
+        netdev = _passt(b, iface, i, path)
+        if not netdev:
+            return
+    elif t == "user":
         netdev = {"type": "user"}
         if not any(x.type == "user" for x in b.domain.devices.interface[:i]):
             from qemud.argv.chardev import guestfwd_rules
@@ -152,6 +156,62 @@ def _iface(b: Builder, iface: Interface, i: int, path: str) -> None:
     b.device(dev)
 
 
+def passt_port_spec(pf: PortForward) -> str:
+    """passt's -t/-u SPEC of one <portForward>: [ADDRESS[%DEV]/]RANGE,... where a range is
+    START[-END][:TO[-TOEND]] or ~START[-END] for an exclusion (libvirt's qemuPasstAddNetProps)."""
+    parts = []
+    for r in pf.range:
+        one = f"{r.start}-{r.end}" if r.end is not None else str(r.start)
+        if r.exclude:
+            one = "~" + one
+        elif r.to is not None:
+            one += f":{r.to}" + (f"-{r.to + r.end - r.start}" if r.end is not None else "")
+        parts.append(one)
+    prefix = ""
+    if pf.address or pf.dev:
+        prefix = (pf.address or "") + (f"%{pf.dev}" if pf.dev else "") + "/"
+    return prefix + ",".join(parts)
+
+
+def passt_command(passt: str, iface: Interface, mac: str, sock: str, pidfile: str) -> list[str]:
+    """The passt process that backs a user-mode NIC with <backend type='passt'> (as libvirt runs
+    it): it serves one QEMU on ``sock`` and exits when QEMU goes."""
+    argv = [passt, "--one-off", "--socket", sock, "--mac-addr", mac, "--pid", pidfile]
+    if iface.mtu is not None:
+        argv += ["--mtu", str(iface.mtu.size)]
+    if iface.source is not None and iface.source.dev:
+        argv += ["--interface", iface.source.dev]
+    for ip in iface.ip:
+        extra = ip.model_extra or {}
+        if extra.get("@address"):
+            argv += ["--address", str(extra["@address"])]
+            if extra.get("@prefix"):
+                argv += ["--netmask", str(extra["@prefix"])]
+    if iface.backend is not None and iface.backend.logFile:
+        argv += ["--log-file", iface.backend.logFile]
+    for pf in iface.portForward:
+        argv += ["--tcp-ports" if pf.proto == "tcp" else "--udp-ports", passt_port_spec(pf)]
+    return argv
+
+
+def _passt(b: Builder, iface: Interface, i: int, path: str) -> dict[str, Any] | None:
+    """A user-mode NIC backed by passt: QEMU connects to passt's socket (-netdev stream)."""
+    sock = b.socket_path(b.paths.run / f"passt-net{i}.sock", path)
+    for n, pf in enumerate(iface.portForward):
+        if not pf.range:
+            b.error(f"{path}/portForward[{n + 1}]", "a port forward needs at least one <range>")
+            return None
+    passt = b.caps.host.helpers.get("passt")
+    if passt is None:
+        b.error(f"{path}/backend/@type", "the passt backend needs the passt program, which this host lacks "
+                "(install the passt package)")
+        return None
+    # passt_command() is the process to run; qemud has no supervision of helper processes yet
+    b.error(f"{path}/backend/@type", "the passt backend needs qemud to start and supervise a passt "
+            "process, which it does not do yet; use the default user-mode (slirp) backend")
+    return {"type": "stream", "addr": {"type": "unix", "path": sock}, "server": False}
+
+
 def _vhostuser(b: Builder, iface: Interface, i: int, path: str) -> dict[str, Any] | None:
     """A vhost-user backend (a switch such as OVS-DPDK) on a unix socket: its -chardev, and the
     netdev (None with an error when it cannot be built). QEMU waits at start for the backend."""
@@ -224,9 +284,7 @@ def _extras_ok(b: Builder, iface: Interface, path: str, virtio: bool) -> bool:
                    f"{where}); qemud does not apply it")
     bk = iface.backend
     if bk is not None and bk.type == "passt":
-        b.error(f"{path}/backend/@type", "the passt backend needs qemud to run and supervise a passt process, "
-                "which it does not yet; use the default user-mode (slirp) backend")
-        ok = False
+        pass  # _passt()
     elif iface.portForward:
         b.error(f"{path}/portForward", "port forwarding needs the passt backend (<backend type='passt'>)")
         ok = False

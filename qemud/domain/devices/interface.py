@@ -124,6 +124,22 @@ class Vlan(Element):
     tag: Many[VlanTag]
 
 
+class PortRange(Element):
+    start: UInt = attr(...)
+    end: UInt | None = attr()
+    to: UInt | None = attr()
+    exclude: YesNo | None = attr()
+
+
+class PortForward(Element):
+    """passt's port forwarding from the host to the guest (user-mode NICs with backend passt)."""
+
+    proto: Literal["tcp", "udp"] = attr(...)
+    address: str | None = attr()
+    dev: str | None = attr()
+    range: Many[PortRange]
+
+
 class Backend(Element):
     type: Literal["default", "passt"] | None = attr()
     logFile: str | None = attr()
@@ -154,7 +170,7 @@ class Interface(Element):
     teaming: Teaming | None = None
     vlan: Vlan | None = None
     backend: Backend | None = None
-    portForward: Many[Opaque]
+    portForward: Many[PortForward]
     address: Address | None = None
     alias: Alias | None = None
     filterref: Opaque | None = ignored("libvirt's nwfilter is not part of qemud")
