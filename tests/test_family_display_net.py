@@ -387,3 +387,24 @@ def test_passt_backend_command_and_refusal(caps: HostCaps, scratch: Path) -> Non
     with pytest.raises(DomainError) as e:
         translate(xml, dataclasses.replace(caps, host=dataclasses.replace(caps.host, helpers={})), scratch)
     assert "lacks" in e.value.problems[0].message
+
+
+def test_vhostuser_interfaces_start_with_a_backend(caps: HostCaps, scratch: Path) -> None:
+    """With a (stub) vhost-user backend on each socket, QEMU starts and has both NICs."""
+    from tests.support.vhost_user_stub import VhostUserStub
+    a, c = str(scratch / "vu0.sock"), str(scratch / "vu1.sock")
+    _, cmd = translate(domain_xml(
+        f"<interface type='vhostuser'><mac address='52:54:00:ee:96:6b'/><source type='unix' path='{a}' mode='server'/>"
+        "<model type='virtio'/></interface>"
+        f"<interface type='vhostuser'><mac address='52:54:00:ee:96:6e'/><source type='unix' path='{c}' mode='client'>"
+        "<reconnect enabled='yes' timeout='1'/></source><model type='virtio'/><driver queues='2'/></interface>"),
+        caps, scratch)
+    stub = VhostUserStub([(a, "server"), (c, "client")])
+    try:
+        async def ask(q: Qmp) -> Any:
+            return await q.hmp("info network")
+        info = in_qemu(cmd, ask)
+    finally:
+        stub.close()
+    assert "hostnet0: index=0,type=vhost-user" in info.replace("\r", "")
+    assert "macaddr=52:54:00:ee:96:6e" in info

@@ -70,6 +70,7 @@ from qemud.launch import prepare  # noqa: E402
 from qemud.paths import GuestPaths  # noqa: E402
 from tests.support.realize import first_error_line, realize_sync  # noqa: E402
 from tests.support.tinyguest import ensure_guest  # noqa: E402
+from tests.support.vhost_user_stub import VhostUserStub  # noqa: E402
 
 DEFAULT_EMULATOR = "/usr/bin/qemu-system-x86_64"
 OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
@@ -126,6 +127,8 @@ class Rewriter:
         self.peers: list[str] = []
         #: qemud.conf TLS settings the input needs (service -> scratch x509 dir)
         self.tls: dict[str, str] = {}
+        #: vhost-user sockets (path, QEMU's mode) a stub backend must serve
+        self.vhost_users: list[tuple[str, str]] = []
 
     def _new(self, kind: str, original: str, name: str) -> tuple[str, bool]:
         """A scratch path for ``original`` (the same one each time it is named); new?"""
@@ -179,6 +182,7 @@ class Rewriter:
             self._disk(disk)
         for iface in devices.findall("interface"):
             self._iface(iface)
+            self._vhostuser(iface)
         for tag in CHARDEV_TAGS:
             for dev in devices.findall(tag):
                 self._chardev(dev, tag)
@@ -266,6 +270,17 @@ class Rewriter:
         for child in list(iface):
             if child.tag in HOST_SIDE_IFACE:
                 iface.remove(child)
+
+    def _vhostuser(self, iface: ET.Element) -> None:
+        """A vhost-user NIC's socket moves to scratch, where a stub backend serves it (QEMU does
+        not start without a backend answering; libvirt's measurement had none and hung)."""
+        if iface.get("type") != "vhostuser":
+            return
+        for src in iface.findall("source"):
+            if src.get("path"):
+                p = self._new("sock", src.get("path", ""), "vu")[0]
+                src.set("path", p)
+                self.vhost_users.append((p, src.get("mode", "")))
 
     def _chardev(self, dev: ET.Element, tag: str) -> None:
         for src in dev.findall("source"):
@@ -388,11 +403,14 @@ def _run_one(xml_path: str, name: str, scratch: Path, guest: Guest, timeout: flo
     except Exception:  # noqa: BLE001
         return crashed("prepare")
     listeners = _listen(rw.peers)
+    stub = VhostUserStub(rw.vhost_users) if rw.vhost_users else None
     try:
         r = realize_sync(domain, cmd.argv, cmd.env, cmd.qmp, timeout=timeout)
     finally:
         for sock in listeners:
             sock.close()
+        if stub is not None:
+            stub.close()
     out["queries"] = r.queries
     if r.timed_out and not r.started:
         return {**out, "outcome": "crashed", "stage": "qemu", "message": f"hang: {r.error}",
