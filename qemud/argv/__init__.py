@@ -19,6 +19,7 @@ from qemud.argv.machine import (add_boot, add_clock, add_cpu, add_identity, add_
                                 add_machine, add_memory, add_smp)
 from qemud.argv.misc import add_balloon, add_panics, add_rngs, add_watchdogs
 from qemud.argv.qemuopts import opts
+from qemud.argv.tune import Tuning, plan_tuning
 from qemud.caps import HostCaps
 from qemud.domain import Domain, ignored_warnings
 from qemud.errors import DomainError, Problem
@@ -37,6 +38,8 @@ class Command:
     prepare: list[Prepare] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
     console_log: Path | None = None
+    #: what qemud does to QEMU's threads and cgroup once it runs (cputune, blkiotune, memtune)
+    tuning: Tuning = field(default_factory=Tuning)
 
 
 def emulator_for(domain: Domain) -> str:
@@ -103,13 +106,16 @@ def build_argv(domain: Domain, caps: HostCaps, paths: GuestPaths, *, paused: boo
     add_balloon(b)
     add_panics(b)
     _passthrough(b)
+    tuning, tune_problems = plan_tuning(domain, caps)
+    b.problems += tune_problems
     problems = b.problems
     if problems:
         raise DomainError(problems)
     b.add("-msg", "timestamp=on")
     prepare = [Prepare("dir", paths.run), *b.prepare]
     return Command(argv=b.args, env=b.env, qmp=paths.qmp, prepare=prepare,
-                   warnings=ignored_warnings(domain) + b.warnings, console_log=b.console_log)
+                   warnings=ignored_warnings(domain) + b.warnings, console_log=b.console_log,
+                   tuning=tuning)
 
 
 def add_interfaces_and_chardevs(b: Builder) -> None:

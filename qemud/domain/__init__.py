@@ -21,6 +21,7 @@ from qemud.domain.devices import Devices
 from qemud.domain.features import Features
 from qemud.domain.metadata import Metadata
 from qemud.domain.osxml import Os
+from qemud.domain.tune import BlkioTune, CpuTune, MemTune
 from qemud.domain.units import Size
 from qemud.errors import DomainError, Problem
 from qemud.xmlload import element_lines, parse_xml, read_domain_bytes
@@ -118,9 +119,9 @@ class Domain(Element):
     devices: Devices = Devices()
     seclabel: Many[Opaque] = ignored("qemud applies no SELinux/AppArmor labels of its own")
     resource: Opaque | None = ignored("qemud does not place guests in libvirt's cgroup partitions")
-    memtune: Opaque | None = ignored("host memory limits are not applied by qemud yet")
-    blkiotune: Opaque | None = ignored("host I/O weights are not applied by qemud yet")
-    cputune: Opaque | None = ignored("vCPU pinning and host CPU shares are not applied by qemud yet")
+    memtune: MemTune | None = None
+    blkiotune: BlkioTune | None = None
+    cputune: CpuTune | None = None
     numatune: Opaque | None = ignored("host NUMA memory policy is not applied by qemud yet")
     qemu_commandline: QemuCommandline | None = child("qemu:commandline")
 
