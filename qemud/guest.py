@@ -383,8 +383,9 @@ class Guest:
             caps = await self.env.caps_for(emulator_for(self.domain))
             plan, problems = plan_tuning(self.domain, caps)
             self._host = caps.host
-            if problems:
-                raise tuning.TuningError("; ".join(f"{p.path}: {p.message}" for p in problems))
+            errors = [p for p in problems if p.severity != "warning"]
+            if errors:
+                raise tuning.TuningError("; ".join(f"{p.path}: {p.message}" for p in errors))
             await tuning.apply_over_qmp(qmp, plan, caps.host, self.name, proc.pid, timeout=QMP_TIMEOUT)
         except (QmpError, QemudError, OSError) as exc:
             self.env.log.emit("tuning-error", f"{self.name}: adopted, but its tuning could not be applied: {exc}",

@@ -120,7 +120,16 @@ def test_a_pin_to_a_cpu_the_host_lacks_names_the_element_and_the_host_cpus(caps)
     one_cpu = dataclasses.replace(caps, host=dataclasses.replace(caps.host, cpus=frozenset({0})))
     got = problems(xml("<cputune><vcpupin vcpu='0' cpuset='0'/><vcpupin vcpu='1' cpuset='1'/></cputune>"), one_cpu)
     assert got == [("/domain/cputune/vcpupin[2]/@cpuset",
-                    "names host CPU 1, which this host does not have (online CPUs: 0)")]
+                    "names only host CPUs this host does not have (1; online CPUs: 0)")]
+
+
+def test_a_cpu_set_reaching_beyond_the_host_is_cut_to_its_cpus_with_a_warning(caps) -> None:  # type: ignore[no-untyped-def]
+    # libvirt's files often say cpuset='1-4,8-20,525' on a 2-CPU host: the kernel uses the CPUs it has
+    one_cpu = dataclasses.replace(caps, host=dataclasses.replace(caps.host, cpus=frozenset({0, 1})))
+    cmd = build_argv(parse_domain(xml("", vcpus="<vcpu cpuset='1-4,8-20,525'>2</vcpu>")), one_cpu, PATHS)
+    assert cmd.tuning.vcpu_pins == {0: {1}, 1: {1}} and cmd.tuning.emulator_pin == {1}
+    [warning] = [w for w in cmd.warnings if w.path == "/domain/vcpu/@cpuset"]
+    assert "2, 3, 4, 8, 9, 10, 11, 12 ..." in warning.message and "only 1 of them are used" in warning.message
 
 
 def test_a_pin_of_a_vcpu_or_iothread_the_guest_lacks_is_refused(caps) -> None:  # type: ignore[no-untyped-def]

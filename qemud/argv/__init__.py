@@ -107,7 +107,8 @@ def build_argv(domain: Domain, caps: HostCaps, paths: GuestPaths, *, paused: boo
     add_panics(b)
     _passthrough(b)
     tuning, tune_problems = plan_tuning(domain, caps)
-    b.problems += tune_problems
+    b.problems += [p for p in tune_problems if p.severity != "warning"]
+    b.warnings += [p for p in tune_problems if p.severity == "warning"]
     problems = b.problems
     if problems:
         raise DomainError(problems)

@@ -317,8 +317,6 @@ def add_smp(b: Builder) -> None:
     if n > limit:
         b.error("/domain/vcpu", f"{n} vCPUs is more than machine {b.machine.name} takes ({limit})")
         return
-    if d.vcpu is not None and d.vcpu.cpuset:
-        b.warn("/domain/vcpu/@cpuset", "host CPU pinning is not applied by qemud yet; the guest runs on any host CPU")
     online = d.vcpus_online
     if online < 1 or online > n:
         b.error("/domain/vcpu/@current", f"must be between 1 and the vCPU count {n}")

@@ -127,13 +127,19 @@ def plan_tuning(domain: Domain, caps: HostCaps) -> tuple[Tuning, list[Problem]]:
     nvcpus = domain.vcpus
 
     def check_cpus(cpus: frozenset[int], path: str) -> frozenset[int]:
+        """The kernel takes an affinity mask with at least one online CPU and ignores the rest
+        (libvirt's files often name more CPUs than a host has); none online is an error."""
         outside = sorted(cpus - host_cpus)
-        if outside:
-            have = ",".join(map(str, sorted(host_cpus)))
-            problems.append(Problem(path, f"names host CPU {', '.join(map(str, outside[:8]))}"
-                                          f"{' ...' if len(outside) > 8 else ''}, which this host does not have "
-                                          f"(online CPUs: {have})"))
-        return cpus
+        have = ",".join(map(str, sorted(host_cpus)))
+        named = f"{', '.join(map(str, outside[:8]))}{' ...' if len(outside) > 8 else ''}"
+        if not cpus & host_cpus:
+            problems.append(Problem(path, f"names only host CPUs this host does not have ({named}; "
+                                          f"online CPUs: {have})"))
+        elif outside:
+            problems.append(Problem(path, f"names host CPUs this host does not have ({named}); "
+                                          f"only {','.join(map(str, sorted(cpus & host_cpus)))} of them are used",
+                                    "warning"))
+        return cpus & host_cpus
 
     default = None
     if domain.vcpu is not None and domain.vcpu.cpuset:

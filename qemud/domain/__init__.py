@@ -21,6 +21,7 @@ from qemud.domain.devices import Devices
 from qemud.domain.features import Features
 from qemud.domain.metadata import Metadata
 from qemud.domain.osxml import Os
+from qemud.domain.seclabel import Seclabel, check_labels
 from qemud.domain.tune import BlkioTune, CpuTune, MemTune
 from qemud.domain.units import Size
 from qemud.errors import DomainError, Problem
@@ -117,7 +118,9 @@ class Domain(Element):
     on_lockfailure: Opaque | None = ignored("qemud uses no lock manager")
     pm: Pm | None = None
     devices: Devices = Devices()
-    seclabel: Many[Opaque] = ignored("qemud applies no SELinux/AppArmor labels of its own")
+    seclabel: Many[Seclabel] = ignored("qemud applies no SELinux/AppArmor labels of its own; qemud's own isolation applies (README: security)")
+
+    _seclabels = field_validator("seclabel")(classmethod(lambda cls, v: check_labels(v)))
     resource: Opaque | None = ignored("qemud does not place guests in libvirt's cgroup partitions")
     memtune: MemTune | None = None
     blkiotune: BlkioTune | None = None
