@@ -401,6 +401,8 @@ class Guest:
                 if g.passwd and g.type in ("vnc", "spice"):
                     await qmp.execute("set_password", {"protocol": g.type, "password": g.passwd},
                                       timeout=QMP_START_TIMEOUT)
+            for command, arguments in (self.cmd.qmp_setup if self.cmd is not None else ()):
+                await qmp.execute(command, arguments, timeout=QMP_START_TIMEOUT)
             if self.cmd is not None and self._host is not None:  # pinning before a vCPU runs
                 await tuning.apply_over_qmp(qmp, self.cmd.tuning, self._host, self.name, proc.pid,
                                             timeout=QMP_START_TIMEOUT)

@@ -333,14 +333,17 @@ def run_one(xml_path: str, scratch: Path, guest: Guest, timeout: float) -> dict[
 
 
 def tuner(cmd: Any, caps: Any, label: str) -> tuple[Any, Any]:
-    """What qemud does to a QEMU it started (its tuning: pinning, scheduling, cgroup), for
+    """What qemud does to a QEMU it started (its QMP setup, and its tuning: pinning, scheduling,
+    cgroup), for
     :func:`realize_sync`'s ``after_start``, and the undoing of it; ``label`` names the cgroup
     (unique per input: parallel inputs share domain names)."""
     from qemud import tuning
-    if cmd.tuning.empty:
+    if cmd.tuning.empty and not cmd.qmp_setup:
         return None, lambda: None
 
     async def after_start(qmp: Any, pid: int) -> None:
+        for command, arguments in cmd.qmp_setup:  # what qemud's guest does before `cont`
+            await qmp.execute(command, arguments)
         await tuning.apply_over_qmp(qmp, cmd.tuning, caps.host, label, pid)
 
     def undo() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from qemud.argv.builder import Builder, Prepare
 from qemud.argv.chardev import add_channels, add_serials
@@ -40,6 +41,8 @@ class Command:
     console_log: Path | None = None
     #: what qemud does to QEMU's threads and cgroup once it runs (cputune, blkiotune, memtune)
     tuning: Tuning = field(default_factory=Tuning)
+    #: QMP commands run on the paused QEMU before ``cont``: (command, arguments)
+    qmp_setup: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
 def emulator_for(domain: Domain) -> str:
@@ -116,7 +119,7 @@ def build_argv(domain: Domain, caps: HostCaps, paths: GuestPaths, *, paused: boo
     prepare = [Prepare("dir", paths.run), *b.prepare]
     return Command(argv=b.args, env=b.env, qmp=paths.qmp, prepare=prepare,
                    warnings=ignored_warnings(domain) + b.warnings, console_log=b.console_log,
-                   tuning=tuning)
+                   tuning=tuning, qmp_setup=b.qmp_setup)
 
 
 def add_interfaces_and_chardevs(b: Builder) -> None:

@@ -65,6 +65,10 @@ def add_balloon(b: Builder) -> None:
             props["free-page-reporting"] = mb.freePageReporting
     props.update(b.pci_props(mb.address if mb else None, path, "memory balloon"))
     b.device(props)
+    if mb is not None and mb.stats is not None:
+        # QEMU has no option for it: libvirt sets it over QMP too
+        b.qmp_setup.append(("qom-set", {"path": f"/machine/peripheral/{props['id']}",
+                                        "property": "guest-stats-polling-interval", "value": mb.stats.period}))
 
 
 def add_watchdogs(b: Builder) -> None:
