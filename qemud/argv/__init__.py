@@ -17,7 +17,10 @@ from qemud.argv.disks import add_disks, add_iothreads
 from qemud.argv.display import add_audio, add_graphics, add_hubs, add_inputs, add_sound, add_video
 from qemud.argv.machine import (add_boot, add_clock, add_cpu, add_identity, add_lifecycle,
                                 add_machine, add_memory, add_smp)
+from qemud.argv.iommu import add_iommu
 from qemud.argv.misc import add_balloon, add_panics, add_rngs, add_watchdogs
+from qemud.argv.redirdev import add_redirdevs
+from qemud.argv.sysinfo import add_acpi_tables, add_sysinfo
 from qemud.argv.qemuopts import opts
 from qemud.caps import HostCaps
 from qemud.domain import Domain, ignored_warnings
@@ -73,6 +76,7 @@ def build_argv(domain: Domain, caps: HostCaps, paths: GuestPaths, *, paused: boo
     add_memory(b)
     add_smp(b)
     add_identity(b)
+    add_sysinfo(b)
     b.add("-no-user-config", "-nodefaults")
     # QEMU's seccomp sandbox; spawning is allowed only for the bridge helper a bridged NIC needs
     spawn = any(i.type in ("bridge", "network") for i in domain.devices.interface)
@@ -86,7 +90,9 @@ def build_argv(domain: Domain, caps: HostCaps, paths: GuestPaths, *, paused: boo
     add_lifecycle(b)
     _assign_boot_order(b)
     add_boot(b)
+    add_acpi_tables(b)
     add_pci_controllers(b)  # reserves every explicit PCI address first
+    add_iommu(b)
     # libvirt's placement order: the primary video card first, then controllers and the rest
     add_graphics(b)
     add_video(b)
@@ -99,6 +105,7 @@ def build_argv(domain: Domain, caps: HostCaps, paths: GuestPaths, *, paused: boo
     add_audio(b)
     add_sound(b)
     add_watchdogs(b)
+    add_redirdevs(b)
     add_rngs(b)
     add_balloon(b)
     add_panics(b)
@@ -114,7 +121,9 @@ def build_argv(domain: Domain, caps: HostCaps, paths: GuestPaths, *, paused: boo
 
 def add_interfaces_and_chardevs(b: Builder) -> None:
     from qemud.argv.net import add_interfaces
+    from qemud.argv.smartcard import add_smartcards
     add_interfaces(b)
+    add_smartcards(b)
     add_serials(b)
     add_channels(b)
 

@@ -21,6 +21,7 @@ from qemud.domain.devices import Devices
 from qemud.domain.features import Features
 from qemud.domain.metadata import Metadata
 from qemud.domain.osxml import Os
+from qemud.domain.sysinfo import LaunchSecurity, Sysinfo
 from qemud.domain.units import Size
 from qemud.errors import DomainError, Problem
 from qemud.xmlload import element_lines, parse_xml, read_domain_bytes
@@ -116,6 +117,8 @@ class Domain(Element):
     on_lockfailure: Opaque | None = ignored("qemud uses no lock manager")
     pm: Pm | None = None
     devices: Devices = Devices()
+    sysinfo: Many[Sysinfo]
+    launchSecurity: LaunchSecurity | None = None
     seclabel: Many[Opaque] = ignored("qemud applies no SELinux/AppArmor labels of its own")
     resource: Opaque | None = ignored("qemud does not place guests in libvirt's cgroup partitions")
     memtune: Opaque | None = ignored("host memory limits are not applied by qemud yet")
