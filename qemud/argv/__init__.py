@@ -18,9 +18,12 @@ from qemud.argv.display import add_audio, add_graphics, add_hubs, add_inputs, ad
 from qemud.argv.machine import (add_boot, add_clock, add_cpu, add_identity, add_lifecycle,
                                 add_machine, add_memory, add_smp)
 from qemud.argv.iommu import add_iommu
+from qemud.argv.launchsec import add_launch_security
 from qemud.argv.misc import add_balloon, add_panics, add_rngs, add_watchdogs
 from qemud.argv.redirdev import add_redirdevs
+from qemud.argv.shmem import add_shmems
 from qemud.argv.sysinfo import add_acpi_tables, add_sysinfo
+from qemud.argv.vsock import add_vsock
 from qemud.argv.qemuopts import opts
 from qemud.caps import HostCaps
 from qemud.domain import Domain, ignored_warnings
@@ -72,6 +75,7 @@ def build_argv(domain: Domain, caps: HostCaps, paths: GuestPaths, *, paused: boo
     if paused:
         b.add("-S")
     add_machine(b)
+    add_launch_security(b)
     add_cpu(b)
     add_memory(b)
     add_smp(b)
@@ -109,6 +113,8 @@ def build_argv(domain: Domain, caps: HostCaps, paths: GuestPaths, *, paused: boo
     add_rngs(b)
     add_balloon(b)
     add_panics(b)
+    add_shmems(b)
+    add_vsock(b)
     _passthrough(b)
     problems = b.problems
     if problems:
