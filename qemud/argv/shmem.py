@@ -75,6 +75,6 @@ def add_shmems(b: Builder) -> None:
                 props["vectors"] = msi.vectors
             props["ioeventfd"] = msi.ioeventfd if msi is not None and msi.ioeventfd is not None else True
         if s.role is not None:
-            props["master"] = s.role == "master"
+            props["master"] = "on" if s.role == "master" else "off"  # OnOffAuto in QEMU
         props.update(b.pci_props(s.address, path, "shared memory device"))
         b.device(props)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from qemud.domain.base import Element, Many, UInt, YesNo, attr, text
+from qemud.domain.base import Element, Many, YesNo, attr, text
 
 
 class Entry(Element):
