@@ -382,3 +382,16 @@ def test_unix_chardev_in_connect_mode_needs_a_path(caps: HostCaps, tmp: Path) ->
         <source mode='connect' host='1.2.3.4' service='1234'/></backend></rng>"""
     got = problems(xml(rng), caps, tmp)
     assert got[0][0] == "/domain/devices/rng[1]/backend/source/@path"
+
+
+def test_sysinfo_without_smbios_mode_is_checked_but_not_given(caps: HostCaps, tmp: Path) -> None:
+    cmd = translate(xml(head=SYSINFO), caps, tmp)
+    assert "-smbios" not in cmd.argv and "-fw_cfg" in cmd.argv
+    assert any(w.path == "/domain/sysinfo[1]" and "mode='sysinfo'" in w.message for w in cmd.warnings)
+    bad_date = "<sysinfo type='smbios'><bios><entry name='date'>13/01/2023</entry></bios></sysinfo>"
+    assert problems(xml(head=bad_date), caps, tmp)[0][0] == "/domain/sysinfo/bios/entry[1]"
+
+
+def test_dbus_redirdev_needs_the_dbus_display(caps: HostCaps, tmp: Path) -> None:
+    got = problems(xml("<redirdev bus='usb' type='dbus'/>"), caps, tmp)
+    assert got == [("/domain/devices/redirdev[1]/@type", "a dbus redirdev needs <graphics type='dbus'>")]

@@ -8,6 +8,7 @@ from typing import Any
 
 from qemud.argv.builder import Builder
 from qemud.argv.chardev import chardev
+from qemud.argv.qemuopts import opts
 from qemud.domain.devices.chardev import CharDev
 from qemud.domain.devices.redirdev import UsbDev
 
@@ -67,10 +68,12 @@ def add_redirdevs(b: Builder) -> None:
         if not b.has_device("usb-redir", path, "USB redirection"):
             continue
         cid = f"charredir{i}"
-        cd = CharDev.model_validate({"@type": r.type,
-                                     "source": [s.model_dump(by_alias=True, exclude_none=True) for s in r.source],
-                                     **({"protocol": r.protocol.model_dump(by_alias=True)} if r.protocol else {})})
-        if not chardev(b, cd, cid, path, spicevmc="usbredir"):
+        if r.type == "dbus":  # the D-Bus display's usbredir channel
+            if not any(g.type == "dbus" for g in dev.graphics):
+                b.error(f"{path}/@type", "a dbus redirdev needs <graphics type='dbus'>")
+                continue
+            b.add("-chardev", "dbus," + opts(("id", cid), ("name", "org.qemu.usbredir")))
+        elif not _chardev(b, r, cid, path):
             continue
         props: dict[str, Any] = {"driver": "usb-redir", "chardev": cid, "id": b.alias(r.alias, f"redir{i}", path)}
         if flt:
@@ -79,6 +82,14 @@ def add_redirdevs(b: Builder) -> None:
             props["bootindex"] = r.boot.order
         props.update(usb_port(b, r.address, path))
         b.device(props)
+
+
+def _chardev(b: Builder, r: Any, cid: str, path: str) -> bool:
+    """The redirdev's character device, built by the shared chardev code (usbredir channel)."""
+    cd = CharDev.model_validate({"@type": r.type,
+                                 "source": [s.model_dump(by_alias=True, exclude_none=True) for s in r.source],
+                                 **({"protocol": r.protocol.model_dump(by_alias=True)} if r.protocol else {})})
+    return chardev(b, cd, cid, path, spicevmc="usbredir")
 
 
 def usb_port(b: Builder, address: Any, path: str) -> dict[str, Any]:

@@ -21,7 +21,7 @@ _TYPES: tuple[tuple[int, str, tuple[str, ...]], ...] = (
 _DATE = re.compile(r"(0[1-9]|1[0-2])/(0[1-9]|[12][0-9]|3[01])/([0-9]{2}|[0-9]{4})\Z")
 
 
-def _smbios_type(b: Builder, n: int, block: EntryBlock, names: tuple[str, ...], path: str) -> None:
+def _smbios_type(b: Builder, n: int, block: EntryBlock, names: tuple[str, ...], path: str, emit: bool) -> None:
     pairs: list[tuple[str, object]] = [("type", n)]
     for k, e in enumerate(block.entry):
         epath = f"{path}/entry[{k + 1}]"
@@ -42,11 +42,12 @@ def _smbios_type(b: Builder, n: int, block: EntryBlock, names: tuple[str, ...], 
                 continue
         if e.value:
             pairs.append((e.name, e.value))
-    if len(pairs) > 1:
+    if len(pairs) > 1 and emit:
         b.add("-smbios", opts(*pairs))
 
 
-def _smbios(b: Builder, si: Sysinfo, path: str) -> None:
+def _smbios(b: Builder, si: Sysinfo, path: str, emit: bool) -> None:
+    """Check the tables (libvirt does whatever the mode) and give them to QEMU when ``emit``."""
     for n, tag, names in _TYPES:
         blocks = getattr(si, tag)
         if isinstance(blocks, tuple):
@@ -55,10 +56,10 @@ def _smbios(b: Builder, si: Sysinfo, path: str) -> None:
                         "(one <baseBoard>)")
                 continue
             for k, block in enumerate(blocks):
-                _smbios_type(b, n, block, names, f"{path}/{tag}[{k + 1}]")
+                _smbios_type(b, n, block, names, f"{path}/{tag}[{k + 1}]", emit)
         elif blocks is not None:
-            _smbios_type(b, n, blocks, names, f"{path}/{tag}")
-    if si.oemStrings is not None and si.oemStrings.entry:
+            _smbios_type(b, n, blocks, names, f"{path}/{tag}", emit)
+    if si.oemStrings is not None and si.oemStrings.entry and emit:
         b.add("-smbios", opts(("type", 11), *[("value", e.value) for e in si.oemStrings.entry]))
     if si.processor or si.memory:
         # libvirt does not pass them to QEMU either (its SMBIOS types 4 and 17 come from QEMU)
@@ -97,12 +98,15 @@ def add_sysinfo(b: Builder) -> None:
     if mode == "host":
         b.error("/domain/os/smbios/@mode", "mode 'host' copies the host's SMBIOS tables (libvirt reads them "
                 "with dmidecode); qemud does not: use mode='sysinfo' with a <sysinfo type='smbios'>")
-    elif mode == "sysinfo":
-        if not smbios:
-            b.error("/domain/os/smbios/@mode", "mode 'sysinfo' needs a <sysinfo type='smbios'> element")
-        else:
-            i, si = smbios[0]
-            _smbios(b, si, f"/domain/sysinfo[{i + 1}]" if len(d.sysinfo) > 1 else "/domain/sysinfo")
+    elif mode == "sysinfo" and not smbios:
+        b.error("/domain/os/smbios/@mode", "mode 'sysinfo' needs a <sysinfo type='smbios'> element")
+    if smbios:
+        i, si = smbios[0]
+        path = f"/domain/sysinfo[{i + 1}]" if len(d.sysinfo) > 1 else "/domain/sysinfo"
+        _smbios(b, si, path, emit=mode == "sysinfo")
+        if mode != "sysinfo":
+            # libvirt too passes the tables only with mode='sysinfo'
+            b.warn(path, "the SMBIOS tables are not given to the guest without <os><smbios mode='sysinfo'/>")
     for i, si in enumerate(d.sysinfo):
         path = f"/domain/sysinfo[{i + 1}]" if len(d.sysinfo) > 1 else "/domain/sysinfo"
         if si.type == "fwcfg":

@@ -6,12 +6,12 @@ from typing import Literal
 
 from qemud.domain.base import Element, Many, YesNo, attr
 from qemud.domain.devices.address import Address, Alias, Boot
-from qemud.domain.devices.chardev import CharSource, Protocol
+from qemud.domain.devices.chardev import CHAR_TYPES, CharSource, Protocol
 
 
 class RedirDev(Element):
     bus: Literal["usb"] = attr(...)
-    type: Literal["spicevmc", "tcp", "unix"] = attr(...)
+    type: Literal[CHAR_TYPES] = attr(...)  # type: ignore[valid-type]
     source: Many[CharSource]
     protocol: Protocol | None = None
     boot: Boot | None = None
