@@ -40,7 +40,7 @@ class HostFacts:
 
 
 #: device nodes and directories whose presence decides what a guest can have
-WATCHED_PATHS: tuple[str, ...] = ("/dev/vhost-vsock", "/dev/sev")
+WATCHED_PATHS: tuple[str, ...] = ("/dev/vhost-vsock", "/dev/sev", "/etc/pki/nssdb")
 #: patterns of device nodes whose presence is read the same way (evdev inputs)
 WATCHED_GLOBS: tuple[str, ...] = ("/dev/input/event*",)
 

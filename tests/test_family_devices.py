@@ -207,12 +207,22 @@ def test_smartcard_host_certificates_translation(caps: HostCaps, tmp: Path) -> N
     # ccid-card-emulated needs an NSS database with those certificates to start: translation only
     argv = translate(xml("""<smartcard mode='host-certificates'><certificate>a</certificate>
         <certificate>b</certificate><certificate>c</certificate><database>/tmp/db</database></smartcard>"""),
-                     caps, tmp).argv
+                     with_host(caps), tmp).argv
     assert by_id(argv, "smartcard0") == {"driver": "ccid-card-emulated", "backend": "certificates", "cert1": "a",
                                          "cert2": "b", "cert3": "c", "db": "/tmp/db", "id": "smartcard0",
                                          "bus": "ccid0.0"}
     got = problems(xml("<smartcard mode='host-certificates'><certificate>a</certificate></smartcard>"), caps, tmp)
     assert got[0][0] == "/domain/devices/smartcard[1]/certificate"
+
+
+def test_smartcard_host_mode_needs_the_hosts_nss_database(caps: HostCaps, tmp: Path) -> None:
+    got = problems(xml("<smartcard mode='host'/>"), with_host(caps), tmp)
+    assert got == [("/domain/devices/smartcard[1]/@mode", "needs the NSS database /etc/pki/nssdb, which this "
+                    "host lacks (NSS must see the host's card or certificates there)")]
+    argv = translate(xml("<smartcard mode='host'/>"), with_host(caps, "/etc/pki/nssdb"), tmp).argv
+    assert by_id(argv, "smartcard0") == {"driver": "ccid-card-emulated", "backend": "nss-emulated",
+                                         "id": "smartcard0", "bus": "ccid0.0"}
+    assert by_id(argv, "ccid0")["driver"] == "usb-ccid"
 
 
 # ---- shmem -----------------------------------------------------------------------------------

@@ -77,3 +77,8 @@ def add_smartcards(b: Builder) -> None:
             continue
         props.update(id=sid, bus=bus)
         b.device(props)
+        if sc.mode == "host" or props.get("db") == DEFAULT_DB:
+            # an NSS database elsewhere (<database>) is not known to HostFacts: QEMU says if it is missing
+            if not b.caps.host.has(DEFAULT_DB):
+                b.error(f"{path}/@mode", f"needs the NSS database {DEFAULT_DB}, which this host lacks "
+                        "(NSS must see the host's card or certificates there)")
