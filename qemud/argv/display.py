@@ -182,7 +182,7 @@ def _host_input(b: Builder, inp: Any, iid: str, path: str) -> None:
     attr_name = "dev" if inp.type == "evdev" else "evdev"
     dev = getattr(src, attr_name) if src is not None else None
     if not dev:
-        b.error(f"{path}/source/@{attr_name}", f"a {inp.type} input needs the host's event device "
+        b.error(f"{path}/source/@{attr_name}", f"an input of type='{inp.type}' needs the host's event device "
                 f"(<source {attr_name}='/dev/input/eventN'/>)")
         return
     if inp.type == "evdev":

@@ -26,7 +26,8 @@ def _smbios_type(b: Builder, n: int, block: EntryBlock, names: tuple[str, ...], 
     for k, e in enumerate(block.entry):
         epath = f"{path}/entry[{k + 1}]"
         if e.name not in names:
-            b.error(f"{epath}/@name", f"'{e.name}' is not an entry of this block ({', '.join(names)})")
+            what = "an entry needs a name" if e.name is None else f"'{e.name}' is not an entry of this block"
+            b.error(f"{epath}/@name", f"{what} ({', '.join(names)})")
             continue
         if n == 0 and e.name == "date" and not _DATE.match(e.value):
             b.error(epath, f"Invalid BIOS 'date' format '{e.value}': use mm/dd/yy or mm/dd/yyyy")
