@@ -105,6 +105,9 @@ _KINDS = [
               "directory."),
     EventKind("already-running", "Another qemud runs", "Another qemud uses the same runtime directory."),
     EventKind("config-error", "The configuration is invalid", "qemud.conf cannot be used; the message says why."),
+    EventKind("tuning-error", "A guest's host tuning could not be applied", "qemud adopted guest "
+              "@QEMUD_DOMAIN@ but could not apply its <cputune>, <blkiotune> or <memtune> again (CPU pinning, "
+              "scheduling, cgroup limits). The guest keeps running without them; the message says why."),
     EventKind("host-error", "The host cannot run qemud", "A host problem stopped qemud."),
     EventKind("internal-error", "qemud hit a bug", "qemud hit an internal error while handling a guest; the "
                                                    "guest's supervision goes on. Please report it."),

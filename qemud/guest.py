@@ -9,6 +9,7 @@ a shutdown or for a backoff runs in small tasks that post their outcome back to 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import re
@@ -19,12 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qemud import records
+from qemud import records, tuning
 from qemud.argv import Command, build_argv, emulator_for
+from qemud.argv.tune import plan_tuning
 from qemud.caps import HostCaps
 from qemud.domain import Domain
 from qemud.errors import DomainError, QemudError
 from qemud.events import ERR, INFO, NOTICE, WARNING, EventLog
+from qemud.host import HostFacts
 from qemud.launch import prepare
 from qemud.paths import GuestPaths
 from qemud.policy import Backoff, RestartPolicy
@@ -125,6 +128,7 @@ class Guest:
         self._followers: dict[str, tuple[Follower, asyncio.Task[None]]] = {}
         self._console_start: int | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._host: HostFacts | None = None  # the host facts QEMU was started with (tuning)
         self.inbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
         self.task = asyncio.get_running_loop().create_task(self._run(), name=f"guest:{self.name}")
         self.gone = asyncio.Event()  # set once a removed guest has fully stopped
@@ -357,6 +361,7 @@ class Guest:
             self.sm.set(State.RUNNING, f"adopted pid {proc.pid}, but QMP does not answer: {exc}")
             return
         self._attach_qmp(proc, qmp)
+        await self._retune(proc, qmp)
         self.env.log.emit("adopted", f"{self.name}: adopted QEMU pid {proc.pid} ({status['status']})", NOTICE,
                           domain=self.name, uuid=self.uuid, pid=proc.pid)
         run = status.get("status")
@@ -371,6 +376,20 @@ class Guest:
         if rec.asked == "stop" and self.state in ALIVE and self.state != State.STOPPING:
             await self._stop("a stop was under way when the daemon restarted")
 
+    async def _retune(self, proc: QemuProcess, qmp: Qmp) -> None:
+        """An adopted QEMU gets its pinning and cgroup again (a host reboot of the daemon, or a
+        changed CPU set, may have lost them); a failure is reported, the guest keeps running."""
+        try:
+            caps = await self.env.caps_for(emulator_for(self.domain))
+            plan, problems = plan_tuning(self.domain, caps)
+            self._host = caps.host
+            if problems:
+                raise tuning.TuningError("; ".join(f"{p.path}: {p.message}" for p in problems))
+            await tuning.apply_over_qmp(qmp, plan, caps.host, self.name, proc.pid, timeout=QMP_TIMEOUT)
+        except (QmpError, QemudError, OSError) as exc:
+            self.env.log.emit("tuning-error", f"{self.name}: adopted, but its tuning could not be applied: {exc}",
+                              WARNING, domain=self.name, uuid=self.uuid, pid=proc.pid)
+
     async def _on_qmp_ready(self, proc: QemuProcess, qmp: Qmp) -> None:
         if proc is not self.proc or self.state != State.STARTING:
             await qmp.close()
@@ -381,10 +400,17 @@ class Guest:
                 if g.passwd and g.type in ("vnc", "spice"):
                     await qmp.execute("set_password", {"protocol": g.type, "password": g.passwd},
                                       timeout=QMP_START_TIMEOUT)
+            if self.cmd is not None and self._host is not None:  # pinning before a vCPU runs
+                await tuning.apply_over_qmp(qmp, self.cmd.tuning, self._host, self.name, proc.pid,
+                                            timeout=QMP_START_TIMEOUT)
             await qmp.execute("cont", timeout=QMP_START_TIMEOUT)
             status = await qmp.execute("query-status", timeout=QMP_START_TIMEOUT)
         except QmpError as exc:
             self._note = f"QMP failed after start: {exc}"
+            proc.kill()
+            return
+        except tuning.TuningError as exc:
+            self._note = f"cannot apply <cputune>/<blkiotune>/<memtune>: {exc}"
             proc.kill()
             return
         self.started_at = self.env.clock()
@@ -476,6 +502,9 @@ class Guest:
             self.qmp = None
         self.last_stderr = log_tail(self.paths.run / "qemu.log")
         records.remove(self.paths.run)
+        if self._host is not None:
+            with contextlib.suppress(QemudError):
+                tuning.release(self._host, self.name)
         st = self.state
         if st == State.STOPPING:
             self.last_exit = info.describe() + (f"; {self._note}" if self._note else "")
@@ -564,6 +593,7 @@ class Guest:
         try:
             caps = await self.env.caps_for(emulator_for(self.domain))
             cmd = build_argv(self.domain, caps, self.paths, paused=True)
+            self._host = caps.host
             prepare(cmd)
             holder = pidfile_holder(self.paths.pidfile)
             if holder is not None:

@@ -93,6 +93,17 @@ class Guest:
     initrd: str
 
 
+def scratch_block_device(folder: Path) -> str | None:
+    """The /dev node of the block device holding ``folder`` (None on tmpfs, overlays...)."""
+    st = os.stat(folder)
+    node = f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    try:
+        name = os.path.basename(os.path.realpath(node))
+    except OSError:
+        return None
+    return f"/dev/{name}" if os.path.exists(node) and os.path.exists(f"/dev/{name}") else None
+
+
 class Rewriter:
     """The measurement's rewrite of one domain XML text, with a scratch folder for its files."""
 
@@ -141,6 +152,7 @@ class Rewriter:
         if cpu is not None and cpu.get("mode") in ("host-passthrough", "host-model"):
             root.remove(cpu)
         self._os(root)
+        self._blkiotune(root)
         devices = root.find("devices")
         if devices is None:
             devices = ET.SubElement(root, "devices")
@@ -206,6 +218,19 @@ class Rewriter:
                     src.set("file", self._new("nvram", src.get("file", ""), "nvram")[0] + ".fd")
             if pflash or nvram.get("template"):
                 nvram.set("template", OVMF_VARS)
+
+    def _blkiotune(self, root: ET.Element) -> None:
+        """<blkiotune><device><path> names the host block devices the guest's disks live on; the
+        disks became scratch images, so the tuning follows them to the block device that holds
+        the scratch folder (libvirt's measurement had no cgroups and skipped the tuning)."""
+        devs = root.findall("blkiotune/device/path")
+        if not devs:
+            return
+        dev = scratch_block_device(self.scratch)
+        for p in devs:
+            if dev is not None:
+                self.notes.append(f"blkiotune device {p.text} -> {dev}")
+                p.text = dev
 
     def _disk(self, disk: ET.Element) -> None:
         dtype = disk.get("type", "file")
@@ -307,6 +332,25 @@ def run_one(xml_path: str, scratch: Path, guest: Guest, timeout: float) -> dict[
     return res
 
 
+def tuner(cmd: Any, caps: Any, label: str) -> tuple[Any, Any]:
+    """What qemud does to a QEMU it started (its tuning: pinning, scheduling, cgroup), for
+    :func:`realize_sync`'s ``after_start``, and the undoing of it; ``label`` names the cgroup
+    (unique per input: parallel inputs share domain names)."""
+    from qemud import tuning
+    if cmd.tuning.empty:
+        return None, lambda: None
+
+    async def after_start(qmp: Any, pid: int) -> None:
+        await tuning.apply_over_qmp(qmp, cmd.tuning, caps.host, label, pid)
+
+    def undo() -> None:
+        try:
+            tuning.release(caps.host, label)
+        except QemudError:
+            pass
+    return after_start, undo
+
+
 def _run_one(xml_path: str, name: str, scratch: Path, guest: Guest, timeout: float) -> dict[str, Any]:
     scratch.mkdir(parents=True, exist_ok=True)
     text = Path(xml_path).read_text(encoding="utf-8", errors="surrogateescape")
@@ -354,11 +398,13 @@ def _run_one(xml_path: str, name: str, scratch: Path, guest: Guest, timeout: flo
     except Exception:  # noqa: BLE001
         return crashed("prepare")
     listeners = _listen(rw.peers)
+    after_start, untune = tuner(cmd, caps, f"conformance-{Path(xml_path).stem}")
     try:
-        r = realize_sync(domain, cmd.argv, cmd.env, cmd.qmp, timeout=timeout)
+        r = realize_sync(domain, cmd.argv, cmd.env, cmd.qmp, timeout=timeout, after_start=after_start)
     finally:
         for sock in listeners:
             sock.close()
+        untune()
     out["queries"] = r.queries
     if r.timed_out and not r.started:
         return {**out, "outcome": "crashed", "stage": "qemu", "message": f"hang: {r.error}",

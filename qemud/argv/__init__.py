@@ -25,6 +25,7 @@ from qemud.argv.shmem import add_shmems
 from qemud.argv.sysinfo import add_acpi_tables, add_sysinfo
 from qemud.argv.vsock import add_vsock
 from qemud.argv.qemuopts import opts
+from qemud.argv.tune import Tuning, plan_tuning
 from qemud.caps import HostCaps
 from qemud.domain import Domain, ignored_warnings
 from qemud.errors import DomainError, Problem
@@ -43,6 +44,8 @@ class Command:
     prepare: list[Prepare] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
     console_log: Path | None = None
+    #: what qemud does to QEMU's threads and cgroup once it runs (cputune, blkiotune, memtune)
+    tuning: Tuning = field(default_factory=Tuning)
 
 
 def emulator_for(domain: Domain) -> str:
@@ -116,13 +119,16 @@ def build_argv(domain: Domain, caps: HostCaps, paths: GuestPaths, *, paused: boo
     add_shmems(b)
     add_vsock(b)
     _passthrough(b)
+    tuning, tune_problems = plan_tuning(domain, caps)
+    b.problems += tune_problems
     problems = b.problems
     if problems:
         raise DomainError(problems)
     b.add("-msg", "timestamp=on")
     prepare = [Prepare("dir", paths.run), *b.prepare]
     return Command(argv=b.args, env=b.env, qmp=paths.qmp, prepare=prepare,
-                   warnings=ignored_warnings(domain) + b.warnings, console_log=b.console_log)
+                   warnings=ignored_warnings(domain) + b.warnings, console_log=b.console_log,
+                   tuning=tuning)
 
 
 def add_interfaces_and_chardevs(b: Builder) -> None:

@@ -22,6 +22,7 @@ from qemud.domain.features import Features
 from qemud.domain.metadata import Metadata
 from qemud.domain.osxml import Os
 from qemud.domain.sysinfo import LaunchSecurity, Sysinfo
+from qemud.domain.tune import BlkioTune, CpuTune, MemTune
 from qemud.domain.units import Size
 from qemud.errors import DomainError, Problem
 from qemud.xmlload import element_lines, parse_xml, read_domain_bytes
@@ -121,9 +122,9 @@ class Domain(Element):
     launchSecurity: LaunchSecurity | None = None
     seclabel: Many[Opaque] = ignored("qemud applies no SELinux/AppArmor labels of its own")
     resource: Opaque | None = ignored("qemud does not place guests in libvirt's cgroup partitions")
-    memtune: Opaque | None = ignored("host memory limits are not applied by qemud yet")
-    blkiotune: Opaque | None = ignored("host I/O weights are not applied by qemud yet")
-    cputune: Opaque | None = ignored("vCPU pinning and host CPU shares are not applied by qemud yet")
+    memtune: MemTune | None = None
+    blkiotune: BlkioTune | None = None
+    cputune: CpuTune | None = None
     numatune: Opaque | None = ignored("host NUMA memory policy is not applied by qemud yet")
     qemu_commandline: QemuCommandline | None = child("qemu:commandline")
 
