@@ -51,7 +51,9 @@ class HostFacts:
 
 
 #: device nodes and directories whose presence decides what a guest can have
-WATCHED_PATHS: tuple[str, ...] = ()
+WATCHED_PATHS: tuple[str, ...] = ("/dev/vhost-vsock", "/dev/sev", "/etc/pki/nssdb")
+#: patterns of device nodes whose presence is read the same way (evdev inputs)
+WATCHED_GLOBS: tuple[str, ...] = ("/dev/input/event*",)
 
 #: helper programs, by role: the first candidate that is executable wins
 HELPER_CANDIDATES: dict[str, tuple[str, ...]] = {}
@@ -146,7 +148,9 @@ def read_host() -> HostFacts:
             if os.path.isfile(c) and os.access(c, os.X_OK):
                 helpers[role] = c
                 break
-    present = frozenset(p for p in WATCHED_PATHS if os.path.exists(p))
+    import glob
+    present = frozenset([p for p in WATCHED_PATHS if os.path.exists(p)]
+                        + [p for g in WATCHED_GLOBS for p in glob.glob(g)])
     version, reason, roots = read_cgroups()
     return HostFacts(numa_nodes=_numa_nodes(), helpers=helpers, present=present, cpus=_cpus(),
                      cgroup=version, cgroup_reason=reason, cgroup_roots=roots)

@@ -28,5 +28,12 @@ def prepare(cmd: Command) -> None:
                 shutil.copyfile(step.source, tmp)
                 os.chmod(tmp, 0o600)
                 os.replace(tmp, step.dest)
+            elif step.kind == "write":
+                step.dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                tmp = step.dest.with_name(f".{step.dest.name}.tmp{os.getpid()}")
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(step.content or "")
+                os.replace(tmp, step.dest)
         except OSError as exc:
             raise HostError(f"cannot prepare {step.dest}: {exc.strerror or exc}") from exc

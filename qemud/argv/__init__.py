@@ -18,7 +18,13 @@ from qemud.argv.disks import add_disks, add_iothreads
 from qemud.argv.display import add_audio, add_graphics, add_hubs, add_inputs, add_sound, add_video
 from qemud.argv.machine import (add_boot, add_clock, add_cpu, add_identity, add_lifecycle,
                                 add_machine, add_memory, add_smp)
+from qemud.argv.iommu import add_iommu
+from qemud.argv.launchsec import add_launch_security
 from qemud.argv.misc import add_balloon, add_panics, add_rngs, add_watchdogs
+from qemud.argv.redirdev import add_redirdevs
+from qemud.argv.shmem import add_shmems
+from qemud.argv.sysinfo import add_acpi_tables, add_sysinfo
+from qemud.argv.vsock import add_vsock
 from qemud.argv.qemuopts import opts
 from qemud.argv.tune import Tuning, plan_tuning
 from qemud.caps import HostCaps
@@ -75,10 +81,12 @@ def build_argv(domain: Domain, caps: HostCaps, paths: GuestPaths, *, paused: boo
     if paused:
         b.add("-S")
     add_machine(b)
+    add_launch_security(b)
     add_cpu(b)
     add_memory(b)
     add_smp(b)
     add_identity(b)
+    add_sysinfo(b)
     b.add("-no-user-config", "-nodefaults")
     # QEMU's seccomp sandbox; spawning is allowed only for the bridge helper a bridged NIC needs
     spawn = any(i.type in ("bridge", "network") for i in domain.devices.interface)
@@ -92,7 +100,9 @@ def build_argv(domain: Domain, caps: HostCaps, paths: GuestPaths, *, paused: boo
     add_lifecycle(b)
     _assign_boot_order(b)
     add_boot(b)
+    add_acpi_tables(b)
     add_pci_controllers(b)  # reserves every explicit PCI address first
+    add_iommu(b)
     # libvirt's placement order: the primary video card first, then controllers and the rest
     add_graphics(b)
     add_video(b)
@@ -105,9 +115,12 @@ def build_argv(domain: Domain, caps: HostCaps, paths: GuestPaths, *, paused: boo
     add_audio(b)
     add_sound(b)
     add_watchdogs(b)
+    add_redirdevs(b)
     add_rngs(b)
     add_balloon(b)
     add_panics(b)
+    add_shmems(b)
+    add_vsock(b)
     _passthrough(b)
     tuning, tune_problems = plan_tuning(domain, caps)
     b.problems += [p for p in tune_problems if p.severity != "warning"]
@@ -124,7 +137,9 @@ def build_argv(domain: Domain, caps: HostCaps, paths: GuestPaths, *, paused: boo
 
 def add_interfaces_and_chardevs(b: Builder) -> None:
     from qemud.argv.net import add_interfaces
+    from qemud.argv.smartcard import add_smartcards
     add_interfaces(b)
+    add_smartcards(b)
     add_serials(b)
     add_channels(b)
 

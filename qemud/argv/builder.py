@@ -22,9 +22,10 @@ _ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,127}\Z")
 class Prepare:
     """A file the launcher must create before QEMU starts (never by the pure translator)."""
 
-    kind: str  # "dir" | "copy"
+    kind: str  # "dir" | "copy" | "write"
     dest: Path
     source: Path | None = None
+    content: str | None = None  # "write": the file's text (mode 0600, rewritten at every start)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from qemud.domain.features import Features
 from qemud.domain.metadata import Metadata
 from qemud.domain.osxml import Os
 from qemud.domain.seclabel import Seclabel, check_labels
+from qemud.domain.sysinfo import LaunchSecurity, Sysinfo
 from qemud.domain.tune import BlkioTune, CpuTune, MemTune
 from qemud.domain.units import Size
 from qemud.errors import DomainError, Problem
@@ -118,6 +119,8 @@ class Domain(Element):
     on_lockfailure: Opaque | None = ignored("qemud uses no lock manager")
     pm: Pm | None = None
     devices: Devices = Devices()
+    sysinfo: Many[Sysinfo]
+    launchSecurity: LaunchSecurity | None = None
     seclabel: Many[Seclabel] = ignored("qemud applies no SELinux/AppArmor labels of its own; qemud's own isolation applies (README: security)")
 
     _seclabels = field_validator("seclabel")(classmethod(lambda cls, v: check_labels(v)))

@@ -9,6 +9,11 @@ from qemud.domain.devices.chardev import CharDev
 from qemud.domain.devices.controller import Controller
 from qemud.domain.devices.disk import Disk
 from qemud.domain.devices.interface import Interface
+from qemud.domain.devices.iommu import Iommu
+from qemud.domain.devices.redirdev import RedirDev, RedirFilter
+from qemud.domain.devices.shmem import Shmem
+from qemud.domain.devices.smartcard import Smartcard
+from qemud.domain.devices.vsock import Vsock
 from qemud.domain.devices.misc import (Audio, Graphics, Hub, Input, MemBalloon, Panic, Rng, Sound,
                                        Video, Watchdog)
 
@@ -36,6 +41,12 @@ class Devices(Element):
     watchdog: Many[Watchdog]
     panic: Many[Panic]
     hub: Many[Hub]
+    iommu: Iommu | None = None
+    redirdev: Many[RedirDev]
+    redirfilter: RedirFilter | None = None
+    smartcard: Many[Smartcard]
+    shmem: Many[Shmem]
+    vsock: Vsock | None = None
     lease: Many[Opaque] = ignored("lock manager leases are not used by qemud")
 
     @model_validator(mode="after")
