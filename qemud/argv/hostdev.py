@@ -78,7 +78,7 @@ def add_hostdevs(b: Builder) -> None:
     items = [_Item(f"/domain/devices/interface[{i + 1}]", iface=n)
              for i, n in enumerate(dev.interface) if n.type == "hostdev"]
     items += [_Item(f"/domain/devices/hostdev[{i + 1}]", hostdev=h) for i, h in enumerate(dev.hostdev)]
-    _duplicates(b, items)
+    dups = _duplicates(b, items)
     auto_scsi = _scsi_addresses(b, items)
     ramfb = [it for it in items if it.hostdev is not None and it.hostdev.ramfb]
     for it in ramfb[1:]:
@@ -86,6 +86,8 @@ def add_hostdevs(b: Builder) -> None:
                 f"display; {ramfb[0].path} has it)")
     for n, it in enumerate(items):
         default_id = f"hostdev{n}"
+        if id(it) in dups:
+            continue
         h = it.hostdev
         if h is None:
             _pci(b, it, default_id)
@@ -252,6 +254,8 @@ def _usb_bus(b: Builder, addr: Address | None, path: str) -> str | None:
     for c in b.domain.devices.controller:
         if c.type == "usb" and c.index == index and c.master is None and c.model != "none":
             return f"{controller_id(c)}.0"
+    if index == 0 and b.usb_bus is not None:
+        return b.usb_bus  # the USB controller libvirt adds when the file has none
     b.error(f"{path}/address/@bus", f"there is no USB controller with index {index}")
     return None
 
@@ -583,7 +587,9 @@ def _source_key(it: _Item) -> tuple[Any, ...] | None:
     return None
 
 
-def _duplicates(b: Builder, items: list[_Item]) -> None:
+def _duplicates(b: Builder, items: list[_Item]) -> set[int]:
+    """Report every element naming a host device an earlier one names; their ids(_Item)."""
+    out: set[int] = set()
     seen: dict[tuple[Any, ...], str] = {}
     for it in items:
         key = _source_key(it)
@@ -592,8 +598,10 @@ def _duplicates(b: Builder, items: list[_Item]) -> None:
         if key in seen:
             b.error(f"{it.path}/source", f"this host device is already assigned by {seen[key]}; a host "
                     "device can be given to the guest once")
+            out.add(id(it))
         else:
             seen[key] = it.path
+    return out
 
 
 def _scsi_addresses(b: Builder, items: list[_Item]) -> dict[int, tuple[int, int, int, int]]:
