@@ -351,6 +351,10 @@ def test_mdev_that_does_not_exist(caps: HostCaps) -> None:
      ["ua-nope"]),
     ("<interface type='user'><model type='e1000'/><teaming type='persistent'/><alias name='ua-b'/></interface>",
      "/domain/devices/interface[1]/model/@type", ["virtio"]),
+    (PCI.replace("type='pci'", "type='pci' display='on'").format(extra=""), "/domain/devices/hostdev[1]/@display",
+     ["mdev"]),
+    ("<hostdev mode='subsystem' type='usb'><source><address bus='14' device='6'/></source><readonly/></hostdev>",
+     "/domain/devices/hostdev[1]/readonly", ["scsi"]),
     ("<interface type='vdpa'><source dev='/dev/vhost-vdpa-0'/><model type='e1000'/></interface>",
      "/domain/devices/interface[1]/model/@type", ["virtio"]),
 ])

@@ -99,6 +99,8 @@ def add_hostdevs(b: Builder) -> None:
         if h.type in ("storage", "misc", "net"):
             b.error(f"{it.path}/@type", f"type '{h.type}' exists only with mode='capabilities' (containers)")
             continue
+        if not _fits_type(b, h, it.path):
+            continue
         if h.boot is not None and h.type not in ("pci", "usb", "scsi"):
             why = ("vhost SCSI devices" if h.type == "scsi_host" else "mediated devices")
             b.error(f"{it.path}/boot", f"booting from assigned devices is not supported by {why} "
@@ -120,6 +122,21 @@ def add_hostdevs(b: Builder) -> None:
             _vhost_scsi(b, it, default_id)
         elif h.type == "mdev":
             _mdev(b, it, default_id)
+
+
+def _fits_type(b: Builder, h: Hostdev, path: str) -> bool:
+    """Attributes and children that belong to other hostdev types (libvirt's schema allows them
+    only there): refused rather than dropped."""
+    owners = {"@model": (h.model, ("mdev", "scsi_host")), "@display": (h.display, ("mdev",)),
+              "@ramfb": (h.ramfb, ("mdev",)), "@sgio": (h.sgio, ("scsi",)), "@rawio": (h.rawio, ("scsi",)),
+              "readonly": (h.readonly, ("scsi",)), "shareable": (h.shareable, ("scsi",))}
+    ok = True
+    for name, (value, types) in owners.items():
+        if value is not None and h.type not in types:
+            b.error(f"{path}/{name}", f"{name.lstrip('@')} belongs to hostdev type {' or '.join(types)}, "
+                    f"not '{h.type}'")
+            ok = False
+    return ok
 
 
 # ---- PCI --------------------------------------------------------------------------------------
