@@ -140,6 +140,23 @@ def test_hostdev_interface_is_a_vf_with_boot_order_and_mac_instructions(has_all:
     assert "ip link set dev enp3s0f0 vf 1 mac 00:11:22:33:44:55" in warn.message
 
 
+def test_hostdev_interface_vlan_goes_into_the_vf_settings_and_cannot_trunk(has_all: HostCaps) -> None:
+    vf = """<interface type='hostdev'><mac address='00:11:22:33:44:55'/>
+            <source><address type='pci' domain='0x0000' bus='0x03' slot='0x07' function='0x1'/></source>{}</interface>"""
+    cmd = build_argv(parse_domain(xml(vf.format("<vlan><tag id='42'/></vlan>"))), has_all, PATHS)
+    assert any("ip link set dev enp3s0f0 vf 1 mac 00:11:22:33:44:55 vlan 42" in w.message for w in cmd.warnings)
+    [p] = refuse(xml(vf.format("<vlan trunk='yes'><tag id='42'/><tag id='47'/></vlan>")), has_all)
+    assert p.path == "/domain/devices/interface[1]/vlan" and "trunking" in p.message
+
+
+def test_hostdev_interface_must_be_a_virtual_function(caps: HostCaps) -> None:
+    host = facts(pci_devices={"0000:03:07.1": PciHostDevice(driver="vfio-pci", iommu_group=4)})
+    [p] = refuse(xml("""<interface type='hostdev'><source>
+                        <address type='pci' domain='0x0000' bus='0x03' slot='0x07' function='0x1'/></source></interface>"""),
+                 dataclasses.replace(caps, host=host))
+    assert p.path == "/domain/devices/interface[1]/source/address" and "not an SR-IOV virtual function" in p.message
+
+
 def test_failover_pair_virtio_nic_and_hostdev(has_all: HostCaps) -> None:
     text = xml("""<interface type='user'><mac address='00:11:22:33:44:55'/><model type='virtio'/>
                     <teaming type='persistent'/><alias name='ua-backup0'/></interface>

@@ -92,25 +92,7 @@ def add_hostdevs(b: Builder) -> None:
         if h is None:
             _pci(b, it, default_id)
             continue
-        if h.mode != "subsystem":
-            b.error(f"{it.path}/@mode", "mode='capabilities' hands host resources to containers; "
-                    "a QEMU guest takes mode='subsystem' devices")
-            continue
-        if h.type in ("storage", "misc", "net"):
-            b.error(f"{it.path}/@type", f"type '{h.type}' exists only with mode='capabilities' (containers)")
-            continue
-        if not _fits_type(b, h, it.path):
-            continue
-        if h.boot is not None and h.type not in ("pci", "usb", "scsi"):
-            why = ("vhost SCSI devices" if h.type == "scsi_host" else "mediated devices")
-            b.error(f"{it.path}/boot", f"booting from assigned devices is not supported by {why} "
-                    "(only PCI, USB and SCSI host devices can boot)")
-            continue
-        if h.rom is not None and h.type != "pci":
-            b.error(f"{it.path}/rom", "ROM tuning is only supported for PCI host devices")
-            continue
-        if h.teaming is not None and h.type != "pci":
-            b.error(f"{it.path}/teaming", "only a PCI host device can be the transient member of a failover pair")
+        if not _allowed(b, h, it.path):
             continue
         if h.type == "pci":
             _pci(b, it, default_id)
@@ -122,6 +104,31 @@ def add_hostdevs(b: Builder) -> None:
             _vhost_scsi(b, it, default_id)
         elif h.type == "mdev":
             _mdev(b, it, default_id)
+
+
+def _allowed(b: Builder, h: Hostdev, path: str) -> bool:
+    """The checks libvirt makes on a hostdev whatever its host side."""
+    if h.mode != "subsystem":
+        b.error(f"{path}/@mode", "mode='capabilities' hands host resources to containers; "
+                "a QEMU guest takes mode='subsystem' devices")
+        return False
+    if h.type in ("storage", "misc", "net"):
+        b.error(f"{path}/@type", f"type '{h.type}' exists only with mode='capabilities' (containers)")
+        return False
+    if not _fits_type(b, h, path):
+        return False
+    if h.boot is not None and h.type not in ("pci", "usb", "scsi"):
+        why = ("vhost SCSI devices" if h.type == "scsi_host" else "mediated devices")
+        b.error(f"{path}/boot", f"booting from assigned devices is not supported by {why} "
+                "(only PCI, USB and SCSI host devices can boot)")
+        return False
+    if h.rom is not None and h.type != "pci":
+        b.error(f"{path}/rom", "ROM tuning is only supported for PCI host devices")
+        return False
+    if h.teaming is not None and h.type != "pci":
+        b.error(f"{path}/teaming", "only a PCI host device can be the transient member of a failover pair")
+        return False
+    return True
 
 
 def _fits_type(b: Builder, h: Hostdev, path: str) -> bool:
@@ -215,22 +222,47 @@ def _persistent_nic(b: Builder, alias: str) -> bool:
     return False
 
 
+def _vlan_tag(b: Builder, it: _Item) -> str | None:
+    """The VF's one VLAN tag (<vlan><tag id='42'/></vlan>); an SR-IOV VF cannot trunk."""
+    vlan = it.iface.vlan if it.iface is not None else None
+    if vlan is None:
+        return None
+    extra = vlan.model_extra or {}
+    tags = extra.get("tag") or []
+    tags = tags if isinstance(tags, list) else [tags]
+    if len(tags) != 1 or str(extra.get("@trunk", "no")) == "yes" or not isinstance(tags[0], dict) \
+            or not str(tags[0].get("@id", "")).isdigit():
+        b.error(f"{it.path}/vlan", "an SR-IOV VF takes exactly one VLAN <tag id='N'/>; VLAN trunking is "
+                "not supported by SR-IOV network devices")
+        return None
+    return str(tags[0]["@id"])
+
+
 def _iface_checks(b: Builder, it: _Item) -> None:
-    """What an <interface type='hostdev'> has beyond a PCI hostdev: its MAC, set on the VF."""
+    """What an <interface type='hostdev'> has beyond a PCI hostdev: it must be an SR-IOV VF, and
+    its MAC (and VLAN tag) are set on the VF through its physical function -- by the admin, as
+    qemud changes no host network settings."""
     iface = it.iface
     assert iface is not None
     if iface.driver is not None and iface.driver.queues:
         b.warn(f"{it.path}/driver/@queues", "a hostdev NIC's queues are the VF's own; the setting has no effect")
-    if iface.mac is None:
-        return
+    vlan = _vlan_tag(b, it)
     host = pci_host_address(it.source_address)
     dev = b.caps.host.pci_devices.get(host or "")
+    if dev is not None and dev.pf is None:
+        b.error(f"{it.path}/source/address", f"host PCI device {host} is not an SR-IOV virtual function; "
+                "<interface type='hostdev'> assigns VFs (give a whole NIC with <hostdev type='pci'>)")
+        return
+    settings = (f" mac {iface.mac.address}" if iface.mac is not None else "") + (f" vlan {vlan}" if vlan else "")
+    if not settings:
+        return
+    what = "MAC address and VLAN" if iface.mac is not None and vlan else "MAC address" if iface.mac else "VLAN"
+    where = "/mac" if iface.mac is not None else "/vlan"
     if dev is not None and dev.pf_netdev is not None and dev.vf_index is not None:
-        b.warn(f"{it.path}/mac", f"qemud does not program the VF's MAC address; set it before start: "
-               f"ip link set dev {dev.pf_netdev} vf {dev.vf_index} mac {iface.mac.address}")
+        cmd = f"ip link set dev {dev.pf_netdev} vf {dev.vf_index}{settings}"
     else:
-        b.warn(f"{it.path}/mac", "qemud does not program the VF's MAC address; set it on the physical "
-               f"function before start (ip link set dev PF vf N mac {iface.mac.address})")
+        cmd = f"ip link set dev PF vf N{settings}, on the VF's physical function"
+    b.warn(f"{it.path}{where}", f"qemud does not program the VF's {what}; set it before start: {cmd}")
 
 
 def _pci_host_check(b: Builder, path: str, host: str, managed: bool | None) -> None:
