@@ -63,5 +63,5 @@ class Devices(Element):
         return self
 
 
-__all__ = ["Devices", "Disk", "Controller", "Interface", "CharDev", "Input", "Graphics", "Video",
+__all__ = ["Devices", "Disk", "Controller", "Interface", "Hostdev", "CharDev", "Input", "Graphics", "Video",
            "Sound", "Audio", "Rng", "MemBalloon", "Watchdog", "Panic", "Emulator"]
