@@ -16,6 +16,7 @@ from qemud.argv.chardev import add_channels, add_serials
 from qemud.argv.controllers import add_other_controllers, add_pci_controllers
 from qemud.argv.disks import add_disks, add_iothreads
 from qemud.argv.display import add_audio, add_graphics, add_hubs, add_inputs, add_sound, add_video
+from qemud.argv.hostdev import add_hostdevs
 from qemud.argv.machine import (add_boot, add_clock, add_cpu, add_identity, add_lifecycle,
                                 add_machine, add_memory, add_smp)
 from qemud.argv.iommu import add_iommu
@@ -116,6 +117,7 @@ def build_argv(domain: Domain, caps: HostCaps, paths: GuestPaths, *, paused: boo
     add_sound(b)
     add_watchdogs(b)
     add_redirdevs(b)
+    add_hostdevs(b)
     add_rngs(b)
     add_balloon(b)
     add_panics(b)
@@ -150,6 +152,7 @@ def _assign_boot_order(b: Builder) -> None:
     dev = b.domain.devices
     per_device = [(d.boot.order, d, f"/domain/devices/disk[{i + 1}]/boot") for i, d in enumerate(dev.disk) if d.boot]
     per_device += [(n.boot.order, n, f"/domain/devices/interface[{i + 1}]/boot") for i, n in enumerate(dev.interface) if n.boot]
+    per_device += [(h.boot.order, h, f"/domain/devices/hostdev[{i + 1}]/boot") for i, h in enumerate(dev.hostdev) if h.boot]
     if per_device and b.domain.os.boot:
         b.error("/domain/os/boot", "per-device <boot order> and <os><boot dev> cannot be combined")
         return

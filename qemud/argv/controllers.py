@@ -128,7 +128,7 @@ def _reserve(b: Builder, address, path: str) -> None:
 def reserve_device_addresses(b: Builder) -> None:
     """Claim every explicit PCI address of non-controller devices before any auto placement."""
     dev = b.domain.devices
-    for fam in ("disk", "interface", "video", "sound", "rng", "watchdog", "input", "panic", "shmem"):
+    for fam in ("disk", "interface", "video", "sound", "rng", "watchdog", "input", "panic", "shmem", "hostdev"):
         for i, item in enumerate(getattr(dev, fam)):
             _reserve(b, getattr(item, "address", None), f"/domain/devices/{fam}[{i + 1}]")
     for fam in ("serial", "console", "channel", "parallel"):

@@ -252,16 +252,18 @@ _MACADDR = re.compile(r"macaddr=([0-9a-fA-F:]{17})")
 def _check_nics(domain: Domain, argv: list[str], info: str) -> list[str]:
     failed: list[str] = []
     have = {m.lower() for m in _MACADDR.findall(info)}
-    explicit = {i.mac.address.lower() for i in domain.devices.interface if i.mac is not None}
+    # a hostdev interface is a VF given to the guest: QEMU has no NIC (and no MAC) for it
+    nics = [(i, n) for i, n in enumerate(domain.devices.interface) if n.type != "hostdev"]
+    explicit = {n.mac.address.lower() for _, n in nics if n.mac is not None}
     argv_nics = [d for d in argv_props(argv, "-device") if "netdev" in d and d.get("mac")]
-    same_count = len(argv_nics) == len(domain.devices.interface)
+    same_count = len(argv_nics) == len(nics)
     spare = [str(d["mac"]).lower() for d in argv_nics if str(d["mac"]).lower() not in explicit]
-    for i, iface in enumerate(domain.devices.interface):
+    for k, (i, iface) in enumerate(nics):
         what = f"interface[{i + 1}]"
         if iface.mac is not None:
             mac = iface.mac.address.lower()
         elif same_count:
-            mac = str(argv_nics[i]["mac"]).lower()
+            mac = str(argv_nics[k]["mac"]).lower()
         elif spare:
             mac = spare.pop(0)
         else:

@@ -8,6 +8,7 @@ from qemud.domain.base import Element, Many, Opaque, ignored, text
 from qemud.domain.devices.chardev import CharDev
 from qemud.domain.devices.controller import Controller
 from qemud.domain.devices.disk import Disk
+from qemud.domain.devices.hostdev import Hostdev
 from qemud.domain.devices.interface import Interface
 from qemud.domain.devices.iommu import Iommu
 from qemud.domain.devices.redirdev import RedirDev, RedirFilter
@@ -47,6 +48,7 @@ class Devices(Element):
     smartcard: Many[Smartcard]
     shmem: Many[Shmem]
     vsock: Vsock | None = None
+    hostdev: Many[Hostdev]
     lease: Many[Opaque] = ignored("lock manager leases are not used by qemud")
 
     @model_validator(mode="after")
@@ -72,5 +74,5 @@ class Devices(Element):
         return self
 
 
-__all__ = ["Devices", "Disk", "Controller", "Interface", "CharDev", "Input", "Graphics", "Video",
+__all__ = ["Devices", "Disk", "Controller", "Interface", "Hostdev", "CharDev", "Input", "Graphics", "Video",
            "Sound", "Audio", "Rng", "MemBalloon", "Watchdog", "Panic", "Emulator"]
