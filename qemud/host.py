@@ -192,12 +192,8 @@ def read_host() -> HostFacts:
             if os.path.isfile(c) and os.access(c, os.X_OK):
                 helpers[role] = c
                 break
-WATCHED_PATHS: tuple[str, ...] = (
-    "/dev/vhost-vsock", "/dev/sev", "/etc/pki/nssdb",
-    "/dev/vfio/vfio", "/sys/bus/usb/devices", "/dev/vhost-scsi",  # device assignment (hostdev)
-)
-#: device nodes that come numbered (glob patterns): every match is added to ``present``
-WATCHED_GLOBS: tuple[str, ...] = ("/dev/input/event*", "/dev/vhost-vdpa-*")
+    present = frozenset(p for p in WATCHED_PATHS if os.path.exists(p))
+    present |= frozenset(p for g in WATCHED_GLOBS for p in glob.glob(g))
     version, reason, roots = read_cgroups()
     return HostFacts(numa_nodes=_numa_nodes(), helpers=helpers, present=present, cpus=_cpus(),
                      cgroup=version, cgroup_reason=reason, cgroup_roots=roots,
