@@ -40,10 +40,15 @@ class HostFacts:
 
 
 #: device nodes and directories whose presence decides what a guest can have
-WATCHED_PATHS: tuple[str, ...] = ()
+WATCHED_PATHS: tuple[str, ...] = ("/dev/tpm0", "/dev/tpmrm0")
 
 #: helper programs, by role: the first candidate that is executable wins
-HELPER_CANDIDATES: dict[str, tuple[str, ...]] = {}
+HELPER_CANDIDATES: dict[str, tuple[str, ...]] = {
+    # a <filesystem><binary path> names its own; these are where Debian and Fedora put it
+    "virtiofsd": ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"),
+    "swtpm": ("/usr/bin/swtpm",),
+    "swtpm_setup": ("/usr/bin/swtpm_setup",),
+}
 
 
 def _numa_nodes() -> tuple[int, ...]:

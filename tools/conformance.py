@@ -355,10 +355,18 @@ def _run_one(xml_path: str, name: str, scratch: Path, guest: Guest, timeout: flo
         return crashed("prepare")
     listeners = _listen(rw.peers)
     try:
+        helpers = _start_helpers(cmd)
+    except QemudError as exc:
+        for sock in listeners:
+            sock.close()
+        line = str(exc).splitlines()[0]
+        return {**out, "outcome": "rejected", "stage": "helpers", "message": line, "reason": _reason(line)}
+    try:
         r = realize_sync(domain, cmd.argv, cmd.env, cmd.qmp, timeout=timeout)
     finally:
         for sock in listeners:
             sock.close()
+        _stop_helpers(helpers)
     out["queries"] = r.queries
     if r.timed_out and not r.started:
         return {**out, "outcome": "crashed", "stage": "qemu", "message": f"hang: {r.error}",
@@ -371,6 +379,19 @@ def _run_one(xml_path: str, name: str, scratch: Path, guest: Guest, timeout: flo
         return {**out, "outcome": "mismatch", "stage": "checks", "failed_checks": r.failed_checks,
                 "message": "; ".join(r.failed_checks) or (r.error or "not ok"), "qemu_output": r.output}
     return {**out, "outcome": "realized", "stage": "checks"}
+
+
+def _start_helpers(cmd: Any) -> list[Any]:
+    """The Command's helper processes (swtpm, virtiofsd), started before QEMU by the code the
+    daemon uses (qemud.helpers)."""
+    from qemud import helpers
+    return helpers.start(cmd.helpers)
+
+
+def _stop_helpers(running: list[Any]) -> None:
+    """Every helper ended after QEMU (none is left behind by a measurement)."""
+    from qemud import helpers
+    helpers.stop_sync(running)
 
 
 def _child(xml_path: str, scratch: str, guest: Guest, timeout: float, result_file: str) -> None:

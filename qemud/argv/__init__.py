@@ -10,10 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qemud.argv.builder import Builder, Prepare
+from qemud.argv.builder import Builder, HelperSpec, Prepare
 from qemud.argv.chardev import add_channels, add_serials
 from qemud.argv.controllers import add_other_controllers, add_pci_controllers
 from qemud.argv.disks import add_disks, add_iothreads
+from qemud.argv.filesystem import add_filesystems
+from qemud.argv.tpm import add_tpms
 from qemud.argv.display import add_audio, add_graphics, add_hubs, add_inputs, add_sound, add_video
 from qemud.argv.machine import (add_boot, add_clock, add_cpu, add_identity, add_lifecycle,
                                 add_machine, add_memory, add_smp)
@@ -37,6 +39,8 @@ class Command:
     prepare: list[Prepare] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
     console_log: Path | None = None
+    #: processes started before QEMU and stopped after it (swtpm, virtiofsd)
+    helpers: list[HelperSpec] = field(default_factory=list)
 
 
 def emulator_for(domain: Domain) -> str:
@@ -94,7 +98,9 @@ def build_argv(domain: Domain, caps: HostCaps, paths: GuestPaths, *, paused: boo
     add_iothreads(b)
     add_hubs(b)
     add_disks(b)
+    add_filesystems(b)
     add_interfaces_and_chardevs(b)
+    add_tpms(b)
     add_inputs(b)
     add_audio(b)
     add_sound(b)
@@ -109,7 +115,8 @@ def build_argv(domain: Domain, caps: HostCaps, paths: GuestPaths, *, paused: boo
     b.add("-msg", "timestamp=on")
     prepare = [Prepare("dir", paths.run), *b.prepare]
     return Command(argv=b.args, env=b.env, qmp=paths.qmp, prepare=prepare,
-                   warnings=ignored_warnings(domain) + b.warnings, console_log=b.console_log)
+                   warnings=ignored_warnings(domain) + b.warnings, console_log=b.console_log,
+                   helpers=list(b.helpers))
 
 
 def add_interfaces_and_chardevs(b: Builder) -> None:
@@ -165,4 +172,4 @@ def _passthrough(b: Builder) -> None:
         b.warn("/domain/qemu:commandline", "passes options to QEMU that qemud does not check")
 
 
-__all__ = ["build_argv", "Command", "Prepare", "emulator_for"]
+__all__ = ["build_argv", "Command", "HelperSpec", "Prepare", "emulator_for"]

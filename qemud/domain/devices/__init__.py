@@ -8,9 +8,11 @@ from qemud.domain.base import Element, Many, Opaque, ignored, text
 from qemud.domain.devices.chardev import CharDev
 from qemud.domain.devices.controller import Controller
 from qemud.domain.devices.disk import Disk
+from qemud.domain.devices.filesystem import Filesystem
 from qemud.domain.devices.interface import Interface
 from qemud.domain.devices.misc import (Audio, Graphics, Hub, Input, MemBalloon, Panic, Rng, Sound,
                                        Video, Watchdog)
+from qemud.domain.devices.tpm import Tpm
 
 
 class Emulator(Element):
@@ -20,6 +22,7 @@ class Emulator(Element):
 class Devices(Element):
     emulator: Emulator | None = None
     disk: Many[Disk]
+    filesystem: Many[Filesystem]
     controller: Many[Controller]
     interface: Many[Interface]
     serial: Many[CharDev]
@@ -36,6 +39,7 @@ class Devices(Element):
     watchdog: Many[Watchdog]
     panic: Many[Panic]
     hub: Many[Hub]
+    tpm: Many[Tpm]
     lease: Many[Opaque] = ignored("lock manager leases are not used by qemud")
 
     @model_validator(mode="after")
@@ -62,4 +66,4 @@ class Devices(Element):
 
 
 __all__ = ["Devices", "Disk", "Controller", "Interface", "CharDev", "Input", "Graphics", "Video",
-           "Sound", "Audio", "Rng", "MemBalloon", "Watchdog", "Panic", "Emulator"]
+           "Sound", "Audio", "Rng", "MemBalloon", "Watchdog", "Panic", "Emulator", "Filesystem", "Tpm"]
