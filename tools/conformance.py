@@ -104,6 +104,8 @@ class Rewriter:
         self.notes: list[str] = []
         #: scratch paths of unix sockets the domain connects to (mode='connect'): listened on
         self.peers: list[str] = []
+        #: (socket, directory) of virtiofs shares served by a virtiofsd the domain does not run
+        self.virtiofs_peers: list[tuple[str, str]] = []
 
     def _new(self, kind: str, original: str, name: str) -> tuple[str, bool]:
         """A scratch path for ``original`` (the same one each time it is named); new?"""
@@ -178,7 +180,21 @@ class Rewriter:
                         src.set(a, p)
                         if new and a == "dir":
                             os.makedirs(p, exist_ok=True)
+            self._virtiofs_peer(fs)
         return ET.tostring(root, encoding="unicode")
+
+    def _virtiofs_peer(self, fs: ET.Element) -> None:
+        """A virtiofs share whose virtiofsd runs already (<source socket>): the measurement runs
+        one there, serving a scratch directory, as its user would have."""
+        drv = fs.find("driver")
+        if drv is None or drv.get("type") != "virtiofs":
+            return
+        for src in fs.findall("source"):
+            sock = src.get("socket")
+            if sock and all(sock != s for s, _ in self.virtiofs_peers):
+                d = self._new("fsdir", sock, "fsd")[0]
+                os.makedirs(d, exist_ok=True)
+                self.virtiofs_peers.append((sock, d))
 
     def _os(self, root: ET.Element) -> None:
         osel = root.find("os")
@@ -355,7 +371,7 @@ def _run_one(xml_path: str, name: str, scratch: Path, guest: Guest, timeout: flo
         return crashed("prepare")
     listeners = _listen(rw.peers)
     try:
-        helpers = _start_helpers(cmd)
+        helpers = _start_helpers(cmd, rw, caps.host.helpers.get("virtiofsd"))
     except QemudError as exc:
         for sock in listeners:
             sock.close()
@@ -381,11 +397,18 @@ def _run_one(xml_path: str, name: str, scratch: Path, guest: Guest, timeout: flo
     return {**out, "outcome": "realized", "stage": "checks"}
 
 
-def _start_helpers(cmd: Any) -> list[Any]:
+def _start_helpers(cmd: Any, rw: Rewriter, virtiofsd: str | None) -> list[Any]:
     """The Command's helper processes (swtpm, virtiofsd), started before QEMU by the code the
-    daemon uses (qemud.helpers)."""
+    daemon uses (qemud.helpers); and a virtiofsd for each share the domain expects to be served
+    by someone else."""
     from qemud import helpers
-    return helpers.start(cmd.helpers)
+    from qemud.argv import HelperSpec
+    specs = list(cmd.helpers)
+    if virtiofsd is not None:
+        for i, (sock, d) in enumerate(rw.virtiofs_peers):
+            specs.append(HelperSpec(name=f"peer-virtiofsd{i}", socket=Path(sock), log=Path(d + ".log"),
+                                    argv=[virtiofsd, "--fd={fd}", "-o", f"source={d},sandbox=chroot"]))
+    return helpers.start(specs)
 
 
 def _stop_helpers(running: list[Any]) -> None:
