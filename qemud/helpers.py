@@ -115,6 +115,11 @@ def stop_sync(helpers: list[Helper], grace: float = STOP_GRACE) -> None:
         h.proc.close()
 
 
+def has_ended(proc: QemuProcess) -> bool:
+    """Whether the process has ended already (its pidfd is readable), without waiting."""
+    return _ended(proc, 0)
+
+
 def _ended(proc: QemuProcess, timeout: float) -> bool:
     """Wait on the pidfd (readable once the process has ended, zombie or reaped)."""
     try:

@@ -106,6 +106,8 @@ class Rewriter:
         self.peers: list[str] = []
         #: (socket, directory) of virtiofs shares served by a virtiofsd the domain does not run
         self.virtiofs_peers: list[tuple[str, str]] = []
+        #: (socket, state directory) of external TPMs: an swtpm the domain does not run
+        self.swtpm_peers: list[tuple[str, str]] = []
 
     def _new(self, kind: str, original: str, name: str) -> tuple[str, bool]:
         """A scratch path for ``original`` (the same one each time it is named); new?"""
@@ -181,7 +183,22 @@ class Rewriter:
                         if new and a == "dir":
                             os.makedirs(p, exist_ok=True)
             self._virtiofs_peer(fs)
+        for tpm in devices.findall("tpm"):
+            self._swtpm_peer(tpm)
         return ET.tostring(root, encoding="unicode")
+
+    def _swtpm_peer(self, tpm: ET.Element) -> None:
+        """A TPM backed by an swtpm its user runs (type='external'): the measurement runs one."""
+        for be in tpm.findall("backend"):
+            if be.get("type") != "external":
+                continue
+            for src in be.findall("source"):
+                if src.get("path"):
+                    p, new = self._new("sock", src.get("path", ""), "swtpm")
+                    src.set("path", p)
+                    if new:
+                        os.makedirs(p + ".state", exist_ok=True)
+                        self.swtpm_peers.append((p, p + ".state"))
 
     def _virtiofs_peer(self, fs: ET.Element) -> None:
         """A virtiofs share whose virtiofsd runs already (<source socket>): the measurement runs
@@ -408,6 +425,10 @@ def _start_helpers(cmd: Any, rw: Rewriter, virtiofsd: str | None) -> list[Any]:
         for i, (sock, d) in enumerate(rw.virtiofs_peers):
             specs.append(HelperSpec(name=f"peer-virtiofsd{i}", socket=Path(sock), log=Path(d + ".log"),
                                     argv=[virtiofsd, "--fd={fd}", "-o", f"source={d},sandbox=chroot"]))
+    for i, (sock, d) in enumerate(rw.swtpm_peers):
+        specs.append(HelperSpec(name=f"peer-swtpm{i}", socket=Path(sock), log=Path(d + ".log"),
+                                argv=["swtpm", "socket", "--ctrl", "type=unixio,fd={fd}", "--tpmstate", f"dir={d}",
+                                      "--tpm2", "--terminate"]))
     return helpers.start(specs)
 
 
