@@ -385,7 +385,7 @@ class Guest:
             await self._stop("a stop was under way when the daemon restarted")
         lost, self._lost_helpers = self._lost_helpers, []
         if lost and self.proc is proc and self.state in ALIVE and self.state != State.STOPPING:
-            self._helper_gone(proc, ", ".join(lost), "ended while qemud was not running")
+            self._helper_gone(proc, ", ".join(lost), "gone when qemud restarted")
         for h in self.helpers:
             self.env.log.emit("helper-adopted", f"{self.name}: adopted helper {h.name}, pid {h.proc.pid}", INFO,
                               domain=self.name, uuid=self.uuid, pid=h.proc.pid, helper=h.name)
@@ -616,7 +616,8 @@ class Guest:
         try:
             caps = await self.env.caps_for(emulator_for(self.domain))
             cmd = build_argv(self.domain, caps, self.paths, paused=True)
-            prepare(cmd)
+            # in a thread: a first start may run swtpm_setup, which must not stall other guests
+            await asyncio.to_thread(prepare, cmd)
             holder = pidfile_holder(self.paths.pidfile)
             if holder is not None:
                 raise QemudError(f"a QEMU (pid {holder}) already runs this guest without a record; "

@@ -329,3 +329,18 @@ def test_killed_helper_is_reported_and_the_guest_restarted(daemon: Daemon, guest
     assert running.pid != qemu and not pid_alive(qemu)
     assert started.pid != swtpm and pid_alive(started.pid)  # type: ignore[arg-type]
     assert helper_pids(d) == {started.pid}
+
+
+def test_helper_that_died_while_the_daemon_was_down_is_handled_at_adoption(daemon: Daemon, guest: TinyGuest) -> None:
+    d = daemon
+    swtpm, qemu = start_tpm_guest(d, guest, "tpm3")
+    d.kill9()
+    os.kill(swtpm, signal.SIGKILL)
+    after = d.mark()
+    d.start(timeout=30)
+    died = d.wait_for("helper-died", "tpm3", timeout=RUN_TIMEOUT, after=after)
+    assert "swtpm-tpm0" in died.message and "gone when qemud restarted" in died.message
+    started = d.wait_for("helper-started", "tpm3", timeout=RUN_TIMEOUT, after=died.index)
+    running = d.wait_for("running", "tpm3", timeout=RUN_TIMEOUT, after=started.index)
+    assert running.pid != qemu and not pid_alive(qemu)
+    assert helper_pids(d) == {started.pid}
