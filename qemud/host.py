@@ -93,14 +93,19 @@ class HostFacts:
 
 #: device nodes and directories whose presence decides what a guest can have
 WATCHED_PATHS: tuple[str, ...] = (
-    "/dev/vhost-vsock", "/dev/sev", "/etc/pki/nssdb",
+    "/dev/vhost-vsock", "/dev/sev", "/etc/pki/nssdb", "/dev/tpm0", "/dev/tpmrm0",
     "/dev/vfio/vfio", "/sys/bus/usb/devices", "/dev/vhost-scsi",  # device assignment (hostdev)
 )
 #: device nodes that come numbered (glob patterns): every match is added to ``present``
 WATCHED_GLOBS: tuple[str, ...] = ("/dev/input/event*", "/dev/vhost-vdpa-*")
 
 #: helper programs, by role: the first candidate that is executable wins
-HELPER_CANDIDATES: dict[str, tuple[str, ...]] = {}
+HELPER_CANDIDATES: dict[str, tuple[str, ...]] = {
+    # a <filesystem><binary path> names its own; these are where Debian and Fedora put it
+    "virtiofsd": ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"),
+    "swtpm": ("/usr/bin/swtpm",),
+    "swtpm_setup": ("/usr/bin/swtpm_setup",),
+}
 
 
 def _numa_nodes() -> tuple[int, ...]:

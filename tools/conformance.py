@@ -115,6 +115,10 @@ class Rewriter:
         self.notes: list[str] = []
         #: scratch paths of unix sockets the domain connects to (mode='connect'): listened on
         self.peers: list[str] = []
+        #: (socket, directory) of virtiofs shares served by a virtiofsd the domain does not run
+        self.virtiofs_peers: list[tuple[str, str]] = []
+        #: (socket, state directory) of external TPMs: an swtpm the domain does not run
+        self.swtpm_peers: list[tuple[str, str]] = []
 
     def _new(self, kind: str, original: str, name: str) -> tuple[str, bool]:
         """A scratch path for ``original`` (the same one each time it is named); new?"""
@@ -190,7 +194,36 @@ class Rewriter:
                         src.set(a, p)
                         if new and a == "dir":
                             os.makedirs(p, exist_ok=True)
+            self._virtiofs_peer(fs)
+        for tpm in devices.findall("tpm"):
+            self._swtpm_peer(tpm)
         return ET.tostring(root, encoding="unicode")
+
+    def _swtpm_peer(self, tpm: ET.Element) -> None:
+        """A TPM backed by an swtpm its user runs (type='external'): the measurement runs one."""
+        for be in tpm.findall("backend"):
+            if be.get("type") != "external":
+                continue
+            for src in be.findall("source"):
+                if src.get("path"):
+                    p, new = self._new("sock", src.get("path", ""), "swtpm")
+                    src.set("path", p)
+                    if new:
+                        os.makedirs(p + ".state", exist_ok=True)
+                        self.swtpm_peers.append((p, p + ".state"))
+
+    def _virtiofs_peer(self, fs: ET.Element) -> None:
+        """A virtiofs share whose virtiofsd runs already (<source socket>): the measurement runs
+        one there, serving a scratch directory, as its user would have."""
+        drv = fs.find("driver")
+        if drv is None or drv.get("type") != "virtiofs":
+            return
+        for src in fs.findall("source"):
+            sock = src.get("socket")
+            if sock and all(sock != s for s, _ in self.virtiofs_peers):
+                d = self._new("fsdir", sock, "fsd")[0]
+                os.makedirs(d, exist_ok=True)
+                self.virtiofs_peers.append((sock, d))
 
     def _os(self, root: ET.Element) -> None:
         osel = root.find("os")
@@ -403,10 +436,18 @@ def _run_one(xml_path: str, name: str, scratch: Path, guest: Guest, timeout: flo
     listeners = _listen(rw.peers)
     after_start, untune = tuner(cmd, caps, f"conformance-{Path(xml_path).stem}")
     try:
+        helpers = _start_helpers(cmd, rw, caps.host.helpers.get("virtiofsd"))
+    except QemudError as exc:
+        for sock in listeners:
+            sock.close()
+        line = str(exc).splitlines()[0]
+        return {**out, "outcome": "rejected", "stage": "helpers", "message": line, "reason": _reason(line)}
+    try:
         r = realize_sync(domain, cmd.argv, cmd.env, cmd.qmp, timeout=timeout, after_start=after_start)
     finally:
         for sock in listeners:
             sock.close()
+        _stop_helpers(helpers)
         untune()
     out["queries"] = r.queries
     if r.timed_out and not r.started:
@@ -420,6 +461,30 @@ def _run_one(xml_path: str, name: str, scratch: Path, guest: Guest, timeout: flo
         return {**out, "outcome": "mismatch", "stage": "checks", "failed_checks": r.failed_checks,
                 "message": "; ".join(r.failed_checks) or (r.error or "not ok"), "qemu_output": r.output}
     return {**out, "outcome": "realized", "stage": "checks"}
+
+
+def _start_helpers(cmd: Any, rw: Rewriter, virtiofsd: str | None) -> list[Any]:
+    """The Command's helper processes (swtpm, virtiofsd), started before QEMU by the code the
+    daemon uses (qemud.helpers); and a virtiofsd for each share the domain expects to be served
+    by someone else."""
+    from qemud import helpers
+    from qemud.argv import HelperSpec
+    specs = list(cmd.helpers)
+    if virtiofsd is not None:
+        for i, (sock, d) in enumerate(rw.virtiofs_peers):
+            specs.append(HelperSpec(name=f"peer-virtiofsd{i}", socket=Path(sock), log=Path(d + ".log"),
+                                    argv=[virtiofsd, "--fd={fd}", "-o", f"source={d},sandbox=chroot"]))
+    for i, (sock, d) in enumerate(rw.swtpm_peers):
+        specs.append(HelperSpec(name=f"peer-swtpm{i}", socket=Path(sock), log=Path(d + ".log"),
+                                argv=["swtpm", "socket", "--ctrl", "type=unixio,fd={fd}", "--tpmstate", f"dir={d}",
+                                      "--tpm2", "--terminate"]))
+    return helpers.start(specs)
+
+
+def _stop_helpers(running: list[Any]) -> None:
+    """Every helper ended after QEMU (none is left behind by a measurement)."""
+    from qemud import helpers
+    helpers.stop_sync(running)
 
 
 def _child(xml_path: str, scratch: str, guest: Guest, timeout: float, result_file: str) -> None:

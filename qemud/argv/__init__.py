@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qemud.argv.builder import Builder, Prepare
+from qemud.argv.builder import Builder, HelperSpec, Prepare
 from qemud.argv.chardev import add_channels, add_serials
 from qemud.argv.controllers import add_other_controllers, add_pci_controllers
 from qemud.argv.disks import add_disks, add_iothreads
+from qemud.argv.filesystem import add_filesystems
+from qemud.argv.tpm import add_tpms
 from qemud.argv.display import add_audio, add_graphics, add_hubs, add_inputs, add_sound, add_video
 from qemud.argv.hostdev import add_hostdevs
 from qemud.argv.machine import (add_boot, add_clock, add_cpu, add_identity, add_lifecycle,
@@ -50,6 +52,8 @@ class Command:
     tuning: Tuning = field(default_factory=Tuning)
     #: QMP commands run on the paused QEMU before ``cont``: (command, arguments)
     qmp_setup: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    #: processes started before QEMU and stopped after it (swtpm, virtiofsd)
+    helpers: list[HelperSpec] = field(default_factory=list)
 
 
 def emulator_for(domain: Domain) -> str:
@@ -111,7 +115,9 @@ def build_argv(domain: Domain, caps: HostCaps, paths: GuestPaths, *, paused: boo
     add_iothreads(b)
     add_hubs(b)
     add_disks(b)
+    add_filesystems(b)
     add_interfaces_and_chardevs(b)
+    add_tpms(b)
     add_inputs(b)
     add_audio(b)
     add_sound(b)
@@ -134,7 +140,7 @@ def build_argv(domain: Domain, caps: HostCaps, paths: GuestPaths, *, paused: boo
     prepare = [Prepare("dir", paths.run), *b.prepare]
     return Command(argv=b.args, env=b.env, qmp=paths.qmp, prepare=prepare,
                    warnings=ignored_warnings(domain) + b.warnings, console_log=b.console_log,
-                   tuning=tuning, qmp_setup=b.qmp_setup)
+                   tuning=tuning, qmp_setup=b.qmp_setup, helpers=list(b.helpers))
 
 
 def add_interfaces_and_chardevs(b: Builder) -> None:
@@ -193,4 +199,4 @@ def _passthrough(b: Builder) -> None:
         b.warn("/domain/qemu:commandline", "passes options to QEMU that qemud does not check")
 
 
-__all__ = ["build_argv", "Command", "Prepare", "emulator_for"]
+__all__ = ["build_argv", "Command", "HelperSpec", "Prepare", "emulator_for"]

@@ -9,6 +9,7 @@ from qemud.domain.devices.chardev import CharDev
 from qemud.domain.devices.controller import Controller
 from qemud.domain.devices.disk import Disk
 from qemud.domain.devices.hostdev import Hostdev
+from qemud.domain.devices.filesystem import Filesystem
 from qemud.domain.devices.interface import Interface
 from qemud.domain.devices.iommu import Iommu
 from qemud.domain.devices.redirdev import RedirDev, RedirFilter
@@ -17,6 +18,7 @@ from qemud.domain.devices.smartcard import Smartcard
 from qemud.domain.devices.vsock import Vsock
 from qemud.domain.devices.misc import (Audio, Graphics, Hub, Input, MemBalloon, Panic, Rng, Sound,
                                        Video, Watchdog)
+from qemud.domain.devices.tpm import Tpm
 
 
 class Emulator(Element):
@@ -26,6 +28,7 @@ class Emulator(Element):
 class Devices(Element):
     emulator: Emulator | None = None
     disk: Many[Disk]
+    filesystem: Many[Filesystem]
     controller: Many[Controller]
     interface: Many[Interface]
     serial: Many[CharDev]
@@ -49,6 +52,7 @@ class Devices(Element):
     shmem: Many[Shmem]
     vsock: Vsock | None = None
     hostdev: Many[Hostdev]
+    tpm: Many[Tpm]
     lease: Many[Opaque] = ignored("lock manager leases are not used by qemud")
 
     @model_validator(mode="after")
@@ -75,4 +79,4 @@ class Devices(Element):
 
 
 __all__ = ["Devices", "Disk", "Controller", "Interface", "Hostdev", "CharDev", "Input", "Graphics", "Video",
-           "Sound", "Audio", "Rng", "MemBalloon", "Watchdog", "Panic", "Emulator"]
+           "Sound", "Audio", "Rng", "MemBalloon", "Watchdog", "Panic", "Emulator", "Filesystem", "Tpm"]
