@@ -169,6 +169,10 @@ def _cgroups(mounts: str, self_cgroup: str) -> tuple[str, str, dict[str, str]]:
                         "(run it from qemud.service, which has Delegate=yes)"), {}
         if not os.access(os.path.join(base, "cgroup.subtree_control"), os.W_OK):
             return "", f"qemud's cgroup {base} is not writable by it (not delegated: Delegate=yes in qemud.service)", {}
+        if _systemd_unit(base) and not _delegated(base):
+            # root may write any cgroup, but one systemd manages without delegation is not ours
+            return "", (f"qemud's cgroup {base} belongs to systemd and is not delegated to qemud "
+                        "(Delegate=yes in qemud.service)"), {}
         return "v2", "", {c: base for c in V2_CONTROLLERS}
     roots = {}
     for c in V1_CONTROLLERS:
@@ -179,6 +183,21 @@ def _cgroups(mounts: str, self_cgroup: str) -> tuple[str, str, dict[str, str]]:
             return "", f"the {c} cgroup {path} is not writable by qemud (run it as root)", {}
         roots[c] = path
     return "v1", "", roots
+
+
+def _systemd_unit(path: str) -> bool:
+    return path.rstrip("/").endswith((".service", ".scope"))
+
+
+def _delegated(path: str) -> bool:
+    """systemd marks a cgroup it delegates with the trusted.delegate (or user.delegate) xattr."""
+    for name in ("trusted.delegate", "user.delegate"):
+        try:
+            if os.getxattr(path, name) in (b"1", b"1\n"):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def read_cgroups() -> tuple[str, str, dict[str, str]]:
