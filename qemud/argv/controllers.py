@@ -49,6 +49,16 @@ def scsi_model(c: Controller) -> str:
     return c.model if c.model and c.model != "auto" else "lsilogic"
 
 
+def _pcihole64(b: Builder, size, path: str) -> None:  # type: ignore[no-untyped-def]
+    """<pcihole64>: the host bridge's 64-bit MMIO window size, in KiB as libvirt writes it."""
+    bridge = "q35-pcihost" if b.q35 else "i440FX-pcihost"
+    if size.bytes % 1024:
+        b.error(f"{path}/pcihole64", "must be a whole number of KiB")
+        return
+    if size.value:  # 0: QEMU's default size
+        b.add("-global", f"{bridge}.pci-hole64-size={size.kib}K")
+
+
 def add_pci_controllers(b: Builder) -> None:
     ctrls = list(enumerate(b.domain.devices.controller))
     seen: set[int] = set()
@@ -71,7 +81,11 @@ def add_pci_controllers(b: Builder) -> None:
         if c.index == 0:
             if model != root:
                 b.error(f"{path}/@model", f"machine {b.machine.name} has a {root} at index 0, not a {model}")
+            elif c.pcihole64 is not None:
+                _pcihole64(b, c.pcihole64, path)
             continue
+        if c.pcihole64 is not None:
+            b.error(f"{path}/pcihole64", f"only the {root} (index 0) has a 64-bit PCI hole")
         if model in ("pci-root", "pcie-root"):
             b.error(f"{path}/@model", f"only index 0 can be the {model}")
             continue

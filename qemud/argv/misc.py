@@ -109,7 +109,7 @@ def add_panics(b: Builder) -> None:
         elif model == "pvpanic":
             b.device({"driver": "pvpanic-pci", **b.pci_props(p.address, path, "pvpanic")})
         elif model == "hyperv":
-            b.error(f"{path}/@model", "the Hyper-V crash MSRs are not supported by qemud yet")
+            pass  # the Hyper-V crash MSRs: a CPU property (hv-crash), set with the CPU
         else:
             b.error(f"{path}/@model", f"panic model '{model}' does not exist on x86")
     f = b.domain.features

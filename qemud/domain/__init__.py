@@ -16,7 +16,7 @@ from pydantic import ValidationError, field_validator
 from qemud.domain.base import (Element, Many, Opaque, UInt, YesNo, attr, child, ignored,
                                problems_from, text, walk_ignored)
 from qemud.domain.clock import Clock
-from qemud.domain.cpu import Cpu, Vcpu
+from qemud.domain.cpu import Cpu, Vcpu, Vcpus
 from qemud.domain.devices import Devices
 from qemud.domain.features import Features
 from qemud.domain.metadata import Metadata
@@ -105,6 +105,7 @@ class Domain(Element):
     currentMemory: Size | None = None
     maxMemory: MaxMemory | None = None
     vcpu: Vcpu | None = None
+    vcpu_states: Vcpus | None = child("vcpus")  # per-vCPU online/hotplug state
     iothreads: UInt | None = None
     os: Os
     features: Features | None = None

@@ -6,6 +6,7 @@ from typing import Literal
 
 from qemud.domain.base import Element, UInt, YesNo, attr, child
 from qemud.domain.devices.address import Address, Alias
+from qemud.domain.units import Size
 
 CONTROLLER_MODELS: dict[str, tuple[str, ...]] = {
     "pci": ("pci-root", "pcie-root", "pci-bridge", "dmi-to-pci-bridge", "pcie-root-port",
@@ -65,5 +66,6 @@ class Controller(Element):
     target: ControllerTarget | None = None
     driver: ControllerDriver | None = None
     master: Master | None = None
+    pcihole64: Size | None = None  # the PCI root's 64-bit MMIO window (default unit KiB)
     address: Address | None = None
     alias: Alias | None = None
