@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from qemud.argv.builder import Builder
+from qemud.argv.virtio import add_virtio_props, refuse_virtio_options
 from qemud.domain.devices.controller import CONTROLLER_MODELS, Controller
 
 PCI_DEVICES = {
@@ -190,6 +191,10 @@ def add_other_controllers(b: Builder) -> None:
                 if c.driver.iothread:
                     props["iothread"] = f"iothread{c.driver.iothread}"
             props.update(b.pci_props(c.address, path, "SCSI controller"))
+            if driver.startswith("virtio"):
+                props = add_virtio_props(b, props, c.driver, path)
+            else:
+                refuse_virtio_options(b, c.driver, path, f"a {model} SCSI controller")
             b.device(props)
         elif c.type == "sata":
             if b.q35 and c.index == 0:
@@ -204,7 +209,7 @@ def add_other_controllers(b: Builder) -> None:
             if c.vectors is not None:
                 props["vectors"] = c.vectors
             props.update(b.pci_props(c.address, path, "virtio-serial controller"))
-            b.device(props)
+            b.device(add_virtio_props(b, props, c.driver, path))
         elif c.type == "ide":
             if b.q35:
                 b.error(f"{path}/@type", "a q35 machine has no IDE controller; use bus='sata'")

@@ -6,6 +6,7 @@ from typing import Any
 
 from qemud.argv.builder import Builder
 from qemud.argv.qemuopts import js, opts
+from qemud.argv.virtio import add_virtio_props, refuse_virtio_options
 
 AUDIO_DRIVERS = {"none": "none", "alsa": "alsa", "pulseaudio": "pa", "sdl": "sdl", "spice": "spice",
                  "file": "wav", "oss": "oss", "jack": "jack", "dbus": "dbus"}
@@ -129,7 +130,28 @@ def add_video(b: Builder) -> None:
                 props["max_outputs"] = m.heads
         if driver != "ramfb":
             props.update(b.pci_props(v.address, path, "video card"))
+        props = _video_driver(b, v, props, path)
         b.device(props)
+
+
+def _video_driver(b: Builder, v, props: dict[str, Any], path: str) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """<video><driver>: the virtio options of a virtio GPU; name='vhostuser' (a GPU rendered by
+    an external vhost-user-gpu process) is served by QEMU's own virtio GPU."""
+    drv = v.driver
+    if drv is None:
+        return props
+    if drv.vgaconf is not None:
+        b.error(f"{path}/driver/@vgaconf", "a bhyve setting; qemud runs QEMU guests")
+    if drv.name == "vhostuser":
+        if not str(props["driver"]).startswith("virtio"):
+            b.error(f"{path}/driver/@name", "a vhost-user GPU is a virtio one; use <model type='virtio'>")
+        else:
+            b.warn(f"{path}/driver/@name", "qemud has no vhost-user-gpu support: QEMU's built-in "
+                   "virtio GPU renders the display instead")
+    if str(props["driver"]).startswith("virtio"):
+        return add_virtio_props(b, props, drv, path)
+    refuse_virtio_options(b, drv, path, f"video model '{v.model.type if v.model else 'vga'}'")
+    return props
 
 
 def add_hubs(b: Builder) -> None:
@@ -167,7 +189,8 @@ def add_inputs(b: Builder) -> None:
             b.device(props)
         elif bus == "virtio":
             driver = {"mouse": "virtio-mouse-pci", "keyboard": "virtio-keyboard-pci", "tablet": "virtio-tablet-pci"}[inp.type]
-            b.device({"driver": driver, "id": iid, **b.pci_props(inp.address, path, "virtio input device")})
+            props = {"driver": driver, "id": iid, **b.pci_props(inp.address, path, "virtio input device")}
+            b.device(add_virtio_props(b, props, inp.driver, path))
         else:
             b.error(f"{path}/@bus", f"input bus '{bus}' does not exist on x86 QEMU")
 

@@ -6,6 +6,7 @@ from typing import Literal
 
 from qemud.domain.base import Element, UInt, YesNo, attr, child
 from qemud.domain.devices.address import Address, Alias
+from qemud.domain.devices.virtio import VirtioOptions
 from qemud.domain.units import Size
 
 CONTROLLER_MODELS: dict[str, tuple[str, ...]] = {
@@ -42,7 +43,7 @@ class ControllerTarget(Element):
     node: UInt | None = attr()
 
 
-class ControllerDriver(Element):
+class ControllerDriver(VirtioOptions):
     queues: UInt | None = attr()
     cmd_per_lun: UInt | None = attr()
     max_sectors: UInt | None = attr()

@@ -9,6 +9,7 @@ from pydantic import field_validator
 
 from qemud.domain.base import Element, Many, Opaque, UInt, YesNo, attr, ignored
 from qemud.domain.devices.address import Address, Alias, Boot
+from qemud.domain.devices.virtio import VirtioOptions
 
 _MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}\Z")
 
@@ -54,7 +55,7 @@ class IfaceTarget(Element):
     managed: YesNo | None = attr()
 
 
-class IfaceDriver(Element):
+class IfaceDriver(VirtioOptions):
     name: Literal["qemu", "vhost"] | None = attr()
     queues: UInt | None = attr()
     txmode: Literal["iothread", "timer"] | None = attr()
