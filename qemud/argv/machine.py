@@ -407,13 +407,14 @@ def _kvm_features(b: Builder) -> list[str]:
     out: list[str] = []
     if k.hidden is not None and k.hidden.state:
         out.append("kvm=off")  # hides the KVM signature from the guest
-    if k.hint_dedicated is not None and k.hint_dedicated.state:
-        out.append("kvm-hint-dedicated=on")
-        if not d.kvm:
-            b.warn("/domain/features/kvm/hint-dedicated", "tells a KVM guest its vCPUs have host CPUs "
-                   "of their own; without effect under emulation")
-    if k.poll_control is not None and k.poll_control.state:
-        out.append("kvm-poll-control=on")
+    # KVM paravirt CPUID bits: QEMU's TCG filters them out (libvirt passes them all the same)
+    for tag, el, prop in (("hint-dedicated", k.hint_dedicated, "kvm-hint-dedicated"),
+                          ("poll-control", k.poll_control, "kvm-poll-control")):
+        if el is not None and el.state:
+            out.append(f"{prop}=on")
+            if not d.kvm:
+                b.warn(f"/domain/features/kvm/{tag}", "a KVM paravirtual feature: QEMU's TCG does not "
+                       "offer it, so the emulated guest goes without it")
     if k.pv_ipi is not None and not k.pv_ipi.state:
         out.append("kvm-pv-ipi=off")
     return out
