@@ -364,3 +364,11 @@ def test_virtio_options_on_other_devices_are_refused(caps: HostCaps) -> None:
     xml = domain_xml("", devices="<interface type='user'><model type='e1000'/><driver packed='on'/></interface>")
     p = problems(xml, caps)
     assert "virtio" in p["/domain/devices/interface[1]/driver/@packed"]
+
+
+def test_vcpus_without_current_count_the_enabled_ones(caps: HostCaps) -> None:
+    vcpus = VCPUS.replace(" current='3'", "")
+    domain, cmd = translate(domain_xml("", vcpu=vcpus), caps)
+    assert domain.vcpus_online == 3
+    assert cmd.argv[cmd.argv.index("-smp") + 1] == "1,sockets=6,cores=1,threads=1,maxcpus=6"
+    assert sum(1 for a in cmd.argv if '"qemu64-x86_64-cpu"' in a) == 2

@@ -537,10 +537,10 @@ def add_smp(b: Builder) -> None:
         sockets, dies, cores, threads = topo.sockets, topo.dies, topo.cores, topo.threads
     else:
         sockets, dies, cores, threads = n, 1, 1, 1
-    hotplugged = _vcpu_states(b, n, online)
-    if hotplugged is None:
+    states = _vcpu_states(b, n, online)
+    if states is None:
         return
-    initial = online - len(hotplugged)
+    initial, hotplugged = states
     parts = [str(initial), f"sockets={sockets}"]
     if dies != 1:
         parts.append(f"dies={dies}")
@@ -567,14 +567,15 @@ def add_smp(b: Builder) -> None:
         b.device(props)
 
 
-def _vcpu_states(b: Builder, n: int, online: int) -> list[int] | None:
-    """<vcpus>: the ids of the vCPUs that are online but hot-pluggable, in their hotplug order.
+def _vcpu_states(b: Builder, n: int, online: int) -> tuple[int, list[int]] | None:
+    """<vcpus>: how many vCPUs QEMU creates at start, and the ids of the vCPUs that are online
+    but hot-pluggable, in their hotplug order (without <vcpus>: <vcpu current>, none).
     Those go on the command line as CPU devices after the fixed ones ``-smp`` creates (libvirt
     plugs them over QMP once QEMU runs; on the command line they come up the same).  The fixed
     vCPUs must be the first ones: ``-smp k`` creates vCPUs 0..k-1.  None on an error."""
     vs = b.domain.vcpu_states
     if vs is None:
-        return []
+        return online, []
     base = "/domain/vcpus"
     states = vs.vcpu
     ids = [v.id for v in states]
@@ -604,7 +605,7 @@ def _vcpu_states(b: Builder, n: int, online: int) -> list[int] | None:
         b.error(base, "two vCPUs have the same order")
         return None
     plugged.sort(key=lambda v: (v.order is None, v.order or 0, v.id))
-    return [v.id for v in plugged]
+    return len(fixed), [v.id for v in plugged]
 
 
 def add_identity(b: Builder) -> None:
@@ -696,6 +697,10 @@ def add_clock(b: Builder) -> None:
             pass  # a CPU property (hv-time), with the CPU
         elif t.name == "platform":
             b.error(f"{path}/@name", "the platform timer is not supported by QEMU")
+        elif t.name == "armvtimer":
+            b.error(f"{path}/@name", "the ARM virtual timer exists on ARM guests only; qemud runs x86 guests")
+        if t.track is not None and t.name != "rtc":
+            b.error(f"{path}/@track", f"only the rtc timer follows a clock; the {t.name} timer has no track")
     b.add("-rtc", opts(*rtc))
 
 

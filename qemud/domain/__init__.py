@@ -175,6 +175,8 @@ class Domain(Element):
     def vcpus_online(self) -> int:
         if self.vcpu and self.vcpu.current is not None:
             return self.vcpu.current
+        if self.vcpu_states is not None:  # libvirt: the enabled ones of <vcpus>
+            return sum(1 for v in self.vcpu_states.vcpu if v.enabled)
         return self.vcpus
 
     @property
