@@ -372,3 +372,10 @@ def test_vcpus_without_current_count_the_enabled_ones(caps: HostCaps) -> None:
     assert domain.vcpus_online == 3
     assert cmd.argv[cmd.argv.index("-smp") + 1] == "1,sockets=6,cores=1,threads=1,maxcpus=6"
     assert sum(1 for a in cmd.argv if '"qemu64-x86_64-cpu"' in a) == 2
+
+
+def test_ps2_off_removes_the_i8042(caps: HostCaps) -> None:
+    xml = domain_xml("<features><ps2 state='off'/></features>", devices="<input type='tablet' bus='usb'/>")
+    assert realize(xml, caps, [qom("/machine", "i8042")]) == [False]
+    p = problems(domain_xml("<features><ps2 state='off'/></features>", devices="<input type='mouse' bus='ps2'/>"), caps)
+    assert "PS/2" in p["/domain/devices/input[1]/@bus"]

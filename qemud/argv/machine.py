@@ -26,6 +26,14 @@ def add_machine(b: Builder) -> None:
     if f is not None and f.smm is not None:
         props.append(("smm", f.smm.state))
         _tseg(b)
+    if f is not None and f.ps2 is not None:
+        # the i8042 controller that PS/2 mouse and keyboard sit on
+        props.append(("i8042", f.ps2.state))
+        if not f.ps2.state:
+            for i, inp in enumerate(d.devices.input):
+                if inp.bus == "ps2" or (inp.bus is None and inp.type in ("mouse", "keyboard")):
+                    b.error(f"/domain/devices/input[{i + 1}]/@bus", "sits on PS/2, which <features><ps2 "
+                            "state='off'/> removes; use bus='usb' or 'virtio'")
     if f is not None and f.ioapic is not None:
         # libvirt: the IOAPIC in QEMU (split irqchip, what an emulated IOMMU's interrupt
         # remapping needs) or in the KVM kernel module

@@ -131,6 +131,7 @@ class Features(Element):
     hyperv: Hyperv | None = None
     kvm: Kvm | None = None
     tcg: Tcg | None = None
+    ps2: State | None = None
     # features of other architectures or hypervisors: named, with the reason, instead of a
     # bare "not supported"
     hpt: Opaque | None = None
