@@ -379,3 +379,8 @@ def test_ps2_off_removes_the_i8042(caps: HostCaps) -> None:
     assert realize(xml, caps, [qom("/machine", "i8042")]) == [False]
     p = problems(domain_xml("<features><ps2 state='off'/></features>", devices="<input type='mouse' bus='ps2'/>"), caps)
     assert "PS/2" in p["/domain/devices/input[1]/@bus"]
+
+
+def test_tsc_frequency(caps: HostCaps) -> None:
+    xml = domain_xml("<clock offset='utc'><timer name='tsc' frequency='2500000000'/></clock>")
+    assert realize(xml, caps, [qom("/machine/unattached/device[0]", "tsc-frequency")]) == [2500000000]

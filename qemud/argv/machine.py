@@ -279,6 +279,10 @@ def add_cpu(b: Builder) -> None:
             features.append(f"kvmclock={'on' if t.present else 'off'}")
         elif t.name == "hypervclock" and t.present is not None:
             features.append(f"hv-time={'on' if t.present else 'off'}")
+        elif t.name == "tsc" and t.frequency:
+            # the frequency the guest is told (CPUID); under KVM the host must be able to scale
+            # its TSC to it, which QEMU checks when it starts
+            features.append(f"tsc-frequency={t.frequency}")
     features += _hyperv(b)
     features += _kvm_features(b)
     if any(p.model == "hyperv" for p in d.devices.panic):
@@ -699,8 +703,7 @@ def add_clock(b: Builder) -> None:
         elif t.name in ("hpet", "kvmclock"):
             pass  # machine / cpu properties
         elif t.name == "tsc":
-            if t.frequency:
-                b.warn(f"{path}", "the TSC frequency is only applied under KVM")
+            pass  # a CPU property (tsc-frequency), with the CPU
         elif t.name == "hypervclock":
             pass  # a CPU property (hv-time), with the CPU
         elif t.name == "platform":
