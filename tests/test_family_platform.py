@@ -384,3 +384,15 @@ def test_ps2_off_removes_the_i8042(caps: HostCaps) -> None:
 def test_tsc_frequency(caps: HostCaps) -> None:
     xml = domain_xml("<clock offset='utc'><timer name='tsc' frequency='2500000000'/></clock>")
     assert realize(xml, caps, [qom("/machine/unattached/device[0]", "tsc-frequency")]) == [2500000000]
+
+
+def test_pit_tick_policy(caps: HostCaps) -> None:
+    xml = domain_xml("<clock offset='utc'><timer name='pit' tickpolicy='discard'/></clock>")
+    _, cmd = translate(xml, caps)
+    assert "kvm-pit.lost_tick_policy=discard" not in cmd.argv
+    assert any(w.path == "/domain/clock/timer[1]/@tickpolicy" for w in cmd.warnings)
+    kvm = dataclasses.replace(caps, kvm=True, kvm_reason="")
+    _, cmd = translate(xml.replace("type='qemu'", "type='kvm'"), kvm)
+    assert "kvm-pit.lost_tick_policy=discard" in cmd.argv
+    p = problems(domain_xml("<clock offset='utc'><timer name='pit' tickpolicy='merge'/></clock>"), caps)
+    assert "merge" in p["/domain/clock/timer[1]/@tickpolicy"]

@@ -694,12 +694,16 @@ def add_clock(b: Builder) -> None:
             elif t.tickpolicy not in (None, "delay"):
                 b.error(f"{path}/@tickpolicy", f"RTC tick policy '{t.tickpolicy}' is not supported by QEMU")
         elif t.name == "pit":
-            if t.tickpolicy is not None and d.kvm:
+            if t.tickpolicy is not None:
                 policy = {"delay": "delay", "catchup": "slew", "discard": "discard"}.get(t.tickpolicy)
                 if policy is None:
                     b.error(f"{path}/@tickpolicy", f"PIT tick policy '{t.tickpolicy}' is not supported by QEMU")
-                else:
+                elif d.kvm:
                     b.add("-global", f"kvm-pit.lost_tick_policy={policy}")
+                elif policy != "delay":
+                    # QEMU's emulated i8254 has no lost-tick policy: only KVM's in-kernel PIT
+                    b.warn(f"{path}/@tickpolicy", "the PIT tick policy applies to KVM's in-kernel PIT; "
+                           "under emulation lost PIT ticks are not made up")
         elif t.name in ("hpet", "kvmclock"):
             pass  # machine / cpu properties
         elif t.name == "tsc":
