@@ -396,3 +396,13 @@ def test_pit_tick_policy(caps: HostCaps) -> None:
     assert "kvm-pit.lost_tick_policy=discard" in cmd.argv
     p = problems(domain_xml("<clock offset='utc'><timer name='pit' tickpolicy='merge'/></clock>"), caps)
     assert "merge" in p["/domain/clock/timer[1]/@tickpolicy"]
+
+
+def test_hyperv_newer_enlightenments(caps: HostCaps) -> None:
+    body = ("<features><hyperv><tlbflush state='on'><direct state='on'/><extended state='on'/></tlbflush>"
+            "<emsr_bitmap state='on'/><xmm_input state='on'/></hyperv></features>")
+    cpu = "/machine/unattached/device[0]"
+    got = realize(domain_xml(body), caps, [qom(cpu, p) for p in
+                                           ("hv-tlbflush", "hv-tlbflush-direct", "hv-tlbflush-ext",
+                                            "hv-emsr-bitmap", "hv-xmm-input")])
+    assert got == [True] * 5

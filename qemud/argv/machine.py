@@ -377,9 +377,8 @@ def _hyperv(b: Builder) -> list[str]:
         el = getattr(hv, name)
         if el is None or not el.state:
             continue
-        tag = name.replace("_", "-") if name in ("emsr_bitmap", "xmm_input") else name
         if name in _HV_NEED_KVM and not d.kvm:
-            b.error(f"{base}/{tag}", f"{_HV_NEED_KVM[name]} ({prop}) needs type='kvm': QEMU's TCG "
+            b.error(f"{base}/{name}", f"{_HV_NEED_KVM[name]} ({prop}) needs type='kvm': QEMU's TCG "
                     "cannot provide it; switch it off (state='off') to emulate the guest")
             continue
         out.append(f"{prop}=on")
