@@ -117,8 +117,11 @@ def test_hyperv_passthrough_and_crash_msrs(caps: HostCaps) -> None:
     xml = domain_xml("<features><acpi/><hyperv mode='passthrough'/></features>",
                      devices="<panic model='hyperv'/>")
     got = realize(xml, caps, [qom("/machine/unattached/device[0]", "hv-passthrough"),
-                              qom("/machine/unattached/device[0]", "hv-crash")])
-    assert got == [True, True]
+                              qom("/machine/unattached/device[0]", "hv-crash"),
+                              qom("/machine/unattached/device[0]", "hv-relaxed")])
+    assert got == [True, True, False]  # TCG has no host enlightenments to pass through
+    _, cmd = translate(xml, caps)
+    assert any(w.path == "/domain/features/hyperv/@mode" for w in cmd.warnings)
 
 
 def test_hyperv_vpindex_needs_kvm(caps: HostCaps) -> None:

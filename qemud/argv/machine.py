@@ -373,6 +373,9 @@ def _hyperv(b: Builder) -> list[str]:
     out: list[str] = []
     if hv.mode == "passthrough":
         out.append("hv-passthrough=on")
+        if not d.kvm:
+            b.warn(f"{base}/@mode", "passthrough gives the guest the enlightenments the host's KVM "
+                   "offers; under emulation that is none (name them with mode='custom' instead)")
     for name, prop in _HV_FLAGS.items():
         el = getattr(hv, name)
         if el is None or not el.state:
