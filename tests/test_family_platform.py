@@ -198,7 +198,7 @@ def test_other_architectures_features_are_refused_with_the_reason(caps: HostCaps
 
 def test_ioapic_driver(caps: HostCaps) -> None:
     _, cmd = translate(domain_xml("<features><ioapic driver='qemu'/></features>", machine="q35"), caps)
-    assert "kernel-irqchip=split" in cmd.argv[cmd.argv.index("-machine") + 1]
+    assert "kernel_irqchip=split" in cmd.argv[cmd.argv.index("-machine") + 1]
     p = problems(domain_xml("<features><ioapic driver='kvm'/></features>", machine="q35"), caps)
     assert "type='kvm'" in p["/domain/features/ioapic/@driver"]
 

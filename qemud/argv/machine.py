@@ -40,7 +40,7 @@ def add_machine(b: Builder) -> None:
         if f.ioapic.driver == "kvm" and not d.kvm:
             b.error("/domain/features/ioapic/@driver", "driver='kvm' puts the IOAPIC in KVM and needs "
                     "type='kvm'; under emulation use driver='qemu'")
-        props.append(("kernel-irqchip", "split" if f.ioapic.driver == "qemu" else True))
+        props.append(("kernel_irqchip", "split" if f.ioapic.driver == "qemu" else "on"))
     # ACPI: libvirt turns it off when <features><acpi/> is absent
     if f is None or f.acpi is None:
         props.append(("acpi", False))
@@ -529,8 +529,6 @@ def add_smp(b: Builder) -> None:
     if n > limit:
         b.error("/domain/vcpu", f"{n} vCPUs is more than machine {b.machine.name} takes ({limit})")
         return
-    if d.vcpu is not None and d.vcpu.cpuset:
-        b.warn("/domain/vcpu/@cpuset", "host CPU pinning is not applied by qemud yet; the guest runs on any host CPU")
     online = d.vcpus_online
     if online < 1 or online > n:
         b.error("/domain/vcpu/@current", f"must be between 1 and the vCPU count {n}")
@@ -777,5 +775,3 @@ def add_boot(b: Builder) -> None:
         if o.kernel is None:
             b.error("/domain/os/cmdline", "a kernel command line needs a <kernel>")
         b.add("-append", o.cmdline.value)
-    if o.smbios is not None and o.smbios.mode != "emulate":
-        b.error("/domain/os/smbios/@mode", f"SMBIOS mode '{o.smbios.mode}' is not supported yet")

@@ -11,13 +11,24 @@ from qemud.domain.devices.address import Address, Alias
 from qemud.domain.devices.virtio import VirtioOptions
 
 
+class InputSource(Element):
+    """The host's evdev device: ``dev`` for type='evdev', ``evdev`` for type='passthrough'."""
+
+    dev: str | None = attr()
+    evdev: str | None = attr()
+    grab: Literal["all"] | None = attr()
+    grabToggle: Literal["ctrl-ctrl", "alt-alt", "shift-shift", "meta-meta", "scrolllock",
+                        "ctrl-scrolllock"] | None = attr()
+    repeat: YesNo | None = attr()
+
+
 class Input(Element):
     type: Literal["mouse", "keyboard", "tablet", "passthrough", "evdev"] = attr(...)
     bus: Literal["ps2", "usb", "virtio", "xen", "none"] | None = attr()
     model: str | None = attr()
     address: Address | None = None
     alias: Alias | None = None
-    source: Opaque | None = None
+    source: InputSource | None = None
     driver: VirtioOptions | None = None
 
 
