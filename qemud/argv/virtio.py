@@ -20,7 +20,7 @@ def virtio_props(driver: VirtioOptions | None) -> dict[str, Any]:
 #: virtio devices that are modern-only (virtio 1.0, no legacy interface) whatever their bus
 _MODERN_ONLY = ("virtio-mouse-pci", "virtio-keyboard-pci", "virtio-tablet-pci", "virtio-input-host-pci",
                 "virtio-gpu-pci", "virtio-vga", "virtio-gpu-gl-pci", "virtio-vga-gl", "vhost-user-gpu-pci",
-                "vhost-user-vga")
+                "vhost-user-vga", "vhost-vsock-pci", "vhost-user-vsock-pci")
 
 
 def _legacy_capable(b: Any, props: dict[str, Any]) -> bool:
