@@ -69,6 +69,7 @@ class Builder:
     console_log: Path | None = None
     secure_boot: bool = False  # the file holding the guest console's output
     usb_slots: dict[int, tuple[str, str]] = field(default_factory=dict)  # USB index -> (bus, slot)
+    cpu_model: str = "qemu64"  # the -cpu model, for hot-pluggable vCPU devices (<model>-x86_64-cpu)
     #: QMP commands for the paused QEMU before its vCPUs run (settings QEMU takes no option for)
     qmp_setup: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 

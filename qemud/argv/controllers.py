@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from qemud.argv.builder import Builder
+from qemud.argv.virtio import add_virtio_props, refuse_virtio_options
 from qemud.domain.devices.controller import CONTROLLER_MODELS, Controller
 
 PCI_DEVICES = {
@@ -49,6 +50,16 @@ def scsi_model(c: Controller) -> str:
     return c.model if c.model and c.model != "auto" else "lsilogic"
 
 
+def _pcihole64(b: Builder, size, path: str) -> None:  # type: ignore[no-untyped-def]
+    """<pcihole64>: the host bridge's 64-bit MMIO window size, in KiB as libvirt writes it."""
+    bridge = "q35-pcihost" if b.q35 else "i440FX-pcihost"
+    if size.bytes % 1024:
+        b.error(f"{path}/pcihole64", "must be a whole number of KiB")
+        return
+    if size.value:  # 0: QEMU's default size
+        b.add("-global", f"{bridge}.pci-hole64-size={size.kib}K")
+
+
 def add_pci_controllers(b: Builder) -> None:
     ctrls = list(enumerate(b.domain.devices.controller))
     seen: set[int] = set()
@@ -71,7 +82,11 @@ def add_pci_controllers(b: Builder) -> None:
         if c.index == 0:
             if model != root:
                 b.error(f"{path}/@model", f"machine {b.machine.name} has a {root} at index 0, not a {model}")
+            elif c.pcihole64 is not None:
+                _pcihole64(b, c.pcihole64, path)
             continue
+        if c.pcihole64 is not None:
+            b.error(f"{path}/pcihole64", f"only the {root} (index 0) has a 64-bit PCI hole")
         if model in ("pci-root", "pcie-root"):
             b.error(f"{path}/@model", f"only index 0 can be the {model}")
             continue
@@ -180,6 +195,10 @@ def add_other_controllers(b: Builder) -> None:
                 if c.driver.iothread:
                     props["iothread"] = f"iothread{c.driver.iothread}"
             props.update(b.pci_props(c.address, path, "SCSI controller"))
+            if driver.startswith("virtio"):
+                props = add_virtio_props(b, props, c.driver, path)
+            else:
+                refuse_virtio_options(b, c.driver, path, f"a {model} SCSI controller")
             b.device(props)
         elif c.type == "sata":
             if b.q35 and c.index == 0:
@@ -194,7 +213,7 @@ def add_other_controllers(b: Builder) -> None:
             if c.vectors is not None:
                 props["vectors"] = c.vectors
             props.update(b.pci_props(c.address, path, "virtio-serial controller"))
-            b.device(props)
+            b.device(add_virtio_props(b, props, c.driver, path))
         elif c.type == "ide":
             if b.q35:
                 b.error(f"{path}/@type", "a q35 machine has no IDE controller; use bus='sata'")

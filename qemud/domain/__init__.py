@@ -16,7 +16,7 @@ from pydantic import ValidationError, field_validator
 from qemud.domain.base import (Element, Many, Opaque, UInt, YesNo, attr, child, ignored,
                                problems_from, text, walk_ignored)
 from qemud.domain.clock import Clock
-from qemud.domain.cpu import Cpu, Vcpu
+from qemud.domain.cpu import Cpu, Vcpu, Vcpus
 from qemud.domain.devices import Devices
 from qemud.domain.features import Features
 from qemud.domain.metadata import Metadata
@@ -108,6 +108,7 @@ class Domain(Element):
     currentMemory: Size | None = None
     maxMemory: MaxMemory | None = None
     vcpu: Vcpu | None = None
+    vcpu_states: Vcpus | None = child("vcpus")  # per-vCPU online/hotplug state
     iothreads: UInt | None = None
     os: Os
     features: Features | None = None
@@ -181,6 +182,8 @@ class Domain(Element):
     def vcpus_online(self) -> int:
         if self.vcpu and self.vcpu.current is not None:
             return self.vcpu.current
+        if self.vcpu_states is not None:  # libvirt: the enabled ones of <vcpus>
+            return sum(1 for v in self.vcpu_states.vcpu if v.enabled)
         return self.vcpus
 
     @property

@@ -10,11 +10,12 @@ from pydantic import field_validator
 from qemud.domain.base import Element, Many, Opaque, UInt, YesNo, attr, ignored
 from qemud.domain.seclabel import Seclabel, check_labels
 from qemud.domain.devices.address import Address, Alias, Boot
+from qemud.domain.devices.virtio import VirtioOptions
 
 DISK_BUSES = ("ide", "sata", "scsi", "virtio", "usb", "fdc")
 
 
-class DiskDriver(Element):
+class DiskDriver(VirtioOptions):
     name: Literal["qemu"] | None = attr()
     type: Literal["raw", "qcow2", "qed", "vmdk", "vpc", "vdi", "vhdx", "luks", "dmg", "bochs",
                   "cloop", "parallels", "qcow", "cow", "fat", "iso"] | None = attr()
