@@ -11,7 +11,9 @@ For every ``*.xml`` of the corpus (libvirt 9.0's qemuxml2argv inputs, see its RE
    into scratch), non-user interfaces -> type='user' keeping MAC and model (and other guest-side
    settings; the host side -- source, target, script, virtualport, backend -- is dropped;
    vhostuser, hostdev and vdpa interfaces stay as they are, as they did for libvirt),
-   char-device, VNC/SPICE-socket and filesystem paths -> a scratch folder.  A unix char device in
+   char-device, VNC/SPICE-socket and filesystem paths -> a scratch folder, files handed to the
+   guest (ACPI tables, fw_cfg blobs) -> scratch files, <blkiotune> devices -> the block device
+   holding the scratch folder.  A unix char device in
    mode='connect' finds a listening socket at its scratch path: libvirt realized such inputs
    (serial-unix-chardev, channel-unix-guestfwd, ...), so the measurement's had a peer too;
 2. parses it (``parse_domain``), translates it (``build_argv(paused=True)``) with a per-file
@@ -93,6 +95,16 @@ class Guest:
     initrd: str
 
 
+def _acpi_table(sig: bytes, body: bytes = b"qemud conformance scratch table") -> bytes:
+    """A well-formed ACPI table (36-byte header, length, checksum) with ``body``."""
+    import struct
+    length = 36 + len(body)
+    head = struct.pack("<4sIBB6s8sI4sI", sig, length, 1, 0, b"QEMUD ", b"SCRATCH ", 1, b"QEMD", 1)
+    table = bytearray(head + body)
+    table[9] = (-sum(table)) & 0xFF
+    return bytes(table)
+
+
 def scratch_block_device(folder: Path) -> str | None:
     """The /dev node of the block device holding ``folder`` (None on tmpfs, overlays...)."""
     st = os.stat(folder)
@@ -157,6 +169,7 @@ class Rewriter:
             root.remove(cpu)
         self._os(root)
         self._blkiotune(root)
+        self._host_files(root)
         devices = root.find("devices")
         if devices is None:
             devices = ET.SubElement(root, "devices")
@@ -251,6 +264,22 @@ class Rewriter:
                     src.set("file", self._new("nvram", src.get("file", ""), "nvram")[0] + ".fd")
             if pflash or nvram.get("template"):
                 nvram.set("template", OVMF_VARS)
+
+    def _host_files(self, root: ET.Element) -> None:
+        """Files on the test machine a domain hands to the guest (an ACPI table, a fw_cfg blob)
+        become scratch files with some content, as disk images do."""
+        for table in root.findall("os/acpi/table"):
+            if (table.text or "").strip():
+                p, new = self._new("acpi", table.text.strip(), "acpi")
+                if new:
+                    Path(p).write_bytes(_acpi_table(b"SLIC"))
+                table.text = p
+        for entry in root.findall("sysinfo/entry"):
+            if entry.get("file"):
+                p, new = self._new("fwcfg", entry.get("file", ""), "fwcfg")
+                if new:
+                    Path(p).write_text("{}\n")
+                entry.set("file", p)
 
     def _blkiotune(self, root: ET.Element) -> None:
         """<blkiotune><device><path> names the host block devices the guest's disks live on; the
