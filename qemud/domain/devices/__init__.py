@@ -9,6 +9,7 @@ from qemud.domain.devices.chardev import CharDev
 from qemud.domain.devices.controller import Controller
 from qemud.domain.devices.disk import Disk
 from qemud.domain.devices.interface import Interface
+from qemud.domain.memory import MemoryDevice
 from qemud.domain.devices.misc import (Audio, Graphics, Hub, Input, MemBalloon, Panic, Rng, Sound,
                                        Video, Watchdog)
 
@@ -36,6 +37,7 @@ class Devices(Element):
     watchdog: Many[Watchdog]
     panic: Many[Panic]
     hub: Many[Hub]
+    memory: Many[MemoryDevice]
     lease: Many[Opaque] = ignored("lock manager leases are not used by qemud")
 
     @model_validator(mode="after")
