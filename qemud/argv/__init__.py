@@ -16,8 +16,8 @@ from qemud.argv.controllers import add_other_controllers, add_pci_controllers
 from qemud.argv.disks import add_disks, add_iothreads
 from qemud.argv.display import add_audio, add_graphics, add_hubs, add_inputs, add_sound, add_video
 from qemud.argv.machine import (add_boot, add_clock, add_cpu, add_identity, add_lifecycle,
-                                add_machine, add_memory, add_smp)
-from qemud.argv.memory import add_memory_devices
+                                add_machine, add_smp)
+from qemud.argv.memory import add_memory, add_memory_devices
 from qemud.argv.misc import add_balloon, add_panics, add_rngs, add_watchdogs
 from qemud.argv.qemuopts import opts
 from qemud.caps import HostCaps

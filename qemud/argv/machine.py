@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from qemud.argv.builder import Builder, Prepare
-from qemud.argv.memory import add_memory, memory_machine_props  # noqa: F401  (add_memory: re-exported)
+from qemud.argv.memory import memory_machine_props
 from qemud.argv.qemuopts import js, opts
 from qemud.domain.cpu import MAX_VCPUS
 

@@ -528,6 +528,8 @@ def add_memory_devices(b: Builder) -> None:
     then the hugepage pool check for all guest RAM."""
     d = b.domain
     devs = d.devices.memory
+    if devs and d.maxMemory is None:
+        return  # add_memory said they need it
     cells = _cell_ids(b)
     slots = d.maxMemory.slots if d.maxMemory is not None and d.maxMemory.slots is not None else 0
     used: set[int] = {m.address.slot for m in devs
