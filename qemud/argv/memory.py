@@ -610,8 +610,8 @@ def _memory_device(b: Builder, m: MemoryDevice, path: str, n: int, cells: list[i
             obj["align"] = src.alignsize.bytes
         if src.pmem is not None:
             obj["pmem"] = True
-        if policy:
-            obj.update(policy)
+        # no <nodemask>: the guest node's <numatune> binding, as libvirt does
+        obj.update(policy if policy is not None else _host_policy(b, node))
     else:
         page_kib = None
         if src is not None and src.pagesize is not None:
