@@ -471,3 +471,20 @@ def test_sgx_epc_needs_host_sgx(caps: HostCaps, tmp_path: Path) -> None:
     assert "sgx-epc.0.memdev=memepc0,sgx-epc.0.node=0" in opt(cmd.argv, "-machine")[0]
     assert objects(cmd.argv)["memepc0"] == {"qom-type": "memory-backend-epc", "id": "memepc0", "prealloc": True,
                                             "size": 64 * MIB}
+
+
+@pytest.mark.parametrize("devs, path, message", [
+    ("<memory model='dimm'><target><size unit='MiB'>2</size></target><address type='dimm' slot='1'/></memory>"
+     "<memory model='dimm'><target><size unit='MiB'>2</size></target><address type='dimm' slot='1'/></memory>",
+     "/domain/devices/memory[2]/address/@slot", "slot 1 is taken by another memory device"),
+    ("<memory model='virtio-mem'><target><size unit='MiB'>64</size><block unit='KiB'>3072</block></target></memory>",
+     "/domain/devices/memory[1]/target/block", "3072 KiB: virtio-mem blocks are a power of two of at least 2 MiB"),
+    ("<memory model='dimm'><target><size>0</size></target></memory>",
+     "/domain/devices/memory[1]/target/size", "a memory device needs a size"),
+    ("<memory model='dimm'><target><size unit='MiB'>2</size></target><address type='dimm' slot='4'/></memory>",
+     "/domain/devices/memory[1]/address/@slot", "slot 4 is beyond the 4 of <maxMemory slots>"),
+])
+def test_memory_device_placement_errors(caps: HostCaps, tmp_path: Path, devs: str, path: str, message: str) -> None:
+    xml = domain_xml("", cpu="<cpu><numa><cell id='0' cpus='0' memory='64' unit='MiB'/></numa></cpu>", devices=devs)
+    xml = xml.replace("<vcpu>", "<maxMemory slots='4' unit='GiB'>1</maxMemory><vcpu>")
+    assert error_of(xml, caps, tmp_path) == [(path, message)]

@@ -330,6 +330,10 @@ def add_memory(b: Builder) -> None:
         b.error("/domain/currentMemory", "is larger than <memory>")
     mb = d.memoryBacking
     ok = _check_numatune(b) & _check_hugepages(b)
+    alloc = mb.allocation if mb is not None else None
+    if alloc is not None and alloc.threads is not None and not 1 <= alloc.threads <= 1024:
+        b.error("/domain/memoryBacking/allocation/@threads", f"{alloc.threads} threads: give 1 to 1024")
+        ok = False
     parts = [f"size={mib}M"]
     if d.maxMemory is not None:
         if not _maxmem(b, mib, parts):
@@ -532,8 +536,13 @@ def add_memory_devices(b: Builder) -> None:
         return  # add_memory said they need it
     cells = _cell_ids(b)
     slots = d.maxMemory.slots if d.maxMemory is not None and d.maxMemory.slots is not None else 0
-    used: set[int] = {m.address.slot for m in devs
-                      if m.address is not None and m.address.type == "dimm" and m.address.slot is not None}
+    used: set[int] = set()
+    for i, m in enumerate(devs):
+        if m.address is not None and m.address.type == "dimm" and m.address.slot is not None:
+            if m.address.slot in used:
+                b.error(f"/domain/devices/memory[{i + 1}]/address/@slot", f"slot {m.address.slot} is taken by "
+                        "another memory device")
+            used.add(m.address.slot)
     counters = {"dimm": 0, "nvdimm": 0, "virtio-mem": 0, "virtio-pmem": 0, "sgx-epc": 0}
     for i, m in enumerate(devs):
         path = f"/domain/devices/memory[{i + 1}]"
@@ -561,6 +570,15 @@ def _memory_device(b: Builder, m: MemoryDevice, path: str, n: int, cells: list[i
     if m.model != "virtio-pmem" and node is None and cells:
         node = 0
     size = _device_size(m)
+    if size == 0:
+        b.error(f"{path}/target/size", "a memory device needs a size")
+        return
+    if m.model == "virtio-mem" and t.block is not None:
+        blk = t.block.bytes
+        if blk < DIMM_ALIGN or blk & (blk - 1):
+            b.error(f"{path}/target/block", f"{t.block.value} {t.block.unit}: virtio-mem blocks are a power of "
+                    "two of at least 2 MiB")
+            return
     kind = {"dimm": "dimm", "nvdimm": "nvdimm", "virtio-mem": "virtiomem", "virtio-pmem": "virtiopmem",
             "sgx-epc": "epc"}[m.model]
     dev_id = b.alias(m.alias, f"{kind}{n}", path)
