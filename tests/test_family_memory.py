@@ -157,6 +157,7 @@ def test_hugepage_guest_runs_on_the_host_pool(caps: HostCaps) -> None:
         assert ram["qom-type"] == "memory-backend-memfd"
         assert ram["hugetlb"] is True and ram["hugetlbsize"] == 2 * MIB and ram["prealloc"] is True
         assert "memory-backend=pc.ram" in opt(cmd.argv, "-machine")[0]
+        assert cmd.prealloc_bytes == 64 * MIB  # qemud waits longer for QMP
 
         async def ask(q: Qmp) -> Any:
             return {"memdev": await q.execute("query-memdev"),
@@ -248,6 +249,7 @@ def test_file_source_immediate_allocation(caps: HostCaps) -> None:
         domain, cmd = translate(xml, caps, Path(t))
         assert objects(cmd.argv)["pc.ram"] == {"qom-type": "memory-backend-memfd", "id": "pc.ram", "share": True,
                                                "prealloc": True, "prealloc-threads": 2, "size": 64 * MIB}
+        assert cmd.prealloc_bytes == 64 * MIB
 
         async def ask(q: Qmp) -> Any:
             return await q.execute("query-memdev")

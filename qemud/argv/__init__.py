@@ -17,7 +17,7 @@ from qemud.argv.disks import add_disks, add_iothreads
 from qemud.argv.display import add_audio, add_graphics, add_hubs, add_inputs, add_sound, add_video
 from qemud.argv.machine import (add_boot, add_clock, add_cpu, add_identity, add_lifecycle,
                                 add_machine, add_smp)
-from qemud.argv.memory import add_memory, add_memory_devices
+from qemud.argv.memory import PREALLOC, add_memory, add_memory_devices
 from qemud.argv.misc import add_balloon, add_panics, add_rngs, add_watchdogs
 from qemud.argv.qemuopts import opts
 from qemud.caps import HostCaps
@@ -38,6 +38,9 @@ class Command:
     prepare: list[Prepare] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
     console_log: Path | None = None
+    #: guest RAM QEMU preallocates before it answers QMP (<allocation mode='immediate'>, hugepages):
+    #: it takes seconds per GiB, so whoever waits for QMP must wait longer
+    prealloc_bytes: int = 0
 
 
 def emulator_for(domain: Domain) -> str:
@@ -111,7 +114,8 @@ def build_argv(domain: Domain, caps: HostCaps, paths: GuestPaths, *, paused: boo
     b.add("-msg", "timestamp=on")
     prepare = [Prepare("dir", paths.run), *b.prepare]
     return Command(argv=b.args, env=b.env, qmp=paths.qmp, prepare=prepare,
-                   warnings=ignored_warnings(domain) + b.warnings, console_log=b.console_log)
+                   warnings=ignored_warnings(domain) + b.warnings, console_log=b.console_log,
+                   prealloc_bytes=b.counters.get(PREALLOC, 0))
 
 
 def add_interfaces_and_chardevs(b: Builder) -> None:

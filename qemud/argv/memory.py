@@ -28,6 +28,8 @@ DIMM_ALIGN = 2 * MIB
 _POLICY = {"strict": "bind", "preferred": "preferred", "interleave": "interleave", "restrictive": "bind"}
 
 
+#: Builder.counters key: guest memory QEMU allocates before it answers QMP (Command.prealloc_bytes)
+PREALLOC = "prealloc-bytes"
 _NEED = "hugetlb-bytes-"  # Builder.counters key prefix: hugepage demand in bytes per page size
 
 
@@ -282,6 +284,8 @@ def _backend(b: Builder, oid: str, size: int, *, node: int | None, page_kib: int
         obj = {"qom-type": "memory-backend-ram", "id": oid}
     if prealloc:
         obj["prealloc"] = True
+        if prealloc_counts:
+            b.counters[PREALLOC] = b.counters.get(PREALLOC, 0) + size
         if alloc is not None and alloc.threads:
             obj["prealloc-threads"] = alloc.threads
     obj["size"] = size
@@ -623,6 +627,7 @@ def _memory_device(b: Builder, m: MemoryDevice, path: str, n: int, cells: list[i
             obj["share"] = True
         if m.model == "nvdimm" and (src.pmem is None):
             obj["prealloc"] = True
+            b.counters[PREALLOC] = b.counters.get(PREALLOC, 0) + size
         obj["size"] = size
         if src.alignsize is not None:
             obj["align"] = src.alignsize.bytes
