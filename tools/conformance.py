@@ -473,7 +473,7 @@ PREALLOC_ALONE = 1 << 30
 
 def prealloc_bytes(xml_path: str) -> int:
     """Guest RAM an input has QEMU allocate before it starts (<allocation mode='immediate'>,
-    <hugepages>): the sum of the NUMA cells, else <memory>; 0 when it cannot be told."""
+    <hugepages>, <locked/>): the sum of the NUMA cells, else <memory>; 0 when it cannot be told."""
     try:
         root = ET.parse(xml_path).getroot()
     except (ET.ParseError, OSError):
@@ -482,7 +482,9 @@ def prealloc_bytes(xml_path: str) -> int:
     if mb is None:
         return 0
     alloc = mb.find("allocation")
-    if not ((alloc is not None and alloc.get("mode") == "immediate") or mb.find("hugepages") is not None):
+    locked = mb.find("locked") is not None
+    if not ((alloc is not None and alloc.get("mode") == "immediate") or mb.find("hugepages") is not None
+            or locked):
         return 0
     from qemud.domain.units import unit_bytes
 
@@ -492,10 +494,10 @@ def prealloc_bytes(xml_path: str) -> int:
         except ValueError:
             return 0
     cells = root.findall("cpu/numa/cell")
-    if cells:
-        return sum(size(c.get("memory"), c.get("unit")) for c in cells)
     mem = root.find("memory")
-    return size(mem.text, mem.get("unit")) if mem is not None else 0
+    total = (sum(size(c.get("memory"), c.get("unit")) for c in cells) if cells
+             else size(mem.text, mem.get("unit")) if mem is not None else 0)
+    return total + (1 << 30 if locked else 0)  # mlockall() also faults in TCG's 1 GiB buffer
 
 
 def prealloc_seconds(xml_path: str) -> float:
