@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from qemud.argv.builder import Builder
+from qemud.argv.virtio import add_virtio_props, refuse_virtio_options
 from qemud.domain.devices.controller import CONTROLLER_MODELS, Controller
 
 PCI_DEVICES = {
@@ -49,6 +50,16 @@ def scsi_model(c: Controller) -> str:
     return c.model if c.model and c.model != "auto" else "lsilogic"
 
 
+def _pcihole64(b: Builder, size, path: str) -> None:  # type: ignore[no-untyped-def]
+    """<pcihole64>: the host bridge's 64-bit MMIO window size, in KiB as libvirt writes it."""
+    bridge = "q35-pcihost" if b.q35 else "i440FX-pcihost"
+    if size.bytes % 1024:
+        b.error(f"{path}/pcihole64", "must be a whole number of KiB")
+        return
+    if size.value:  # 0: QEMU's default size
+        b.add("-global", f"{bridge}.pci-hole64-size={size.kib}K")
+
+
 def add_pci_controllers(b: Builder) -> None:
     ctrls = list(enumerate(b.domain.devices.controller))
     seen: set[int] = set()
@@ -71,7 +82,11 @@ def add_pci_controllers(b: Builder) -> None:
         if c.index == 0:
             if model != root:
                 b.error(f"{path}/@model", f"machine {b.machine.name} has a {root} at index 0, not a {model}")
+            elif c.pcihole64 is not None:
+                _pcihole64(b, c.pcihole64, path)
             continue
+        if c.pcihole64 is not None:
+            b.error(f"{path}/pcihole64", f"only the {root} (index 0) has a 64-bit PCI hole")
         if model in ("pci-root", "pcie-root"):
             b.error(f"{path}/@model", f"only index 0 can be the {model}")
             continue
@@ -128,7 +143,7 @@ def _reserve(b: Builder, address, path: str) -> None:
 def reserve_device_addresses(b: Builder) -> None:
     """Claim every explicit PCI address of non-controller devices before any auto placement."""
     dev = b.domain.devices
-    for fam in ("disk", "interface", "video", "sound", "rng", "watchdog", "input", "panic"):
+    for fam in ("disk", "interface", "video", "sound", "rng", "watchdog", "input", "panic", "shmem", "hostdev"):
         for i, item in enumerate(getattr(dev, fam)):
             _reserve(b, getattr(item, "address", None), f"/domain/devices/{fam}[{i + 1}]")
     for fam in ("serial", "console", "channel", "parallel"):
@@ -136,6 +151,9 @@ def reserve_device_addresses(b: Builder) -> None:
             _reserve(b, item.address, f"/domain/devices/{fam}[{i + 1}]")
     if dev.memballoon is not None:
         _reserve(b, dev.memballoon.address, "/domain/devices/memballoon")
+    for fam in ("iommu", "vsock"):
+        if getattr(dev, fam) is not None:
+            _reserve(b, getattr(dev, fam).address, f"/domain/devices/{fam}")
 
 
 def add_other_controllers(b: Builder) -> None:
@@ -148,7 +166,8 @@ def add_other_controllers(b: Builder) -> None:
     seen: set[tuple[str, int]] = set()
     items = [(i, c) for i, c in enumerate(ctrls)] + [(-1, c) for _, c in implicit]
     # USB companions (ICH9 UHCIs sharing an index with an EHCI) come after their master
-    items.sort(key=lambda ic: _is_companion(ic[1], ctrls))
+    # and a CCID reader (a USB device) after the USB controllers, the implicit one included
+    items.sort(key=lambda ic: (ic[1].type == "ccid", _is_companion(ic[1], ctrls)))
     for i, c in items:
         path = f"/domain/devices/controller[{i + 1}]" if i >= 0 else "/domain/devices"
         if c.type == "pci":
@@ -176,6 +195,10 @@ def add_other_controllers(b: Builder) -> None:
                 if c.driver.iothread:
                     props["iothread"] = f"iothread{c.driver.iothread}"
             props.update(b.pci_props(c.address, path, "SCSI controller"))
+            if driver.startswith("virtio"):
+                props = add_virtio_props(b, props, c.driver, path)
+            else:
+                refuse_virtio_options(b, c.driver, path, f"a {model} SCSI controller")
             b.device(props)
         elif c.type == "sata":
             if b.q35 and c.index == 0:
@@ -190,7 +213,7 @@ def add_other_controllers(b: Builder) -> None:
             if c.vectors is not None:
                 props["vectors"] = c.vectors
             props.update(b.pci_props(c.address, path, "virtio-serial controller"))
-            b.device(props)
+            b.device(add_virtio_props(b, props, c.driver, path))
         elif c.type == "ide":
             if b.q35:
                 b.error(f"{path}/@type", "a q35 machine has no IDE controller; use bus='sata'")

@@ -54,6 +54,19 @@ class Vcpu(Element):
         return parse_cpuset(self.cpuset) if self.cpuset else None
 
 
+class VcpuState(Element):
+    """``<vcpus><vcpu id='1' enabled='no' hotpluggable='yes' order='2'/>``: one vCPU's state."""
+
+    id: UInt = attr(...)
+    enabled: YesNo = attr(...)
+    hotpluggable: YesNo | None = attr()
+    order: UInt | None = attr()
+
+
+class Vcpus(Element):
+    vcpu: Many[VcpuState]
+
+
 class CpuModel(Element):
     fallback: Literal["allow", "forbid"] | None = attr()
     vendor_id: str | None = attr()

@@ -6,6 +6,8 @@ from typing import Literal
 
 from qemud.domain.base import Element, UInt, YesNo, attr, child
 from qemud.domain.devices.address import Address, Alias
+from qemud.domain.devices.virtio import VirtioOptions
+from qemud.domain.units import Size
 
 CONTROLLER_MODELS: dict[str, tuple[str, ...]] = {
     "pci": ("pci-root", "pcie-root", "pci-bridge", "dmi-to-pci-bridge", "pcie-root-port",
@@ -41,7 +43,7 @@ class ControllerTarget(Element):
     node: UInt | None = attr()
 
 
-class ControllerDriver(Element):
+class ControllerDriver(VirtioOptions):
     queues: UInt | None = attr()
     cmd_per_lun: UInt | None = attr()
     max_sectors: UInt | None = attr()
@@ -65,5 +67,6 @@ class Controller(Element):
     target: ControllerTarget | None = None
     driver: ControllerDriver | None = None
     master: Master | None = None
+    pcihole64: Size | None = None  # the PCI root's 64-bit MMIO window (default unit KiB)
     address: Address | None = None
     alias: Alias | None = None
