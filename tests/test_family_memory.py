@@ -262,7 +262,7 @@ def test_file_source_immediate_allocation(caps: HostCaps) -> None:
 # ---- machine properties: dumpCore, nosharepages, locked ------------------------------------
 
 def test_dump_core_merge_and_lock(caps: HostCaps) -> None:
-    xml = domain_xml("<memoryBacking><nosharepages/><locked/></memoryBacking>",
+    xml = domain_xml("<memoryBacking><nosharepages/><locked/><source type='memfd'/></memoryBacking>",
                      memory="<memory unit='MiB' dumpCore='on'>64</memory>")
     with tempfile.TemporaryDirectory(prefix="qm", dir="/tmp") as t:
         domain, cmd = translate(xml, caps, Path(t))
@@ -271,11 +271,14 @@ def test_dump_core_merge_and_lock(caps: HostCaps) -> None:
         assert opt(cmd.argv, "-overcommit") == ["mem-lock=on"]
 
         async def ask(q: Qmp) -> Any:
-            return {p: await q.execute("qom-get", {"path": "/machine", "property": p})
-                    for p in ("dump-guest-core", "mem-merge")}
+            got = {p: await q.execute("qom-get", {"path": "/machine", "property": p})
+                   for p in ("dump-guest-core", "mem-merge")}
+            (ram,) = await q.execute("query-memdev")
+            return got | {"backend merge": ram["merge"], "backend dump": ram["dump"]}
         failed, got = run_in_qemu(domain, cmd, ask)
     assert failed == []
-    assert got == {"dump-guest-core": True, "mem-merge": False}
+    # the guest RAM's backend follows: not merged (KSM), in core dumps
+    assert got == {"dump-guest-core": True, "mem-merge": False, "backend merge": False, "backend dump": True}
 
 
 def test_locked_needs_a_memlock_limit(caps: HostCaps, tmp_path: Path) -> None:

@@ -705,12 +705,12 @@ def _memory_device(b: Builder, m: MemoryDevice, path: str, n: int, cells: list[i
 
 def _sgx(b: Builder, m: MemoryDevice, path: str, n: int, size: int, policy: dict[str, Any] | None) -> None:
     """SGX EPC: a memory-backend-epc the machine's sgx-epc.N.memdev names (memory_machine_props)."""
-    if "memory-backend-epc" not in b.caps.objects:
-        b.error(path, f"an SGX EPC section needs QEMU's memory-backend-epc, which {b.caps.emulator} lacks")
-        return
     if not b.caps.host.has("/dev/sgx_vepc"):
         b.error(path, "an SGX EPC section needs /dev/sgx_vepc, which this host lacks (the host CPU has no "
                 "SGX, or it is disabled in the firmware, or the kernel lacks CONFIG_X86_SGX_KVM)")
+        return
+    if "memory-backend-epc" not in b.caps.objects:
+        b.error(path, f"an SGX EPC section needs QEMU's memory-backend-epc, which {b.caps.emulator} lacks")
         return
     if not b.domain.kvm:
         b.error(path, "SGX needs KVM (type='kvm'); QEMU cannot emulate it")
