@@ -349,16 +349,16 @@ def add_memory(b: Builder) -> None:
         return
     b.add("-m", ",".join(parts))
     if mb is not None and mb.locked is not None:
-        limit = b.caps.host.memlock_bytes
+        # mlockall() locks (and faults in, before QMP answers) all of QEMU: the guest's RAM and,
+        # under TCG, the 1 GiB translation buffer (17 s for a 214 MiB guest here)
         need = d.memory.bytes
-        if limit is not None and limit < need:
-            b.error("/domain/memoryBacking/locked", f"locking the guest's {need // MIB} MiB needs "
-                    f"RLIMIT_MEMLOCK of at least that, and qemud may lock {limit // 1024} KiB; raise it "
-                    "(LimitMEMLOCK=infinity in qemud's systemd unit) or run qemud as root")
-        b.add("-overcommit", "mem-lock=on")
-        # mlockall() faults in all of it before QMP answers, and under TCG also the 1 GiB
-        # translation buffer (17 s for a 214 MiB guest here)
         locked = need + (0 if d.kvm else TCG_BUFFER)
+        limit = b.caps.host.memlock_bytes
+        if limit is not None and limit < locked:
+            b.error("/domain/memoryBacking/locked", f"locking the guest's {need // MIB} MiB needs "
+                    f"RLIMIT_MEMLOCK of at least {-(-locked // MIB)} MiB, and qemud may lock {limit // 1024} KiB; "
+                    "raise it (LimitMEMLOCK=infinity in qemud's systemd unit) or run qemud as root")
+        b.add("-overcommit", "mem-lock=on")
         b.counters[PREALLOC] = b.counters.get(PREALLOC, 0) + locked
     if not ok:
         return
