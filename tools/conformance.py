@@ -542,7 +542,7 @@ class Running:
 def run_all(files: list[str], jobs: int, guest: Guest, base: Path, timeout: float,
             hard_timeout: float, keep: bool, progress: bool) -> list[dict[str, Any]]:
     ctx = multiprocessing.get_context("fork")
-    pending = [(i, xml, fixed_ports(xml)) for i, xml in enumerate(files)]
+    pending = [(i, xml, fixed_ports(xml) | _prealloc_token(xml)) for i, xml in enumerate(files)]
     running: list[Running] = []
     results: list[dict[str, Any]] = []
     total = len(files)
@@ -571,14 +571,15 @@ def run_all(files: list[str], jobs: int, guest: Guest, base: Path, timeout: floa
                 scratch = base / str(i)
                 scratch.mkdir(parents=True, exist_ok=True)
                 result_file = scratch / "result.json"
-                p = ctx.Process(target=_child, args=(xml, str(scratch), guest, timeout, str(result_file)),
+                extra = prealloc_seconds(xml)
+                p = ctx.Process(target=_child, args=(xml, str(scratch), guest, timeout + extra, str(result_file)),
                                 name=f"conformance-{i}")
                 p.start()
                 try:
                     os.setpgid(p.pid, p.pid)
                 except OSError:
                     pass  # the child did it already
-                running.append(Running(p, xml, scratch, result_file, time.monotonic() + hard_timeout, ports))
+                running.append(Running(p, xml, scratch, result_file, time.monotonic() + hard_timeout + extra, ports))
             ready = multiprocessing.connection.wait([r.proc.sentinel for r in running], timeout=0.5)
             now = time.monotonic()
             for r in list(running):
@@ -605,6 +606,51 @@ def run_all(files: list[str], jobs: int, guest: Guest, base: Path, timeout: floa
                 pass
             r.proc.join(5)
     return results
+
+
+#: QEMU preallocates guest RAM at this rate here (14 GiB: ~75 s), before QMP answers
+PREALLOC_BYTES_PER_S = 128 * 1024 * 1024
+#: inputs preallocating more than this run one at a time (two 14 GiB guests would exhaust the host)
+PREALLOC_ALONE = 1 << 30
+
+
+def prealloc_bytes(xml_path: str) -> int:
+    """Guest RAM an input has QEMU allocate before it starts (<allocation mode='immediate'>,
+    <hugepages>, <locked/>): the sum of the NUMA cells, else <memory>; 0 when it cannot be told."""
+    try:
+        root = ET.parse(xml_path).getroot()
+    except (ET.ParseError, OSError):
+        return 0
+    mb = root.find("memoryBacking")
+    if mb is None:
+        return 0
+    alloc = mb.find("allocation")
+    locked = mb.find("locked") is not None
+    if not ((alloc is not None and alloc.get("mode") == "immediate") or mb.find("hugepages") is not None
+            or locked):
+        return 0
+    from qemud.domain.units import unit_bytes
+
+    def size(value: str | None, unit: str | None) -> int:
+        try:
+            return int(str(value).strip()) * (unit_bytes(unit or "KiB") or 1024)
+        except ValueError:
+            return 0
+    cells = root.findall("cpu/numa/cell")
+    mem = root.find("memory")
+    total = (sum(size(c.get("memory"), c.get("unit")) for c in cells) if cells
+             else size(mem.text, mem.get("unit")) if mem is not None else 0)
+    return total + (1 << 30 if locked else 0)  # mlockall() also faults in TCG's 1 GiB buffer
+
+
+def prealloc_seconds(xml_path: str) -> float:
+    """More time for QEMU to start an input that preallocates its RAM."""
+    return prealloc_bytes(xml_path) / PREALLOC_BYTES_PER_S
+
+
+def _prealloc_token(xml_path: str) -> frozenset[int]:
+    """A pseudo-port (-1) that keeps big preallocating inputs from running at the same time."""
+    return frozenset({-1}) if prealloc_bytes(xml_path) > PREALLOC_ALONE else frozenset()
 
 
 _PORT_ATTR = re.compile(r"""\b(?:service|port|tlsPort|websocket)\s*=\s*['"](\d+)['"]""")

@@ -6,9 +6,9 @@ import re
 from pathlib import Path
 
 from qemud.argv.builder import Builder, Prepare
+from qemud.argv.memory import memory_machine_props
 from qemud.argv.qemuopts import js, opts
 from qemud.domain.cpu import MAX_VCPUS
-from qemud.domain.units import size_in_range
 
 # QEMU's names for libvirt's CPU feature names where they differ
 _FEATURE_ALIASES = {"pclmuldq": "pclmulqdq", "sse4.1": "sse4_1", "sse4.2": "sse4_2", "ds_cpl": "ds-cpl",
@@ -19,7 +19,7 @@ def add_machine(b: Builder) -> None:
     d = b.domain
     props: list[tuple[str, object]] = [("type", b.machine.name)]
     props.append(("usb", False))
-    props.append(("dump-guest-core", False))
+    props += memory_machine_props(b)
     f = d.features
     if f is not None and f.vmport is not None:
         props.append(("vmport", f.vmport.state))
@@ -431,91 +431,6 @@ def _kvm_features(b: Builder) -> list[str]:
                        "offer it, so the emulated guest goes without it")
     if k.pv_ipi is not None and not k.pv_ipi.state:
         out.append("kvm-pv-ipi=off")
-    return out
-
-
-def add_memory(b: Builder) -> None:
-    d = b.domain
-    for size, path in ((d.memory, "/domain/memory"), (d.currentMemory, "/domain/currentMemory"),
-                       (d.maxMemory, "/domain/maxMemory")):
-        msg = size_in_range(size, "memory")
-        if msg:
-            b.error(path, msg)
-            return
-    mib = d.memory.mib
-    cells = d.cpu.numa.cell if d.cpu is not None and d.cpu.numa is not None else ()
-    if cells:
-        total = sum(c.mib for c in cells)
-        if abs(total - mib) > len(cells):  # each cell is rounded up to a MiB
-            b.error("/domain/memory", f"is {mib} MiB, but the NUMA cells add up to {total} MiB")
-            return
-        mib = total  # libvirt: the guest's memory is the sum of its cells
-    if mib < 1:
-        b.error("/domain/memory", f"{d.memory.value} {d.memory.unit} is less than the 1 MiB QEMU needs")
-        return
-    if d.currentMemory is not None and d.currentMemory.kib > d.memory.kib:
-        b.error("/domain/currentMemory", "is larger than <memory>")
-    parts = [f"size={mib}M"]
-    if d.maxMemory is not None:
-        if d.maxMemory.slots is None:
-            b.error("/domain/maxMemory/@slots", "required attribute is missing")
-        elif d.maxMemory.kib < d.memory.kib:
-            b.error("/domain/maxMemory", "is smaller than <memory>")
-        else:
-            parts += [f"slots={d.maxMemory.slots}", f"maxmem={d.maxMemory.kib}k"]
-    b.add("-m", ",".join(parts))
-    if cells:
-        _numa(b, cells)
-
-
-def _numa(b: Builder, cells) -> None:  # type: ignore[no-untyped-def]
-    """One memory backend and one -numa node per <cell>; distances as -numa dist."""
-    from qemud.domain.cpu import parse_cpuset
-    n = b.domain.vcpus
-    ids = [c.id if c.id is not None else i for i, c in enumerate(cells)]
-    if sorted(ids) != list(range(len(cells))):
-        b.error("/domain/cpu/numa", "cell ids must be 0, 1, ... in order")
-        return
-    seen_cpus: set[int] = set()
-    for i, c in enumerate(cells):
-        path = f"/domain/cpu/numa/cell[{i + 1}]"
-        cpus = sorted(parse_cpuset(c.cpus)) if c.cpus else []
-        if any(x >= n for x in cpus):
-            b.error(f"{path}/@cpus", f"names a vCPU beyond the {n} the guest has")
-            return
-        if seen_cpus & set(cpus):
-            b.error(f"{path}/@cpus", "a vCPU is in two cells")
-            return
-        seen_cpus |= set(cpus)
-        backend = {"qom-type": "memory-backend-memfd" if c.memAccess == "shared" else "memory-backend-ram",
-                   "id": f"ram-node{ids[i]}", "size": c.mib * 1024 * 1024}
-        if c.memAccess == "shared":
-            backend["share"] = True
-        if c.discard:
-            backend["discard-data"] = True
-        b.obj(backend)
-        spec = [f"nodeid={ids[i]}"]
-        for lo, hi in _ranges(cpus):
-            spec.append(f"cpus={lo}" if lo == hi else f"cpus={lo}-{hi}")
-        spec.append(f"memdev=ram-node{ids[i]}")
-        b.add("-numa", "node," + ",".join(spec))
-    for i, c in enumerate(cells):
-        if c.distances is None:
-            continue
-        for s in c.distances.sibling:
-            if s.id not in ids:
-                b.error(f"/domain/cpu/numa/cell[{i + 1}]/distances", f"sibling {s.id} is not a cell")
-                return
-            b.add("-numa", f"dist,src={ids[i]},dst={s.id},val={s.value}")
-
-
-def _ranges(xs: list[int]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for x in xs:
-        if out and out[-1][1] == x - 1:
-            out[-1] = (out[-1][0], x)
-        else:
-            out.append((x, x))
     return out
 
 

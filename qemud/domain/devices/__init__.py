@@ -16,6 +16,7 @@ from qemud.domain.devices.redirdev import RedirDev, RedirFilter
 from qemud.domain.devices.shmem import Shmem
 from qemud.domain.devices.smartcard import Smartcard
 from qemud.domain.devices.vsock import Vsock
+from qemud.domain.memory import MemoryDevice
 from qemud.domain.devices.misc import (Audio, Graphics, Hub, Input, MemBalloon, Panic, Rng, Sound,
                                        Video, Watchdog)
 from qemud.domain.devices.tpm import Tpm
@@ -53,6 +54,7 @@ class Devices(Element):
     vsock: Vsock | None = None
     hostdev: Many[Hostdev]
     tpm: Many[Tpm]
+    memory: Many[MemoryDevice]
     lease: Many[Opaque] = ignored("lock manager leases are not used by qemud")
 
     @model_validator(mode="after")
