@@ -22,7 +22,6 @@ from typing import Any
 
 from qemud import records, tuning
 from qemud import helpers as helper_procs
-from qemud import records
 from qemud.argv import Command, build_argv, emulator_for
 from qemud.argv.tune import plan_tuning
 from qemud.caps import HostCaps
