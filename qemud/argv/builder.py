@@ -114,6 +114,8 @@ class Builder:
             self.error(f"{path}/address/@type", f"a {what} sits on PCI; address type '{address.type}' cannot place it")
             return {}
         got = self.pci_plan.props(key or path)
+        if got is None and self.pci_plan.problems:
+            return {}  # the placement failed; its problems are reported already
         if got is None:
             # a device the plan does not list: the first free slot
             fb = self.pci_plan.fallback(key or path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from qemud.argv.builder import Builder
 from qemud.argv.pci import controller_defaults, plan
 from qemud.domain.devices.controller import CONTROLLER_MODELS, Controller
@@ -87,6 +89,7 @@ def add_pci_controllers(b: Builder) -> None:
             b.error(f"{path}/@model", f"only index 0 can be the {model}")
             ok = False
     if not ok:
+        b.pci_plan.problems = [("/domain/devices", "the PCI controllers are wrong")]
         return
     pl = plan(b.domain, b.q35, "pcie-pci-bridge" in b.caps.devices)
     b.pci_plan = pl
@@ -121,7 +124,12 @@ def _pci_controller(b: Builder, key: str, c: Controller, defaults: dict) -> None
             return
         props["bus_nr"] = defaults["bus_nr"]
         if tgt is not None and tgt.node is not None:
-            props["numa_node"] = tgt.node
+            cells = b.domain.cpu.numa.cell if b.domain.cpu is not None and b.domain.cpu.numa is not None else ()
+            if not any((cell.id if cell.id is not None else n) == tgt.node.value for n, cell in enumerate(cells)):
+                b.error(f"{path}/target/node", f"NUMA node {tgt.node.value} is not a guest NUMA node "
+                        "(<cpu><numa><cell id=...>)")
+                return
+            props["numa_node"] = tgt.node.value
     elif model == "pci-bridge":
         props["chassis_nr"] = defaults.get("chassis_nr", c.index)
     elif model in ("pcie-root-port", "pcie-switch-downstream-port"):
@@ -139,6 +147,7 @@ def _pci_controller(b: Builder, key: str, c: Controller, defaults: dict) -> None
 def add_other_controllers(b: Builder) -> None:
     """USB, SCSI, SATA, virtio-serial, IDE, FDC and CCID controllers."""
     ctrls = b.domain.devices.controller
+    check_usb(b)
     have_usb = any(c.type == "usb" for c in ctrls)
     implicit: list[tuple[str, Controller]] = []
     if not have_usb:
@@ -209,6 +218,58 @@ def add_other_controllers(b: Builder) -> None:
 
 
 COMPANION_PORTS = {"ich9-uhci1": 0, "ich9-uhci2": 2, "ich9-uhci3": 4}
+
+
+#: xHCI controllers have at most 15 ports (QEMU's limit, as libvirt checks it)
+XHCI_MAX_PORTS = 15
+#: libvirt's VIR_DOMAIN_DEVICE_USB_MAX_PORT_DEPTH: a root port and three levels of hubs
+USB_MAX_PORT_DEPTH = 4
+
+
+def check_usb(b: Builder) -> None:
+    """libvirt's USB rules: model 'none' stands alone, companions need their master, xHCI port
+    counts, and every USB address names an existing bus and a port path QEMU can follow."""
+    ctrls = b.domain.devices.controller
+    usb = [(i, c) for i, c in enumerate(ctrls) if c.type == "usb"]
+    if any(c.model == "none" for _, c in usb) and len(usb) > 1:
+        i = next(i for i, c in usb if c.model != "none")
+        b.error(f"/domain/devices/controller[{i + 1}]", "USB is disabled for this domain (a USB controller of "
+                "model 'none'), so no other USB controller can be added")
+    for i, c in usb:
+        path = f"/domain/devices/controller[{i + 1}]"
+        model = c.model or default_usb_model(b)
+        if model in ("nec-xhci", "qemu-xhci") and c.ports is not None and c.ports > XHCI_MAX_PORTS:
+            b.error(f"{path}/@ports", f"a '{model}' controller has at most {XHCI_MAX_PORTS} ports, not {c.ports}")
+        if c.master is not None and not _is_companion(c, ctrls):
+            b.error(path, f"the {model} USB controller is a companion, but no master controller (ich9-ehci1) "
+                    f"has index {c.index}")
+    buses = {c.index for _, c in usb if c.model != "none"}
+    if not usb:
+        buses = {0}
+    for fam, items in _usb_addressed(b):
+        for n, item in items:
+            a = item.address
+            path = f"/domain/devices/{fam}[{n + 1}]/address" if n >= 0 else f"/domain/devices/{fam}/address"
+            if a.bus is not None and a.bus not in buses:
+                b.error(f"{path}/@bus", f"USB bus {a.bus} is asked for, but no USB controller has index {a.bus}")
+            if a.port:
+                parts = a.port.split(".")
+                if len(parts) > USB_MAX_PORT_DEPTH or not all(p.isdigit() and 0 < int(p) for p in parts):
+                    b.error(f"{path}/@port", f"'{a.port}' is not a USB port path (up to {USB_MAX_PORT_DEPTH} "
+                            "port numbers from 1, joined by '.')")
+
+
+def _usb_addressed(b: Builder) -> list[tuple[str, list[tuple[int, Any]]]]:
+    """Every device of the domain with an ``<address type='usb'>``, by family."""
+    out = []
+    dev = b.domain.devices
+    for fam in type(dev).model_fields:
+        value = getattr(dev, fam, None)
+        items = list(enumerate(value)) if isinstance(value, tuple) else ([(-1, value)] if value is not None else [])
+        found = [(n, it) for n, it in items if getattr(getattr(it, "address", None), "type", None) == "usb"]
+        if found:
+            out.append((fam, found))
+    return out
 
 
 def _is_companion(c: Controller, ctrls: tuple[Controller, ...]) -> bool:

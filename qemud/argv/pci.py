@@ -267,11 +267,11 @@ class Item:
 def explicit(a: Address | None) -> tuple[int, int, int] | None:
     """The address a device asks for, or None where it leaves it to libvirt (absent, slot not
     given, or all zero: libvirt's "empty" address)."""
-    if a is None or a.type != "pci" or a.slot is None:
+    if a is None or a.type != "pci":
         return None
     t = (a.bus or 0, a.slot or 0, a.function or 0)
     if t == (0, 0, 0) and not a.domain:
-        return None
+        return None  # libvirt's "empty" address: <address type='pci'/> means "place it for me"
     return t
 
 
@@ -714,6 +714,9 @@ def plan(domain: Domain, q35: bool, pcie_to_pci: bool = True) -> PciPlan:
     devs = collect(domain, q35, ctrls)
     run = _Run(devs, q35, max_idx + 1, True, pcie_to_pci)
     run.collect_explicit()
+    if run.problems:  # a bad explicit address: say that, not what follows from it
+        out.problems = _dedupe(run.problems)
+        return out
     run.chipset()
     if not q35 and not all(bus.full() for bus in run.set.buses):
         run._try("/domain/devices", lambda: run.set.reserve_next(PCI_FLAGS))  # room for a bridge

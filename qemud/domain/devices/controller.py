@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from qemud.domain.base import Element, UInt, YesNo, attr, child
+from qemud.domain.base import Element, UInt, YesNo, attr, child, text
 from qemud.domain.devices.address import Address, Alias
 
 CONTROLLER_MODELS: dict[str, tuple[str, ...]] = {
@@ -30,6 +30,12 @@ class ControllerModel(Element):
     name: str = attr(...)
 
 
+class TargetNode(Element):
+    """``<target><node>N</node>``: the NUMA node a pci-expander-bus / pcie-expander-bus is on."""
+
+    value: UInt = text(...)
+
+
 class ControllerTarget(Element):
     chassisNr: UInt | None = attr()
     chassis: UInt | None = attr()
@@ -38,7 +44,7 @@ class ControllerTarget(Element):
     index: UInt | None = attr()
     hotplug: YesNo | None = attr()
     memReserve: UInt | None = attr()
-    node: UInt | None = attr()
+    node: TargetNode | None = None
 
 
 class ControllerDriver(Element):
