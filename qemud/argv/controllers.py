@@ -68,6 +68,10 @@ def add_pci_controllers(b: Builder) -> None:
             ok = False
             continue
         seen.add(c.index)
+        if c.index > 255:
+            b.error(f"{path}/@index", f"a PCI controller index is a bus number, at most 255, not {c.index}")
+            ok = False
+            continue
         model = c.model or (root if c.index == 0 else None)
         if model is None:
             b.error(f"{path}/@model", "a PCI controller other than index 0 needs a model")

@@ -275,6 +275,18 @@ def explicit(a: Address | None) -> tuple[int, int, int] | None:
     return t
 
 
+def _out_of_range(a: Address | None) -> str | None:
+    """libvirt's parse-time limits of a PCI address (domain 0, bus <= 0xff, slot <= 0x1f, function <= 7)."""
+    if a is None:
+        return None
+    if a.domain:
+        return f"PCI domain {a.domain:#x} does not exist (only domain 0)"
+    for name, value, top in (("bus", a.bus, 0xFF), ("slot", a.slot, 0x1F), ("function", a.function, 7)):
+        if value is not None and value > top:
+            return f"PCI address {name}='{value:#x}' is out of range (at most {top:#x})"
+    return None
+
+
 def default_usb_model(q35: bool) -> str:
     return "qemu-xhci" if q35 else "piix3-uhci"
 
@@ -605,6 +617,10 @@ class _Run:
                     or (c.type == "usb" and c.index == 0 and (c.model or "piix3-uhci") == "piix3-uhci" and a[2] == 2)):
                 continue  # the PIIX3's own functions: reserved by the chipset step
             flags = it.flags or F.PCI_DEVICE
+            bad = _out_of_range(it.address)
+            if bad:
+                self.problems.append((it.key + "/address", bad))
+                continue
             self._try(it.key + "/address", lambda: self.set.reserve(a[0], a[1], a[2], flags))
             self.placed[it.key] = Placed(*a, multi=it.address.multifunction if it.address else None)
 
@@ -751,6 +767,10 @@ def plan(domain: Domain, q35: bool, pcie_to_pci: bool = True) -> PciPlan:
         out.used.add((p.bus, p.slot, p.function))
         if p.function:
             out.multi.add((p.bus, p.slot))
+    for key, p in out.placed.items():
+        if p.function == 0 and p.multi is False and (p.bus, p.slot) in out.multi:
+            out.problems.append((key + "/address", f"multifunction='off' at PCI address {fmt(p.bus, p.slot, 0)}, "
+                                 "but other functions of that slot are in use; QEMU cannot populate them"))
     for b, bus in enumerate(run.set.buses):
         for slot, fns in enumerate(bus.functions):
             for f in range(8):
