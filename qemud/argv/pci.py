@@ -480,6 +480,8 @@ def collect(domain: Domain, q35: bool, ctrls: list[tuple[str, Controller]]) -> D
         if w.model == "i6300esb":
             order.append(Item(key, PCI_FLAGS, w.address, family="watchdog"))
     videos = list(_iter_family(domain, "video"))
+    # libvirt's parser moves the video with primary='yes' to the front; qemud's video code makes
+    # the first one in the file the primary (VGA) card, and the placement follows that card
     if not videos and dev.graphics:
         from qemud.domain.devices.misc import Video
         videos = [("/domain/devices/video[1]", Video.model_validate({"model": {"@type": "vga"}}))]
