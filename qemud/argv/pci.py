@@ -752,6 +752,9 @@ def plan(domain: Domain, q35: bool, pcie_to_pci: bool = True) -> PciPlan:
             out.auto_added.append(i)
             run._try(f"implicit:pci.{i}", lambda: s.reserve_next(CONTROLLER_CONNECT[model]))
         i += 1
+    if len(s.buses) > 256:
+        run.problems.append(("/domain/devices", f"placing every PCI device would take {len(s.buses)} PCI buses; "
+                             "a guest has at most 256"))
     if run.problems:
         out.problems = _dedupe(run.problems)
         return out
