@@ -678,6 +678,157 @@ def libvirt_rejects(corpus: Path, xml_name: str) -> bool:
     return bool(errs) and not libvirt_accepts(corpus, xml_name)
 
 
+# ---- guest-visible PCI addresses: qemud's argv against libvirt's .args --------------------------
+
+#: (bus index, slot, function); slot None where the argv leaves the slot to QEMU
+PciAddr = tuple[int, "int | None", int]
+
+
+def libvirt_args_file(corpus: Path, xml_name: str) -> Path | None:
+    """libvirt's command line for an input: the ``x86_64-latest`` one, else the plain ``.args``,
+    else the newest versioned one."""
+    base = xml_name[:-4]
+    for cand in (corpus / f"{base}.x86_64-latest.args", corpus / f"{base}.args"):
+        if cand.exists():
+            return cand
+    versioned = glob.glob(str(corpus / f"{glob.escape(base)}.x86_64-*.args"))
+
+    def version(p: str) -> tuple[int, ...]:
+        m = re.search(r"\.x86_64-([\d.]+)\.args$", p)
+        return tuple(int(x) for x in m.group(1).strip(".").split(".")) if m else ()
+    return Path(max(versioned, key=version)) if versioned else None
+
+
+def parse_args_file(path: Path) -> list[str]:
+    """An .args file as an argv (its lines end in `` \\``, values are shell-quoted)."""
+    import shlex
+    text = path.read_text(errors="replace").replace("\\\n", " ")
+    try:
+        return shlex.split(text)
+    except ValueError:
+        return text.split()
+
+
+def _device_props(value: str) -> dict[str, Any]:
+    """A ``-device`` value, JSON or QEMU's key=value form, as a dict."""
+    if value.startswith("{"):
+        try:
+            got = json.loads(value)
+            return got if isinstance(got, dict) else {}
+        except ValueError:
+            return {}
+    parts = re.split(r"(?<!,),(?!,)", value)
+    props: dict[str, Any] = {"driver": parts[0]}
+    for part in parts[1:]:
+        k, _, v = part.partition("=")
+        props[k] = v.replace(",,", ",")
+    return props
+
+
+def _bus_index(bus: str) -> int | None:
+    if bus in ("pci.0", "pcie.0"):
+        return 0
+    m = re.fullmatch(r"pci\.(\d+)", bus)
+    return int(m.group(1)) if m else None
+
+
+def _int(v: Any) -> int:
+    return v if isinstance(v, int) else int(str(v), 0)
+
+
+def pci_devices(argv: list[str]) -> list[tuple[str, str, PciAddr]]:
+    """(id, driver, address) of every ``-device`` that names a PCI bus, in argv order. Devices
+    without an id get ``driver#n``; a bus that is not ``pci.N``/``pcie.0`` (usb.0, ide.0, a
+    virtio-serial bus) means the device is not on PCI."""
+    out: list[tuple[str, str, PciAddr]] = []
+    n = 0
+    if "-usb" in argv:  # the PIIX3's own UHCI function
+        out.append(("usb", "piix3-usb-uhci", (0, 1, 2)))
+    for i, a in enumerate(argv[:-1]):
+        if a != "-device":
+            continue
+        props = _device_props(argv[i + 1])
+        bus = props.get("bus")
+        index = _bus_index(str(bus)) if bus is not None else None
+        if index is None:
+            continue
+        addr = props.get("addr")
+        slot: int | None = None
+        fn = 0
+        if addr is not None:
+            s, _, f = str(addr).partition(".")
+            try:
+                slot, fn = _int(s), (_int(f) if f else 0)
+            except ValueError:
+                slot = None
+        n += 1
+        did = props.get("id")
+        if not did and props.get("masterbus"):  # a USB companion: named by its master and ports
+            did = f"{props.get('driver')}@{props['masterbus']}:{props.get('firstport')}"
+        out.append((str(did or f"{props.get('driver')}#{n}"), str(props.get("driver")), (index, slot, fn)))
+    return out
+
+
+def fmt_pci(a: PciAddr | None) -> str:
+    if a is None:
+        return "absent"
+    return f"{a[0]:02x}:{a[1]:02x}.{a[2]}" if a[1] is not None else f"{a[0]:02x}:??.{a[2]}"
+
+
+def compare_pci(qemud_argv: list[str], libvirt_argv: list[str]) -> list[dict[str, Any]]:
+    """Devices whose guest-visible PCI address differs: matched by id where both argvs have it,
+    the rest by driver and order. A device only one side has is listed with ``absent``."""
+    ours = pci_devices(qemud_argv)
+    theirs = pci_devices(libvirt_argv)
+    our_ids = {d[0] for d in ours}
+    their_ids = {d[0] for d in theirs}
+    common = our_ids & their_ids
+    by_id_ours = {d[0]: d for d in ours}
+    diffs: list[dict[str, Any]] = []
+    for did, drv, addr in theirs:
+        if did in common:
+            mine = by_id_ours[did][2]
+            if mine != addr:
+                diffs.append({"device": did, "driver": drv, "libvirt": fmt_pci(addr), "qemud": fmt_pci(mine)})
+    rest_ours = [d for d in ours if d[0] not in common]
+    rest_theirs = [d for d in theirs if d[0] not in common]
+    pool: dict[str, list[tuple[str, str, PciAddr]]] = {}
+    for d in rest_ours:
+        pool.setdefault(d[1], []).append(d)
+    for did, drv, addr in rest_theirs:
+        cands = pool.get(drv)
+        if cands:
+            mid, _, mine = cands.pop(0)
+            if mine != addr:
+                diffs.append({"device": f"{did}/{mid}", "driver": drv, "libvirt": fmt_pci(addr), "qemud": fmt_pci(mine)})
+        else:
+            diffs.append({"device": did, "driver": drv, "libvirt": fmt_pci(addr), "qemud": "absent"})
+    for drv, cands in pool.items():
+        for mid, _, mine in cands:
+            diffs.append({"device": mid, "driver": drv, "libvirt": "absent", "qemud": fmt_pci(mine)})
+    return diffs
+
+
+def pci_comparison(results: list[dict[str, Any]], corpus: Path) -> dict[str, Any]:
+    """Per realized input with a libvirt .args: do the guest-visible PCI addresses all match?"""
+    per: dict[str, list[dict[str, Any]]] = {}
+    old_caps: set[str] = set()
+    for r in results:
+        if r.get("outcome") != "realized" or not r.get("argv"):
+            continue
+        args = libvirt_args_file(corpus, r["file"])
+        if args is None:
+            continue
+        per[r["file"]] = compare_pci(r["argv"], parse_args_file(args))
+        if "latest" not in args.name:
+            old_caps.add(r["file"])
+    return {"compared": len(per), "matching": sum(1 for d in per.values() if not d),
+            "mismatching": {f: d for f, d in sorted(per.items()) if d},
+            # libvirt made these .args with its older mock capabilities (no qemu-xhci, no
+            # pcie-pci-bridge...), so some of their differences are not qemud's
+            "old_caps": sorted(f for f in old_caps if per[f])}
+
+
 def report(results: list[dict[str, Any]], corpus: Path, elapsed: float, jobs: int, top: int) -> str:
     lines: list[str] = []
     w = lines.append
@@ -721,6 +872,14 @@ def report(results: list[dict[str, Any]], corpus: Path, elapsed: float, jobs: in
     w(f"libvirt realized, qemud rejected ({len(lv_rej)}): top reasons")
     for reason, n in reasons2.most_common(top):
         w(f"  {n:4d}  {reason}")
+    w("")
+    pci = pci_comparison(results, corpus)
+    w(f"PCI addresses (realized inputs with a libvirt .args): {pci['matching']} of {pci['compared']} "
+      f"place every device where libvirt does; {len(pci['mismatching'])} differ "
+      f"({len(pci['old_caps'])} of them against an .args of libvirt's older mock capabilities, marked *):")
+    for f, diffs in pci["mismatching"].items():
+        w(f"  {'*' if f in pci['old_caps'] else ''}{f}: " + "; ".join(f"{d['device']} ({d['driver']}) libvirt {d['libvirt']} qemud {d['qemud']}"
+                                  for d in diffs))
     w("")
     for outcome in ("crashed", "mismatch"):
         rs = sorted((r for r in results if r["outcome"] == outcome), key=lambda r: r["file"])
@@ -774,6 +933,13 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.monotonic() - t0
     results.sort(key=lambda r: r["file"])
     if ns.json:
+        pci = pci_comparison(results, corpus)
+        for r in results:
+            if r["file"] in pci["mismatching"]:
+                r["pci_addresses"] = {"match": False, "differences": pci["mismatching"][r["file"]],
+                                      "old_caps_args": r["file"] in pci["old_caps"]}
+            elif r.get("outcome") == "realized" and libvirt_args_file(corpus, r["file"]) is not None:
+                r["pci_addresses"] = {"match": True}
         ns.json.write_text(json.dumps({r["file"]: r for r in results}, indent=1, default=str))
     print(report(results, corpus, elapsed, ns.jobs, ns.top))
     return 1 if any(r["outcome"] == "crashed" for r in results) else 0

@@ -33,8 +33,9 @@ def _legacy_capable(b: Any, props: dict[str, Any]) -> bool:
         return False
     if drv.endswith("-transitional"):
         return True
-    bus = next((x for x in b.pci.buses.values() if x.id == props.get("bus")), None)
-    return not (bus is not None and bus.model in ONE_SLOT)
+    bus = str(props.get("bus", ""))
+    model = b.pci_plan.buses.get(int(bus[4:])) if bus.startswith("pci.") and bus[4:].isdigit() else None
+    return model not in ONE_SLOT
 
 
 def add_virtio_props(b: Any, props: dict[str, Any], driver: VirtioOptions | None, path: str) -> dict[str, Any]:

@@ -59,24 +59,11 @@ class Devices(Element):
 
     @model_validator(mode="after")
     def _controller_indexes(self) -> "Devices":
-        """Controllers without an index get the next free one of their type (libvirt's rule)."""
-        if all(c.index >= 0 for c in self.controller):
-            return self
-        used: dict[str, set[int]] = {}
-        for c in self.controller:
-            if c.index >= 0:
-                used.setdefault(c.type, set()).add(c.index)
-        out = []
-        for c in self.controller:
-            if c.index < 0:
-                taken = used.setdefault(c.type, set())
-                n = 0
-                while n in taken:
-                    n += 1
-                taken.add(n)
-                c = c.model_copy(update={"index": n})
-            out.append(c)
-        object.__setattr__(self, "controller", tuple(out))
+        """Controllers without an index get the one libvirt's parser gives them."""
+        from qemud.domain.devices.controller import assign_indexes
+        out = assign_indexes(self.controller)
+        if out is not self.controller:
+            object.__setattr__(self, "controller", out)
         return self
 
 
