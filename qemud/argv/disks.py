@@ -6,6 +6,7 @@ from typing import Any
 
 from qemud.argv.builder import Builder
 from qemud.argv.controllers import controller_id, scsi_model
+from qemud.argv.virtio import add_virtio_props, refuse_virtio_options
 from qemud.domain.devices.controller import Controller
 from qemud.domain.devices.disk import Disk, target_index
 
@@ -326,6 +327,10 @@ def _disk(b: Builder, d: Disk, i: int, path: str, counts: dict[str, int]) -> Non
         dev["share-rw"] = True
     if d.device == "cdrom" and d.target.tray == "open":
         b.warn(f"{path}/target/@tray", "the tray is closed at start")
+    if bus == "virtio":
+        dev = add_virtio_props(b, dev, d.driver, path)
+    else:
+        refuse_virtio_options(b, d.driver, path, f"a disk on bus '{bus}'")
     b.device(dev)
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from qemud.argv.builder import Builder
 from qemud.argv.qemuopts import opts
+from qemud.argv.virtio import add_virtio_props, refuse_virtio_options
 from qemud.domain.devices.interface import Interface, PortForward
 
 NIC_MODELS = {
@@ -88,13 +89,21 @@ def _iface(b: Builder, iface: Interface, i: int, path: str) -> None:
         if got is None:
             return
         netdev = got
+    elif t == "hostdev":
+        return  # a VF given to the guest: assigned with the <hostdev>s (qemud.argv.hostdev)
+    elif t == "vdpa":
+        from qemud.argv.hostdev import vdpa_netdev
+        got = vdpa_netdev(b, iface, path)
+        if got is None:
+            return
+        netdev = got
     elif t == "null":
         b.error(f"{path}/@type", "interface type 'null' is not supported")
         return
     else:
         b.error(f"{path}/@type", f"interface type '{t}' is not supported by qemud yet; use user, bridge, network or ethernet")
         return
-    model = iface.model.type if iface.model is not None else DEFAULT_MODEL
+    model = iface.model.type if iface.model is not None else ("virtio" if t == "vdpa" else DEFAULT_MODEL)
     virtio = NIC_MODELS.get(model, model).startswith("virtio")
     if not _extras_ok(b, iface, path, virtio):
         return
@@ -102,7 +111,7 @@ def _iface(b: Builder, iface: Interface, i: int, path: str) -> None:
         if not virtio:
             # libvirt ignores queues of a NIC model that has one queue (tap-vhost-incorrect)
             b.warn(f"{path}/driver/@queues", f"NIC model '{model}' has one queue; queues is ignored")
-        elif netdev.get("type") not in ("tap", "bridge", "vhost-user"):
+        elif netdev.get("type") not in ("tap", "bridge", "vhost-user", "vhost-vdpa"):
             b.error(f"{path}/driver/@queues", f"multiqueue is not supported for network interfaces of type "
                     f"'{t}' (it needs a tap device: use bridge, network or ethernet)")
             return
@@ -119,8 +128,6 @@ def _iface(b: Builder, iface: Interface, i: int, path: str) -> None:
     mac = iface.mac.address if iface.mac is not None else stable_mac(b.domain.uuid_value, i)
     dev: dict[str, Any] = {"driver": driver, "netdev": nid,
                            "id": b.alias(iface.alias, f"net{i}", path), "mac": mac}
-    if iface.teaming is not None and iface.teaming.type == "persistent":
-        dev["failover"] = True  # the virtio half of a failover pair (hidden until the VF goes)
     if iface.driver is not None:
         if iface.driver.rss is not None:
             dev["rss"] = iface.driver.rss
@@ -134,6 +141,8 @@ def _iface(b: Builder, iface: Interface, i: int, path: str) -> None:
             dev["rx_queue_size"] = iface.driver.rx_queue_size
         if iface.driver.tx_queue_size:
             dev["tx_queue_size"] = iface.driver.tx_queue_size
+    from qemud.argv.hostdev import nic_teaming
+    dev.update(nic_teaming(b, iface, path, driver))
     if iface.mtu is not None and driver.startswith("virtio"):
         dev["host_mtu"] = iface.mtu.size
     if iface.link is not None and iface.link.state == "down":
@@ -145,6 +154,10 @@ def _iface(b: Builder, iface: Interface, i: int, path: str) -> None:
         dev["bus"] = b.usb_bus
     else:
         dev.update(b.pci_props(iface.address, path, "NIC"))
+    if driver.startswith("virtio"):
+        dev = add_virtio_props(b, dev, iface.driver, path)
+    else:
+        refuse_virtio_options(b, iface.driver, path, f"NIC model '{model}'")
     bi = b.bootindex.get(id(iface))
     if bi is not None:
         dev["bootindex"] = bi
@@ -264,20 +277,8 @@ def _extras_ok(b: Builder, iface: Interface, path: str, virtio: bool) -> bool:
             if value is not None:
                 b.error(f"{path}/driver/@{name}", f"{name} is a virtio-net setting; this NIC is not virtio")
                 ok = False
-    tm = iface.teaming
-    if tm is not None:
-        if tm.type == "persistent" and not virtio:
-            b.error(f"{path}/teaming", "the persistent member of a failover team must be a virtio NIC")
-            ok = False
-        elif tm.type == "transient" and not tm.persistent:
-            b.error(f"{path}/teaming/@persistent", "a transient team member needs the alias of its persistent member")
-            ok = False
-        elif tm.type == "transient":
-            # libvirt: only a hostdev member gets failover_pair_id; another NIC is a plain NIC
-            b.warn(f"{path}/teaming", "only a passed-through (hostdev) NIC can be the transient half of "
-                   "a failover team; this NIC is a plain NIC")
     tap = iface.type in ("ethernet", "bridge", "network")
-    for what, el in (("coalesce", iface.coalesce), ("port", iface.port), ("vlan", iface.vlan)):
+    for what, el in (("coalesce", iface.coalesce), ("port", iface.port)):
         if el is not None:
             where = "on its tap device" if tap else f"to a type '{iface.type}' interface"
             b.warn(f"{path}/{what}", f"<{what}> is a host-side setting of the network (libvirt applies it "

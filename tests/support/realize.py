@@ -4,7 +4,8 @@
 waits for the QMP socket, asks QEMU what it built and compares that with the domain model:
 
 * ``query-name`` / ``query-uuid``: the domain's name and UUID;
-* ``query-memory-size-summary``: base memory equals ``<memory>`` (minus DIMMs), within 1 % or
+* ``query-memory-size-summary``: base memory equals ``<memory>`` (minus DIMMs; with NUMA cells,
+  their sum), within 1 % or
   2 MiB, as libvirt's own measurement of its corpus allows;
 * ``query-cpus-fast``: as many vCPUs as are online (``<vcpu current=...>`` or ``<vcpu>``);
 * ``query-block`` (+ ``query-named-block-nodes``): every file/block disk's image is attached to a
@@ -35,20 +36,36 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 if not __package__:  # run as a file path: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from qemud.domain import Domain  # noqa: E402
+from qemud.errors import QemudError  # noqa: E402
 from qemud.qmp import Qmp, QmpError  # noqa: E402
 
 __all__ = ["RealizeResult", "realize", "realize_sync", "check_domain", "first_error_line",
            "argv_props"]
 
 MIB = 1024 * 1024
+#: what qemud does to a QEMU once QMP answers: ``after_start(qmp, pid)``
+AfterStart = Callable[[Qmp, int], Awaitable[None]]
 #: Seconds QEMU gets to exit after QMP ``quit`` before it is killed.
 QUIT_GRACE = 5.0
+#: A QEMU that holds its guest's RAM (preallocated) gets this many more seconds per GiB to free it.
+QUIT_GRACE_PER_GIB = 1.0
+
+
+def quit_grace(domain: Domain) -> float:
+    """Seconds QEMU gets to exit: freeing 14 GiB of preallocated RAM takes more than 5 s here."""
+    mb = getattr(domain, "memoryBacking", None)
+    if mb is None or (mb.hugepages is None and (mb.allocation is None or mb.allocation.mode != "immediate")):
+        return QUIT_GRACE
+    return QUIT_GRACE + QUIT_GRACE_PER_GIB * domain.memory.bytes / (1 << 30)
+
+
 #: How long to keep polling after a QMP failure to see whether QEMU is exiting.
 EXIT_GRACE = 2.0
 #: Output kept from QEMU (its stderr and stdout, merged).
@@ -139,11 +156,24 @@ def argv_props(argv: list[str], option: str) -> list[dict[str, Any]]:
 
 # ---- the checks ----------------------------------------------------------------------------
 
+def _base_bytes(domain: Domain) -> int:
+    """The base memory QEMU should report: with NUMA cells their sum (libvirt sizes the guest by
+    its cells, whatever <memory> says), else <memory> minus the memory devices."""
+    cpu = getattr(domain, "cpu", None)
+    cells = cpu.numa.cell if cpu is not None and cpu.numa is not None else ()
+    if cells:
+        return sum(c.mib for c in cells) * MIB
+    return domain.memory.bytes - _dimm_bytes(domain)
+
+
 def _dimm_bytes(domain: Domain) -> int:
-    """Memory of hot-pluggable memory devices (``<devices><memory>``), which ``<memory>`` includes
-    but QEMU reports as plugged memory, not base memory."""
+    """Memory of hot-pluggable memory devices (``<devices><memory>``: DIMMs, NVDIMMs, virtio-mem,
+    virtio-pmem), which ``<memory>`` includes but QEMU reports as plugged memory (or not at all),
+    not base memory.  An SGX EPC section is not guest RAM and not in ``<memory>``."""
     total = 0
     for mem in getattr(domain.devices, "memory", ()) or ():
+        if getattr(mem, "model", None) == "sgx-epc":
+            continue
         target = getattr(mem, "target", None)
         size = getattr(target, "size", None)
         b = getattr(size, "bytes", None)
@@ -187,7 +217,7 @@ def check_domain(domain: Domain, argv: list[str], queries: dict[str, Any]) -> li
     mem = queries.get("query-memory-size-summary")
     if mem is not None:
         base = mem.get("base-memory") if isinstance(mem, dict) else None
-        want = domain.memory.bytes - _dimm_bytes(domain)
+        want = _base_bytes(domain)
         if not isinstance(base, int):
             failed.append(f"memory: QEMU reports no base memory ({mem!r})")
         elif abs(base - want) > max(want * 0.01, 2 * MIB):
@@ -248,16 +278,18 @@ _MACADDR = re.compile(r"macaddr=([0-9a-fA-F:]{17})")
 def _check_nics(domain: Domain, argv: list[str], info: str) -> list[str]:
     failed: list[str] = []
     have = {m.lower() for m in _MACADDR.findall(info)}
-    explicit = {i.mac.address.lower() for i in domain.devices.interface if i.mac is not None}
+    # a hostdev interface is a VF given to the guest: QEMU has no NIC (and no MAC) for it
+    nics = [(i, n) for i, n in enumerate(domain.devices.interface) if n.type != "hostdev"]
+    explicit = {n.mac.address.lower() for _, n in nics if n.mac is not None}
     argv_nics = [d for d in argv_props(argv, "-device") if "netdev" in d and d.get("mac")]
-    same_count = len(argv_nics) == len(domain.devices.interface)
+    same_count = len(argv_nics) == len(nics)
     spare = [str(d["mac"]).lower() for d in argv_nics if str(d["mac"]).lower() not in explicit]
-    for i, iface in enumerate(domain.devices.interface):
+    for k, (i, iface) in enumerate(nics):
         what = f"interface[{i + 1}]"
         if iface.mac is not None:
             mac = iface.mac.address.lower()
         elif same_count:
-            mac = str(argv_nics[i]["mac"]).lower()
+            mac = str(argv_nics[k]["mac"]).lower()
         elif spare:
             mac = spare.pop(0)
         else:
@@ -353,8 +385,11 @@ async def _connect(proc: subprocess.Popen[bytes], path: Path, deadline: float) -
 
 
 async def realize(domain: Domain, argv: list[str], env: dict[str, str], qmp_path: Path | str, *,
-                  timeout: float = 20) -> RealizeResult:
-    """Start ``argv``, check the running QEMU against ``domain`` over QMP, stop it."""
+                  timeout: float = 20, after_start: AfterStart | None = None) -> RealizeResult:
+    """Start ``argv``, check the running QEMU against ``domain`` over QMP, stop it.
+
+    ``after_start(qmp, pid)`` runs once QMP answers, before the checks: what qemud itself does to
+    a QEMU it started (its tuning); a :class:`qemud.errors.QemudError` from it fails the start."""
     t0 = time.monotonic()
     deadline = t0 + timeout
     qmp_path = Path(qmp_path)
@@ -381,6 +416,13 @@ async def realize(domain: Domain, argv: list[str], env: dict[str, str], qmp_path
                     result.exit_status = proc.poll()
                     result.error = "QEMU exited while starting" + (f" ({why})" if why else "")
                     return result
+                if after_start is not None:
+                    stage = "applying the tuning"
+                    try:
+                        await after_start(q, proc.pid)
+                    except QemudError as exc:
+                        result.error = str(exc)
+                        return result
                 stage = "asking QMP"
                 await _query(q, proc, result)
                 if result.exit_status is not None:
@@ -389,10 +431,11 @@ async def realize(domain: Domain, argv: list[str], env: dict[str, str], qmp_path
                 result.failed_checks = check_domain(domain, argv, result.queries)
                 result.failed_checks += [f"{name}: {msg}" for name, msg in result.query_errors.items()]
                 stage = "stopping QEMU"
+                grace = quit_grace(domain)
                 with contextlib.suppress(QmpError):
-                    await q.execute("quit", timeout=QUIT_GRACE)
-                if await _wait_exit(proc, QUIT_GRACE) is None:
-                    result.failed_checks.append(f"quit: QEMU did not exit within {QUIT_GRACE:g} s of QMP quit")
+                    await q.execute("quit", timeout=grace)
+                if await _wait_exit(proc, grace) is None:
+                    result.failed_checks.append(f"quit: QEMU did not exit within {grace:g} s of QMP quit")
         except TimeoutError:
             result.timed_out = True
             result.error = f"timed out after {timeout:g} s {stage}"
@@ -445,9 +488,9 @@ async def _query(q: Qmp, proc: subprocess.Popen[bytes], result: RealizeResult) -
 
 
 def realize_sync(domain: Domain, argv: list[str], env: dict[str, str], qmp_path: Path | str, *,
-                 timeout: float = 20) -> RealizeResult:
+                 timeout: float = 20, after_start: AfterStart | None = None) -> RealizeResult:
     """:func:`realize` for synchronous callers (runs its own event loop)."""
-    return asyncio.run(realize(domain, argv, env, qmp_path, timeout=timeout))
+    return asyncio.run(realize(domain, argv, env, qmp_path, timeout=timeout, after_start=after_start))
 
 
 def main(args: list[str] | None = None) -> int:

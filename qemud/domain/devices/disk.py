@@ -8,12 +8,14 @@ from typing import Literal
 from pydantic import field_validator
 
 from qemud.domain.base import Element, Many, Opaque, UInt, YesNo, attr, ignored
+from qemud.domain.seclabel import Seclabel, check_labels
 from qemud.domain.devices.address import Address, Alias, Boot
+from qemud.domain.devices.virtio import VirtioOptions
 
 DISK_BUSES = ("ide", "sata", "scsi", "virtio", "usb", "fdc")
 
 
-class DiskDriver(Element):
+class DiskDriver(VirtioOptions):
     name: Literal["qemu"] | None = attr()
     type: Literal["raw", "qcow2", "qed", "vmdk", "vpc", "vdi", "vhdx", "luks", "dmg", "bochs",
                   "cloop", "parallels", "qcow", "cow", "fat", "iso"] | None = attr()
@@ -48,7 +50,9 @@ class DiskSource(Element):
     startupPolicy: Literal["mandatory", "requisite", "optional"] | None = attr()
     index: UInt | None = attr()
     host: Many[Host]
-    seclabel: Many[Opaque] = ignored("qemud applies no security labels of its own")
+    seclabel: Many[Seclabel] = ignored("qemud applies no security labels of its own; qemud's own isolation applies (README: security)")
+
+    _seclabels = field_validator("seclabel")(classmethod(lambda cls, v: check_labels(v)))
 
 
 class DiskTarget(Element):

@@ -7,9 +7,11 @@ from typing import Literal
 
 from pydantic import field_validator
 
-from qemud.domain.base import Element, Many, Opaque, UInt, YesNo, attr, ignored
+from qemud.domain.base import Element, Many, Opaque, UInt, YesNo, attr, child, ignored
 from qemud.domain.devices.address import Address, Alias, Boot
 from qemud.domain.devices.chardev import Reconnect
+from qemud.domain.devices.hostdev import SourceAddress, Teaming
+from qemud.domain.devices.virtio import VirtioOptions
 
 _MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}\Z")
 
@@ -39,6 +41,8 @@ class IfaceSource(Element):
     type: str | None = attr()
     portid: str | None = attr()
     reconnect: Reconnect | None = None
+    #: type='hostdev': the VF's host PCI address (qemud.argv.hostdev)
+    pci_address: SourceAddress | None = child("address")
 
 
 class IfaceModel(Element):
@@ -57,8 +61,8 @@ class IfaceTarget(Element):
     managed: YesNo | None = attr()
 
 
-class IfaceDriver(Element):
-    name: Literal["qemu", "vhost"] | None = attr()
+class IfaceDriver(VirtioOptions):
+    name: Literal["qemu", "vhost", "vfio"] | None = attr()
     queues: UInt | None = attr()
     txmode: Literal["iothread", "timer"] | None = attr()
     ioeventfd: YesNo | None = attr()
@@ -105,25 +109,6 @@ class Port(Element):
     isolated: YesNo | None = attr()
 
 
-class Teaming(Element):
-    """virtio-net failover: the persistent (virtio) member and the transient one naming it."""
-
-    type: Literal["persistent", "transient"] = attr(...)
-    persistent: str | None = attr()
-
-
-class VlanTag(Element):
-    id: UInt = attr(...)
-    nativeMode: Literal["tagged", "untagged"] | None = attr()
-
-
-class Vlan(Element):
-    """VLAN tags of the host-side port (Open vSwitch, SR-IOV): applied by the network, not QEMU."""
-
-    trunk: YesNo | None = attr()
-    tag: Many[VlanTag]
-
-
 class PortRange(Element):
     start: UInt = attr(...)
     end: UInt | None = attr()
@@ -155,6 +140,7 @@ class Interface(Element):
     type: Literal["user", "network", "bridge", "ethernet", "direct", "vhostuser", "server",
                   "client", "mcast", "udp", "hostdev", "vdpa", "null", "vds"] = attr(...)
     trustGuestRxFilters: YesNo | None = attr()
+    managed: YesNo | None = attr()  # type='hostdev' (qemud.argv.hostdev)
     mac: Mac | None = None
     source: IfaceSource | None = None
     model: IfaceModel | None = None
@@ -167,12 +153,12 @@ class Interface(Element):
     script: Script | None = None
     coalesce: Coalesce | None = None
     port: Port | None = None
-    teaming: Teaming | None = None
-    vlan: Vlan | None = None
     backend: Backend | None = None
     portForward: Many[PortForward]
     address: Address | None = None
     alias: Alias | None = None
+    teaming: Teaming | None = None  # failover pairs (qemud.argv.hostdev)
+    vlan: Opaque | None = ignored("VLAN tags are set up on the host side, which qemud does not configure")
     filterref: Opaque | None = ignored("libvirt's nwfilter is not part of qemud")
     bandwidth: Opaque | None = ignored("host-side traffic shaping is not applied by qemud")
     virtualport: Opaque | None = ignored("Open vSwitch port profiles are not applied by qemud")

@@ -8,6 +8,18 @@ from typing import Literal
 from qemud.domain.base import Element, Many, Opaque, UInt, YesNo, attr, child, ignored, text
 from qemud.domain.devices.chardev import CharSource, Protocol
 from qemud.domain.devices.address import Address, Alias
+from qemud.domain.devices.virtio import VirtioOptions
+
+
+class InputSource(Element):
+    """The host's evdev device: ``dev`` for type='evdev', ``evdev`` for type='passthrough'."""
+
+    dev: str | None = attr()
+    evdev: str | None = attr()
+    grab: Literal["all"] | None = attr()
+    grabToggle: Literal["ctrl-ctrl", "alt-alt", "shift-shift", "meta-meta", "scrolllock",
+                        "ctrl-scrolllock"] | None = attr()
+    repeat: YesNo | None = attr()
 
 
 class Input(Element):
@@ -16,8 +28,8 @@ class Input(Element):
     model: str | None = attr()
     address: Address | None = None
     alias: Alias | None = None
-    source: Opaque | None = None
-    driver: Opaque | None = ignored("virtio queue tuning of input devices is not applied")
+    source: InputSource | None = None
+    driver: VirtioOptions | None = None
 
 
 class Listen(Element):
@@ -114,9 +126,16 @@ class VideoModel(Element):
     resolution: Opaque | None = None
 
 
+class VideoDriver(VirtioOptions):
+    """``<video><driver name= vgaconf=>`` plus the virtio options of a virtio GPU."""
+
+    name: Literal["qemu", "vhostuser"] | None = attr()
+    vgaconf: Literal["io", "on", "off"] | None = attr()
+
+
 class Video(Element):
     model: VideoModel | None = None
-    driver: Opaque | None = ignored("video driver tuning is not applied")
+    driver: VideoDriver | None = None
     address: Address | None = None
     alias: Alias | None = None
 
@@ -138,7 +157,7 @@ class Rng(Element):
     model: Literal["virtio", "virtio-transitional", "virtio-non-transitional"] = attr(...)
     rate: RngRate | None = None
     backend: RngBackend
-    driver: Opaque | None = ignored("virtio queue tuning is not applied")
+    driver: VirtioOptions | None = None
     address: Address | None = None
     alias: Alias | None = None
 
@@ -152,7 +171,7 @@ class MemBalloon(Element):
     autodeflate: YesNo | None = attr()
     freePageReporting: YesNo | None = attr()
     stats: BalloonStats | None = None
-    driver: Opaque | None = ignored("virtio queue tuning is not applied")
+    driver: VirtioOptions | None = None
     address: Address | None = None
     alias: Alias | None = None
 
