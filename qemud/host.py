@@ -114,6 +114,7 @@ WATCHED_PATHS: tuple[str, ...] = (
     "/dev/vfio/vfio", "/sys/bus/usb/devices", "/dev/vhost-scsi",  # device assignment (hostdev)
     "/dev/sgx_vepc",  # SGX EPC memory devices
     "/dev/dri",  # DRM render nodes: OpenGL displays (egl-headless, <gl enable='yes'>)
+    "/usr/share/dbus-1/session.conf",  # the private bus of a D-Bus display (dbus-daemon)
 )
 #: device nodes that come numbered (glob patterns): every match is added to ``present``
 WATCHED_GLOBS: tuple[str, ...] = ("/dev/input/event*", "/dev/vhost-vdpa-*")
@@ -125,6 +126,7 @@ HELPER_CANDIDATES: dict[str, tuple[str, ...]] = {
     "swtpm": ("/usr/bin/swtpm",),
     "swtpm_setup": ("/usr/bin/swtpm_setup",),
     "passt": ("/usr/bin/passt",),  # <interface type='user'><backend type='passt'>
+    "dbus-daemon": ("/usr/bin/dbus-daemon",),  # <graphics type='dbus'> on a private bus
 }
 
 

@@ -63,10 +63,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def in_qemu(cmd: Command, ask: Callable[[Qmp], Awaitable[Any]]) -> Any:
+def in_qemu(cmd: Command, ask: Callable[[Qmp], Awaitable[Any]], prepared: bool = False) -> Any:
     """Start cmd's QEMU (paused), run ``ask`` over QMP, quit; QEMU's output when it fails."""
     async def run() -> Any:
-        prepare(cmd)
+        if not prepared:
+            prepare(cmd)
         with tempfile.TemporaryFile() as log:
             proc = subprocess.Popen(cmd.argv, env={**os.environ, **cmd.env}, stdin=subprocess.DEVNULL,
                                     stdout=log, stderr=subprocess.STDOUT)
@@ -113,13 +114,6 @@ def test_dbus_p2p_display_with_dbus_audio_is_realized(caps: HostCaps, scratch: P
     async def ask(q: Qmp) -> Any:
         return await q.execute("query-display-options")
     assert in_qemu(cmd, ask) == {"type": "dbus", "p2p": True, "audiodev": "audio1"}
-
-
-def test_dbus_display_on_a_bus_is_refused_naming_the_reason(caps: HostCaps, scratch: Path) -> None:
-    with pytest.raises(DomainError) as e:
-        translate(domain_xml("<graphics type='dbus'/>"), caps, scratch)
-    (p,) = e.value.problems
-    assert p.path == "/domain/devices/graphics[1]/@p2p" and "dbus-daemon" in p.message
 
 
 def test_vnc_power_control(caps: HostCaps, scratch: Path) -> None:
@@ -408,3 +402,28 @@ def test_vhostuser_interfaces_start_with_a_backend(caps: HostCaps, scratch: Path
         stub.close()
     assert "hostnet0: index=0,type=vhost-user" in info.replace("\r", "")
     assert "macaddr=52:54:00:ee:96:6e" in info
+
+
+def test_dbus_display_on_a_private_bus_run_beside_qemu(caps: HostCaps, scratch: Path) -> None:
+    """Without p2p or address, as libvirt: a dbus-daemon helper on a socket in the run dir."""
+    from qemud import helpers
+    _, cmd = translate(domain_xml("<graphics type='dbus'/>"), caps, scratch)
+    sock = scratch / "run" / "dbus.sock"
+    assert options(cmd.argv, "-display") == [f"dbus,addr=unix:path={sock}"]
+    (spec,) = cmd.helpers
+    assert spec.name == "dbus-daemon" and spec.socket == sock
+    prepare(cmd)  # as the launcher: the runtime directory, then the helpers, then QEMU
+    running = helpers.start(cmd.helpers)
+    try:
+        async def ask(q: Qmp) -> Any:
+            return await q.execute("query-display-options")
+        assert in_qemu(cmd, ask, prepared=True) == {"type": "dbus", "addr": f"unix:path={sock}"}
+        (h,) = running
+        assert h.proc.pid > 0
+    finally:
+        helpers.stop_sync(running)
+    no_daemon = dataclasses.replace(caps, host=dataclasses.replace(caps.host, helpers={}))
+    with pytest.raises(DomainError) as e:
+        translate(domain_xml("<graphics type='dbus'/>"), no_daemon, scratch)
+    assert e.value.problems[0].path == "/domain/devices/graphics[1]/@type"
+    assert "dbus-daemon" in e.value.problems[0].message

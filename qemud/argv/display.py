@@ -185,20 +185,47 @@ def _spice(b: Builder, g: Graphics, path: str, listen: Listen | None, addr: str 
         _render_node(b, f"{path}/gl", "SPICE with OpenGL")
 
 
+#: the bus configuration of the guest's private dbus-daemon (Debian's dbus package): a session
+#: bus, which lets the user who started it (qemud's, as QEMU's) own any name
+DBUS_SESSION_CONF = "/usr/share/dbus-1/session.conf"
+#: dbus-daemon takes its listening socket as systemd socket activation does (fd 3, LISTEN_FDS,
+#: LISTEN_PID = its own pid, which ``exec`` keeps from the shell); qemud hands it {fd} (bash:
+#: dash reads only one-digit descriptors in redirections)
+_DBUS_SCRIPT = ("[ {fd} = 3 ] || exec 3<&{fd} {fd}<&-; LISTEN_PID=$$ LISTEN_FDS=1 exec %s --nofork "
+                "--config-file=%s --address=systemd:")
+
+
+def _private_bus(b: Builder, path: str) -> str | None:
+    """libvirt's private D-Bus bus for a D-Bus display without p2p or address: a dbus-daemon
+    beside QEMU (a supervised helper), on a socket in the guest's runtime directory."""
+    daemon = b.caps.host.helpers.get("dbus-daemon")
+    if daemon is None or not b.caps.host.has(DBUS_SESSION_CONF):
+        b.error(f"{path}/@type", "a D-Bus display on a bus needs dbus-daemon and its session bus "
+                f"configuration ({DBUS_SESSION_CONF}), which this host lacks (install the dbus "
+                "package), or use p2p='yes'")
+        return None
+    from pathlib import Path
+    from qemud.argv.builder import HelperSpec
+    sock = b.socket_path(b.paths.run / "dbus.sock", path)
+    b.helpers.append(HelperSpec(name="dbus-daemon", socket=Path(sock), log=b.paths.run / "dbus-daemon.log",
+                                argv=["/bin/bash", "-c", _DBUS_SCRIPT % (daemon, DBUS_SESSION_CONF)]))
+    return f"unix:path={sock}"
+
+
 def _dbus(b: Builder, g: Graphics, path: str) -> None:
     """QEMU's D-Bus display: p2p (clients are handed a socket over QMP add_client) or on a bus."""
     if g.p2p and g.address:
         b.error(f"{path}/@address", "a peer-to-peer D-Bus display has no bus address")
         return
-    if not g.p2p and not g.address:
-        # libvirt starts a private dbus-daemon for the guest; qemud supervises no such helper yet
-        b.error(f"{path}/@p2p", "a D-Bus display on a bus needs a dbus-daemon, which qemud does not run "
-                "for the guest; use p2p='yes' (clients connect over QMP) or give address='unix:path=...'")
-        return
+    address = g.address
+    if not g.p2p and not address:
+        address = _private_bus(b, path)
+        if address is None:
+            return
     gl = g.gl is not None and g.gl.enable
     rn = g.gl.rendernode if g.gl is not None else None
     audio = _graphics_audio(b, g, path)
-    b.add("-display", "dbus," + opts(("p2p", True) if g.p2p else None, ("addr", g.address) if g.address else None,
+    b.add("-display", "dbus," + opts(("p2p", True) if g.p2p else None, ("addr", address) if address else None,
                                      ("gl", True) if gl else None, ("rendernode", rn) if gl and rn else None,
                                      ("audiodev", audio) if audio else None))
     if gl:
