@@ -278,7 +278,7 @@ def check_usb(b: Builder) -> None:
                 b.error(f"{path}/@bus", f"USB bus {a.bus} is asked for, but no USB controller has index {a.bus}")
             if a.port:
                 parts = a.port.split(".")
-                if len(parts) > USB_MAX_PORT_DEPTH or not all(p.isdigit() and 0 < int(p) for p in parts):
+                if len(parts) > USB_MAX_PORT_DEPTH or not all(p.isascii() and p.isdigit() and 0 < int(p) for p in parts):
                     b.error(f"{path}/@port", f"'{a.port}' is not a USB port path (up to {USB_MAX_PORT_DEPTH} "
                             "port numbers from 1, joined by '.')")
 

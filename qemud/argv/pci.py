@@ -467,6 +467,11 @@ def collect(domain: Domain, q35: bool, ctrls: list[tuple[str, Controller]]) -> D
     disks = [(key, d) for key, d in _iter_family(domain, "disk") if d.bus == "virtio"]
     for key, d in sorted(disks, key=lambda kd: _disk_index(kd[1].target.dev)):
         order.append(Item(key, _virtio(d.model, virtio), d.address, family="disk"))
+    # libvirt puts an <interface type='hostdev'>'s device in its host device list when it reads
+    # the interface, so before every <hostdev>
+    for key, n in _iter_family(domain, "interface"):
+        if n.type == "hostdev":
+            order.append(Item(key, pcie, n.address, family="hostdev"))
     for key, h in _iter_family(domain, "hostdev"):
         if getattr(h, "mode", "subsystem") == "subsystem" and getattr(h, "type", None) in ("pci", "mdev", "scsi_host"):
             order.append(Item(key, pcie, getattr(h, "address", None), family="hostdev"))
