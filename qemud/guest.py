@@ -25,7 +25,7 @@ from qemud.caps import HostCaps
 from qemud.domain import Domain
 from qemud.errors import DomainError, QemudError
 from qemud.events import ERR, INFO, NOTICE, WARNING, EventLog
-from qemud.launch import prepare
+from qemud.launch import discard, prepare
 from qemud.paths import GuestPaths
 from qemud.policy import Backoff, RestartPolicy
 from qemud.proc import (ExitInfo, QemuProcess, adopt, log_tail, pidfile_holder, qmp_fd_argv, qmp_listener,
@@ -476,6 +476,7 @@ class Guest:
             self.qmp = None
         self.last_stderr = log_tail(self.paths.run / "qemu.log")
         records.remove(self.paths.run)
+        discard(self.paths)  # transient disks' overlays end with their QEMU
         st = self.state
         if st == State.STOPPING:
             self.last_exit = info.describe() + (f"; {self._note}" if self._note else "")

@@ -23,6 +23,10 @@ class HostFacts:
     helpers: dict[str, str] = field(default_factory=dict)
     #: host device nodes and directories that exist (paths, e.g. "/dev/vhost-vsock")
     present: frozenset[str] = frozenset()
+    #: where secrets are kept, one file per secret (qemud.secrets); "" for the default
+    secrets_dir: str = ""
+    #: the x509 certificate directory for TLS network disks ("" when none is configured)
+    tls_x509_dir: str = ""
 
     def has(self, path: str) -> bool:
         return path in self.present
@@ -36,14 +40,26 @@ class HostFacts:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> HostFacts:
         return cls(numa_nodes=tuple(d.get("numa_nodes", (0,))), helpers=dict(d.get("helpers", {})),
-                   present=frozenset(d.get("present", ())))
+                   present=frozenset(d.get("present", ())), secrets_dir=str(d.get("secrets_dir", "")),
+                   tls_x509_dir=str(d.get("tls_x509_dir", "")))
+
+    @property
+    def secrets(self) -> str:
+        """The secrets directory in force."""
+        if self.secrets_dir:
+            return self.secrets_dir
+        from qemud.secrets import default_secrets_dir
+        return str(default_secrets_dir())
 
 
 #: device nodes and directories whose presence decides what a guest can have
 WATCHED_PATHS: tuple[str, ...] = ()
 
 #: helper programs, by role: the first candidate that is executable wins
-HELPER_CANDIDATES: dict[str, tuple[str, ...]] = {}
+HELPER_CANDIDATES: dict[str, tuple[str, ...]] = {
+    "qemu-img": ("/usr/bin/qemu-img", "/usr/local/bin/qemu-img"),  # transient disks' overlays
+    "qemu-pr-helper": ("/usr/bin/qemu-pr-helper", "/usr/local/bin/qemu-pr-helper"),
+}
 
 
 def _numa_nodes() -> tuple[int, ...]:

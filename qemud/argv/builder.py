@@ -22,9 +22,12 @@ _ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,127}\Z")
 class Prepare:
     """A file the launcher must create before QEMU starts (never by the pure translator)."""
 
-    kind: str  # "dir" | "copy"
+    kind: str  # "dir" | "copy" | "secret" (check it exists) | "overlay" (qemu-img create)
     dest: Path
     source: Path | None = None
+    fmt: str | None = None  # overlay: the backing image's format
+    helper: str | None = None  # overlay: the qemu-img to run
+    element: str = ""  # the XML element the file is for (named in errors)
 
 
 @dataclass
@@ -48,6 +51,7 @@ class Builder:
     console_log: Path | None = None
     secure_boot: bool = False  # the file holding the guest console's output
     usb_slots: dict[int, tuple[str, str]] = field(default_factory=dict)  # USB index -> (bus, slot)
+    throttle_groups: dict[str, dict[str, int]] = field(default_factory=dict)  # id -> limits
 
     def __post_init__(self) -> None:
         self.pci = PciSpace(self.q35)

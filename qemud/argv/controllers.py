@@ -145,6 +145,8 @@ def add_other_controllers(b: Builder) -> None:
     implicit: list[tuple[str, Controller]] = []
     if not have_usb:
         implicit.append(("/domain/devices", Controller.model_validate({"@type": "usb", "@index": "0"})))
+    from qemud.argv.disks import implicit_scsi_controllers
+    implicit += [("/domain/devices", c) for c in implicit_scsi_controllers(b.domain)]
     seen: set[tuple[str, int]] = set()
     items = [(i, c) for i, c in enumerate(ctrls)] + [(-1, c) for _, c in implicit]
     # USB companions (ICH9 UHCIs sharing an index with an EHCI) come after their master

@@ -129,6 +129,8 @@ def add_video(b: Builder) -> None:
                 props["max_outputs"] = m.heads
         if driver != "ramfb":
             props.update(b.pci_props(v.address, path, "video card"))
+            if v.acpi is not None:
+                props["acpi-index"] = v.acpi.index
         b.device(props)
 
 

@@ -121,6 +121,8 @@ def _iface(b: Builder, iface: Interface, i: int, path: str) -> None:
         dev["bus"] = b.usb_bus
     else:
         dev.update(b.pci_props(iface.address, path, "NIC"))
+        if iface.acpi is not None:
+            dev["acpi-index"] = iface.acpi.index
     bi = b.bootindex.get(id(iface))
     if bi is not None:
         dev["bootindex"] = bi

@@ -19,6 +19,7 @@ from qemud.domain.clock import Clock
 from qemud.domain.cpu import Cpu, Vcpu
 from qemud.domain.devices import Devices
 from qemud.domain.features import Features
+from qemud.domain.iothreads import DefaultIoThread, IoThreadIds
 from qemud.domain.metadata import Metadata
 from qemud.domain.osxml import Os
 from qemud.domain.units import Size
@@ -106,6 +107,8 @@ class Domain(Element):
     maxMemory: MaxMemory | None = None
     vcpu: Vcpu | None = None
     iothreads: UInt | None = None
+    iothreadids: IoThreadIds | None = None
+    defaultiothread: DefaultIoThread | None = None
     os: Os
     features: Features | None = None
     cpu: Cpu | None = None

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import field_validator
 
 from qemud.domain.base import Element, Many, Opaque, UInt, YesNo, attr, ignored
+from qemud.domain.devices.disk import AcpiIndex
 from qemud.domain.devices.address import Address, Alias, Boot
 
 _MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}\Z")
@@ -98,6 +99,7 @@ class Interface(Element):
     mtu: Mtu | None = None
     rom: Rom | None = None
     script: Script | None = None
+    acpi: AcpiIndex | None = None
     address: Address | None = None
     alias: Alias | None = None
     filterref: Opaque | None = ignored("libvirt's nwfilter is not part of qemud")

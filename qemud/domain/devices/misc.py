@@ -7,6 +7,7 @@ from typing import Literal
 
 from qemud.domain.base import Element, Many, Opaque, UInt, YesNo, attr, child, ignored, text
 from qemud.domain.devices.chardev import CharSource, Protocol
+from qemud.domain.devices.disk import AcpiIndex
 from qemud.domain.devices.address import Address, Alias
 
 
@@ -76,6 +77,7 @@ class VideoModel(Element):
 
 class Video(Element):
     model: VideoModel | None = None
+    acpi: AcpiIndex | None = None
     driver: Opaque | None = ignored("video driver tuning is not applied")
     address: Address | None = None
     alias: Alias | None = None
