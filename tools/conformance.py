@@ -130,8 +130,9 @@ class Rewriter:
 
     # ---- secrets and encrypted images (qemud.secrets) ----------------------------------------
 
-    #: the value of every secret the rewrite provides
-    SECRET = "qemud-conformance-secret"
+    #: the value of every secret the rewrite provides: base64 text, as one usage name may serve
+    #: both a passphrase and a Ceph key (which QEMU reads as base64)
+    SECRET = "cWVtdWQtY29uZm9ybWFuY2Utc2VjcmV0"
 
     @property
     def secrets_dir(self) -> Path:
@@ -149,9 +150,6 @@ class Rewriter:
             f = self.secrets_dir / name
             if not f.exists():
                 value = self.SECRET
-                if sec.get("type") == "ceph":  # a Ceph key is base64 text
-                    import base64
-                    value = base64.b64encode(self.SECRET.encode()).decode()
                 fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(fd, "w") as fh:
                     fh.write(value)
@@ -169,7 +167,7 @@ class Rewriter:
         encryption) opened by SECRET: a copy of a template made once per host (qemu-img spends
         seconds calibrating LUKS key derivation)."""
         kind = "qcow2" if fmt == "qcow2" else "luks"
-        template = Path(SCRATCH_BASE) / f"luks-template.{kind}"
+        template = Path(SCRATCH_BASE) / f"luks-template-{self.SECRET[:8]}.{kind}"
         if not template.exists():
             sec = Path(SCRATCH_BASE) / f".luks-secret{os.getpid()}"
             tmp = Path(SCRATCH_BASE) / f".luks-template{os.getpid()}.{kind}"
@@ -272,11 +270,19 @@ class Rewriter:
             for src in nvram.findall("source"):
                 if src.get("file"):
                     src.set("file", self._new("nvram", src.get("file", ""), "nvram")[0] + ".fd")
-            if pflash or nvram.get("template"):
+            stateless = loader is not None and loader.get("stateless") == "yes"
+            if nvram.get("template") or (pflash and not stateless and nvram.get("type") != "network"):
                 nvram.set("template", OVMF_VARS)
 
     def _disk(self, disk: ET.Element) -> None:
         dtype = disk.get("type", "file")
+        if dtype == "dir":  # a host directory shown as a FAT disk: a scratch directory
+            for src in disk.findall("source"):
+                if src.get("dir"):
+                    p, _ = self._new("dir", src.get("dir", ""), "d")
+                    os.makedirs(p, exist_ok=True)
+                    src.set("dir", p)
+            return
         if dtype not in ("file", "block"):
             return
         src = disk.find("source")

@@ -158,8 +158,8 @@ def _network(b: Builder, d: Disk, path: str, proto: str, props: dict[str, Any]) 
     if src.auth is not None and d.auth is not None:
         b.error(f"{path}/auth", "<auth> is given both in <disk> and in <source>; keep one")
         return False
-    if auth is not None and proto not in ("iscsi", "rbd"):
-        b.error(auth_path, f"a {proto} disk takes no <auth> in QEMU (only iscsi and rbd do)")
+    if auth is not None and proto not in ("iscsi", "rbd", "http", "https", "ftp", "ftps"):
+        b.error(auth_path, f"a {proto} disk takes no <auth> in QEMU (iscsi, rbd and http(s)/ftp(s) do)")
         return False
     if proto == "nbd":
         if h is not None and h.transport == "unix":
@@ -201,6 +201,13 @@ def _network(b: Builder, d: Disk, path: str, proto: str, props: dict[str, Any]) 
                 b.error(f"{path}/source/cookies", f"cookies apply to http and https, not {proto}")
                 return False
             props["cookie"] = "; ".join(f"{c.name}={c.value}" for c in src.cookies.cookie)
+        if auth is not None:
+            sid = secret_object(b, auth.secret, f"{auth_path}/secret", f"{props['node-name']}-auth-secret")
+            if sid is None:
+                return False
+            if auth.username:
+                props["username"] = auth.username
+            props["password-secret"] = sid
     elif proto == "iscsi":
         if h is None or not h.name:
             b.error(f"{path}/source/host", "an iSCSI disk needs a <host name=...>")
@@ -705,6 +712,8 @@ def _disk(b: Builder, d: Disk, i: int, path: str, counts: dict[str, int]) -> Non
                 dev["iothread"] = f"iothread{d.driver.iothread}"
             if d.driver.queue_size:
                 dev["queue-size"] = d.driver.queue_size
+            from qemud.argv.virtio import virtio_props
+            dev.update(virtio_props(d.driver))
     elif bus == "ide":
         if b.q35:
             b.error(f"{path}/target/@bus", "a q35 machine has no IDE bus; use bus='sata'")

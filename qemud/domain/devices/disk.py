@@ -9,6 +9,7 @@ from pydantic import field_validator
 
 from qemud.domain.base import Element, Many, Opaque, UInt, YesNo, attr, ignored, text
 from qemud.domain.units import Unit, unit_bytes
+from qemud.domain.devices.virtio import VirtioOptions
 from qemud.domain.devices.address import Address, Alias, Boot
 
 DISK_BUSES = ("ide", "sata", "scsi", "virtio", "usb", "fdc")
@@ -31,7 +32,7 @@ class MetadataCache(Element):
     max_size: MaxSize | None = None
 
 
-class DiskDriver(Element):
+class DiskDriver(VirtioOptions):
     name: Literal["qemu"] | None = attr()
     type: Literal["raw", "qcow2", "qed", "vmdk", "vpc", "vdi", "vhdx", "luks", "dmg", "bochs",
                   "cloop", "parallels", "qcow", "cow", "fat", "iso", "dir"] | None = attr()
@@ -158,6 +159,10 @@ class DiskSource(Element):
     mode: str | None = attr()
     fdgroup: str | None = attr()
     type: str | None = attr()  # vhostuser / nvme sources
+    managed: YesNo | None = attr()  # nvme
+    namespace: UInt | None = attr()  # nvme
+    path: str | None = attr()  # vhostuser
+    address: Opaque | None = None  # nvme: the host controller's PCI address
     startupPolicy: Literal["mandatory", "requisite", "optional"] | None = attr()
     index: UInt | None = attr()
     host: Many[Host]
