@@ -77,6 +77,17 @@ _KINDS = [
               "@QEMUD_DOMAIN@ running from before its own start and took it over without restarting it."),
     EventKind("ended-while-down", "A guest ended while qemud was down", "QEMU of guest @QEMUD_DOMAIN@ ended "
               "while qemud was not running; its restart policy applies."),
+    EventKind("helper-started", "A guest's helper process was started", "Helper @QEMUD_HELPER@ (swtpm for an "
+              "emulated TPM, virtiofsd for a virtiofs share), pid @QEMUD_PID@, was started for guest @QEMUD_DOMAIN@ "
+              "before its QEMU; it is ended after QEMU."),
+    EventKind("helper-adopted", "A guest's helper process was adopted", "qemud found helper @QEMUD_HELPER@, pid "
+              "@QEMUD_PID@, of guest @QEMUD_DOMAIN@ running from before its own start and took it over."),
+    EventKind("helper-died", "A guest's helper process ended unexpectedly", "Helper @QEMUD_HELPER@ of guest "
+              "@QEMUD_DOMAIN@ ended while QEMU ran (or while qemud was down); the guest lost its TPM or its "
+              "share, so its QEMU is ended and the restart policy decides what follows. The helper's own log "
+              "is in the guest's runtime directory."),
+    EventKind("helper-exited", "A guest's helper process ended", "Helper @QEMUD_HELPER@ of guest @QEMUD_DOMAIN@ "
+              "ended with its QEMU."),
     EventKind("shutdown-requested", "A guest was asked to shut down", "qemud pressed the ACPI power button of "
               "guest @QEMUD_DOMAIN@."),
     EventKind("shutdown-timeout", "A guest did not shut down in time", "Guest @QEMUD_DOMAIN@ did not power off "
@@ -105,6 +116,9 @@ _KINDS = [
               "directory."),
     EventKind("already-running", "Another qemud runs", "Another qemud uses the same runtime directory."),
     EventKind("config-error", "The configuration is invalid", "qemud.conf cannot be used; the message says why."),
+    EventKind("tuning-error", "A guest's host tuning could not be applied", "qemud adopted guest "
+              "@QEMUD_DOMAIN@ but could not apply its <cputune>, <blkiotune> or <memtune> again (CPU pinning, "
+              "scheduling, cgroup limits). The guest keeps running without them; the message says why."),
     EventKind("host-error", "The host cannot run qemud", "A host problem stopped qemud."),
     EventKind("internal-error", "qemud hit a bug", "qemud hit an internal error while handling a guest; the "
                                                    "guest's supervision goes on. Please report it."),

@@ -9,6 +9,7 @@ a shutdown or for a backoff runs in small tasks that post their outcome back to 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import re
@@ -19,12 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qemud import records, tuning
+from qemud import helpers as helper_procs
 from qemud import records
 from qemud.argv import Command, build_argv, emulator_for
+from qemud.argv.tune import plan_tuning
 from qemud.caps import HostCaps
 from qemud.domain import Domain
 from qemud.errors import DomainError, QemudError
 from qemud.events import ERR, INFO, NOTICE, WARNING, EventLog
+from qemud.host import HostFacts
+from qemud.helpers import Helper
 from qemud.launch import discard, prepare
 from qemud.paths import GuestPaths
 from qemud.policy import Backoff, RestartPolicy
@@ -106,6 +112,9 @@ class Guest:
         self.sm = StateMachine(on_change=self._changed)
         self.backoff = Backoff(restart_policy(domain, env.restart_defaults))
         self.proc: QemuProcess | None = None
+        #: the helper processes (swtpm, virtiofsd) of the current QEMU: started before it, ended after
+        self.helpers: list[Helper] = []
+        self._lost_helpers: list[str] = []  # recorded helpers found gone at an adoption
         self.qmp: Qmp | None = None
         self.cmd: Command | None = None
         self.started_at: float | None = None  # monotonic, when it last reached running
@@ -125,6 +134,7 @@ class Guest:
         self._followers: dict[str, tuple[Follower, asyncio.Task[None]]] = {}
         self._console_start: int | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._host: HostFacts | None = None  # the host facts QEMU was started with (tuning)
         self.inbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
         self.task = asyncio.get_running_loop().create_task(self._run(), name=f"guest:{self.name}")
         self.gone = asyncio.Event()  # set once a removed guest has fully stopped
@@ -192,11 +202,17 @@ class Guest:
     def adopt(self, rec: records.Record) -> bool:
         """Take over the QEMU a record names, if it is still that QEMU. Called before start."""
         proc = adopt(rec.pid, rec.create_time, rec.argv)
+        found, lost = helper_procs.adopt_all(rec.extra.get("helpers") or [])
         if proc is None:
+            # QEMU is gone: its helpers (if still those processes) must not outlive it
+            helper_procs.stop_sync(found)
             return False
         self.proc = proc
         self.last_pid = proc.pid
         self._spawn_task(self._watch_exit(proc))
+        self.helpers, self._lost_helpers = found, lost
+        for h in found:
+            self._spawn_task(self._watch_helper(h))
         self._follow("qemu", self.paths.run / "qemu.log", proc)
         console = rec.extra.get("console_log")
         self._follow("console", Path(console) if console else None, proc)
@@ -212,6 +228,8 @@ class Guest:
             await self.qmp.close()
         if self.proc is not None:
             self.proc.close()
+        for h in self.helpers:  # they keep running with QEMU, adopted at the next start
+            h.proc.close()
 
     @property
     def state(self) -> State:
@@ -357,6 +375,7 @@ class Guest:
             self.sm.set(State.RUNNING, f"adopted pid {proc.pid}, but QMP does not answer: {exc}")
             return
         self._attach_qmp(proc, qmp)
+        await self._retune(proc, qmp)
         self.env.log.emit("adopted", f"{self.name}: adopted QEMU pid {proc.pid} ({status['status']})", NOTICE,
                           domain=self.name, uuid=self.uuid, pid=proc.pid)
         run = status.get("status")
@@ -370,6 +389,27 @@ class Guest:
             self.sm.set(State.PAUSED, f"adopted pid {proc.pid} ({run})")
         if rec.asked == "stop" and self.state in ALIVE and self.state != State.STOPPING:
             await self._stop("a stop was under way when the daemon restarted")
+        lost, self._lost_helpers = self._lost_helpers, []
+        if lost and self.proc is proc and self.state in ALIVE and self.state != State.STOPPING:
+            self._helper_gone(proc, ", ".join(lost), "gone when qemud restarted")
+        for h in self.helpers:
+            self.env.log.emit("helper-adopted", f"{self.name}: adopted helper {h.name}, pid {h.proc.pid}", INFO,
+                              domain=self.name, uuid=self.uuid, pid=h.proc.pid, helper=h.name)
+
+    async def _retune(self, proc: QemuProcess, qmp: Qmp) -> None:
+        """An adopted QEMU gets its pinning and cgroup again (a host reboot of the daemon, or a
+        changed CPU set, may have lost them); a failure is reported, the guest keeps running."""
+        try:
+            caps = await self.env.caps_for(emulator_for(self.domain))
+            plan, problems = plan_tuning(self.domain, caps)
+            self._host = caps.host
+            errors = [p for p in problems if p.severity != "warning"]
+            if errors:
+                raise tuning.TuningError("; ".join(f"{p.path}: {p.message}" for p in errors))
+            await tuning.apply_over_qmp(qmp, plan, caps.host, self.name, proc.pid, timeout=QMP_TIMEOUT)
+        except (QmpError, QemudError, OSError) as exc:
+            self.env.log.emit("tuning-error", f"{self.name}: adopted, but its tuning could not be applied: {exc}",
+                              WARNING, domain=self.name, uuid=self.uuid, pid=proc.pid)
 
     async def _on_qmp_ready(self, proc: QemuProcess, qmp: Qmp) -> None:
         if proc is not self.proc or self.state != State.STARTING:
@@ -381,10 +421,19 @@ class Guest:
                 if g.passwd and g.type in ("vnc", "spice"):
                     await qmp.execute("set_password", {"protocol": g.type, "password": g.passwd},
                                       timeout=QMP_START_TIMEOUT)
+            for command, arguments in (self.cmd.qmp_setup if self.cmd is not None else ()):
+                await qmp.execute(command, arguments, timeout=QMP_START_TIMEOUT)
+            if self.cmd is not None and self._host is not None:  # pinning before a vCPU runs
+                await tuning.apply_over_qmp(qmp, self.cmd.tuning, self._host, self.name, proc.pid,
+                                            timeout=QMP_START_TIMEOUT)
             await qmp.execute("cont", timeout=QMP_START_TIMEOUT)
             status = await qmp.execute("query-status", timeout=QMP_START_TIMEOUT)
         except QmpError as exc:
             self._note = f"QMP failed after start: {exc}"
+            proc.kill()
+            return
+        except tuning.TuningError as exc:
+            self._note = f"cannot apply <cputune>/<blkiotune>/<memtune>: {exc}"
             proc.kill()
             return
         self.started_at = self.env.clock()
@@ -475,8 +524,12 @@ class Guest:
             self._spawn_task(self.qmp.close())
             self.qmp = None
         self.last_stderr = log_tail(self.paths.run / "qemu.log")
+        await self._stop_helpers()
         records.remove(self.paths.run)
         discard(self.paths)  # transient disks' overlays end with their QEMU
+        if self._host is not None:
+            with contextlib.suppress(QemudError):
+                tuning.release(self._host, self.name)
         st = self.state
         if st == State.STOPPING:
             self.last_exit = info.describe() + (f"; {self._note}" if self._note else "")
@@ -522,6 +575,38 @@ class Guest:
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(delay, self.inbox.put_nowait, ("backoff-over",))
 
+    async def _on_helper_exited(self, h: Helper, info: Any) -> None:
+        """A helper ended. While QEMU runs, that breaks the guest (its TPM, its shares): it is
+        reported and handled as QEMU's own crash would be, QEMU ended and the restart policy
+        decides. While QEMU is being stopped it is just the helper following QEMU out."""
+        if h not in self.helpers:
+            return  # stopped by qemud after QEMU ended
+        self.helpers.remove(h)
+        how = h.describe(info)
+        words = h.last_words()
+        # a helper following QEMU out (QEMU died first, its exit still in the inbox) is no crash of its own
+        qemu_alive = self.proc is not None and not helper_procs.has_ended(self.proc)
+        if self.proc is not None and qemu_alive and self.state in ALIVE and self.state != State.STOPPING:
+            self._helper_gone(self.proc, h.name, how + (f": {words}" if words and not info.signal else ""))
+        else:
+            self.env.log.emit("helper-exited", f"{self.name}: {how}", INFO, domain=self.name, uuid=self.uuid,
+                              pid=h.proc.pid, helper=h.name)
+        h.proc.close()
+
+    def _helper_gone(self, proc: QemuProcess, name: str, why: str) -> None:
+        self._note = f"its helper {name} ended ({why})"
+        self.env.log.emit("helper-died", f"{self.name}: helper {name} ended ({why}); ending QEMU, the restart "
+                          "policy decides what follows", ERR, domain=self.name, uuid=self.uuid, pid=proc.pid,
+                          helper=name)
+        proc.kill(signal.SIGKILL)  # its exit arrives as a crash, with the note saying why
+
+    async def _stop_helpers(self) -> None:
+        """End the helpers of a QEMU that has ended (none is ever left behind; a swtpm still
+        holding the TPM state's lock would keep the next start from having its TPM)."""
+        running, self.helpers = self.helpers, []
+        if running:
+            await helper_procs.stop(running)
+
     async def _on_reset_over(self, proc: QemuProcess) -> None:
         if proc is self.proc and self.qmp is not None:
             try:
@@ -565,7 +650,9 @@ class Guest:
         try:
             caps = await self.env.caps_for(emulator_for(self.domain))
             cmd = build_argv(self.domain, caps, self.paths, paused=True)
-            prepare(cmd)
+            self._host = caps.host
+            # in a thread: a first start may run swtpm_setup, which must not stall other guests
+            await asyncio.to_thread(prepare, cmd)
             holder = pidfile_holder(self.paths.pidfile)
             if holder is not None:
                 raise QemudError(f"a QEMU (pid {holder}) already runs this guest without a record; "
@@ -576,12 +663,18 @@ class Guest:
             log_start = log_path.stat().st_size if log_path.exists() else 0
             con = cmd.console_log
             self._console_start = con.stat().st_size if con is not None and con.exists() else 0
-            listener = qmp_listener(cmd.qmp)
+            # helpers first: their sockets listen once they are spawned, so QEMU finds them
+            started = helper_procs.start(cmd.helpers)
             try:
-                argv = qmp_fd_argv(cmd.argv, listener.fileno())
-                proc = spawn(argv, cmd.env, self.paths.run / "qemu.log", (listener.fileno(),))
-            finally:
-                listener.close()
+                listener = qmp_listener(cmd.qmp)
+                try:
+                    argv = qmp_fd_argv(cmd.argv, listener.fileno())
+                    proc = spawn(argv, cmd.env, self.paths.run / "qemu.log", (listener.fileno(),))
+                finally:
+                    listener.close()
+            except BaseException:
+                helper_procs.stop_sync(started)
+                raise
         except DomainError as exc:
             self._cannot_start("; ".join(p.message for p in exc.problems))
             return
@@ -591,6 +684,11 @@ class Guest:
         self.cmd = cmd
         self.proc = proc
         self.last_pid = proc.pid
+        self.helpers = started
+        for h in started:
+            self.env.log.emit("helper-started", f"{self.name}: helper {h.name} started, pid {h.proc.pid}", INFO,
+                              domain=self.name, uuid=self.uuid, pid=h.proc.pid, helper=h.name)
+            self._spawn_task(self._watch_helper(h))
         self._spawn_task(self._watch_exit(proc))
         self._follow("qemu", log_path, proc, log_start)
         try:
@@ -610,7 +708,8 @@ class Guest:
             name=self.name, uuid=self.uuid, file=self.file, definition=self.definition, pid=proc.pid,
             create_time=proc.create_time, argv=argv, qmp=str(cmd.qmp), log=str(self.paths.run / "qemu.log"),
             started_at=time.time(), domain=self.domain.model_dump(by_alias=True, exclude_unset=True),
-            extra={"console_log": str(cmd.console_log) if cmd.console_log else None}))
+            extra={"console_log": str(cmd.console_log) if cmd.console_log else None,
+                   "helpers": [h.to_json() for h in self.helpers]}))
 
     def _cannot_start(self, why: str) -> None:
         """A start that failed before QEMU ran counts as a failed start."""
@@ -743,6 +842,10 @@ class Guest:
     async def _watch_exit(self, proc: QemuProcess) -> None:
         info = await proc.wait()
         self.inbox.put_nowait(("exited", proc, info))
+
+    async def _watch_helper(self, h: Helper) -> None:
+        info = await h.proc.wait()
+        self.inbox.put_nowait(("helper-exited", h, info))
 
     async def _connect(self, proc: QemuProcess, path: Path) -> None:
         """Connect to a fresh QEMU's QMP. The socket listens before QEMU starts (qemud made it),

@@ -8,9 +8,35 @@ Each device family adds the facts it needs here, with the reader that fills them
 
 from __future__ import annotations
 
+import glob
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+
+@dataclass(frozen=True)
+class PciHostDevice:
+    """One device under /sys/bus/pci/devices, as device assignment needs to know it."""
+
+    #: the kernel driver it is bound to ("vfio-pci", "e1000e", ...), None when unbound
+    driver: str | None = None
+    #: its IOMMU group (/dev/vfio/N), None when the IOMMU is off
+    iommu_group: int | None = None
+    #: for an SR-IOV virtual function: its physical function's address, network interface and
+    #: the VF's index there (the VF's MAC is set through them: ip link set PF vf N mac ...)
+    pf: str | None = None
+    pf_netdev: str | None = None
+    vf_index: int | None = None
+
+
+@dataclass(frozen=True)
+class UsbHostDevice:
+    """One device under /sys/bus/usb/devices (not its interfaces)."""
+
+    bus: int
+    device: int
+    vendor: int
+    product: int
 
 
 @dataclass(frozen=True)
@@ -23,6 +49,23 @@ class HostFacts:
     helpers: dict[str, str] = field(default_factory=dict)
     #: host device nodes and directories that exist (paths, e.g. "/dev/vhost-vsock")
     present: frozenset[str] = frozenset()
+    #: online host CPUs (/sys/devices/system/cpu/online)
+    cpus: frozenset[int] = frozenset({0})
+    #: where qemud can make cgroups for guests: "v2", "v1" or "" (none; cgroup_reason says why)
+    cgroup: str = ""
+    cgroup_reason: str = "cgroups were not looked at"
+    #: controller ("cpu", "io", "memory"; v1: "blkio" too) -> the directory qemud's guest
+    #: cgroups go under (v2: one directory for all)
+    cgroup_roots: dict[str, str] = field(default_factory=dict)
+    #: host PCI devices by address ("0000:06:12.5"), for <hostdev type='pci'>
+    pci_devices: dict[str, PciHostDevice] = field(default_factory=dict)
+    #: host USB devices, for <hostdev type='usb'> (empty also where there is no USB bus:
+    #: "/sys/bus/usb/devices" in ``present`` tells the two apart)
+    usb_devices: tuple[UsbHostDevice, ...] = ()
+    #: UUIDs of the mediated devices that exist (/sys/bus/mdev/devices)
+    mdev_devices: frozenset[str] = frozenset()
+    #: SCSI generic nodes by SCSI address "host:bus:target:unit" -> "/dev/sgN"
+    scsi_generic: dict[str, str] = field(default_factory=dict)
     #: where secrets are kept, one file per secret (qemud.secrets); "" for the default
     secrets_dir: str = ""
     #: the x509 certificate directory for TLS network disks ("" when none is configured)
@@ -35,13 +78,22 @@ class HostFacts:
         d = asdict(self)
         d["present"] = sorted(self.present)
         d["numa_nodes"] = list(self.numa_nodes)
+        d["cpus"] = sorted(self.cpus)
+        d["usb_devices"] = [asdict(u) for u in self.usb_devices]
+        d["mdev_devices"] = sorted(self.mdev_devices)
         return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> HostFacts:
         return cls(numa_nodes=tuple(d.get("numa_nodes", (0,))), helpers=dict(d.get("helpers", {})),
-                   present=frozenset(d.get("present", ())), secrets_dir=str(d.get("secrets_dir", "")),
-                   tls_x509_dir=str(d.get("tls_x509_dir", "")))
+                   present=frozenset(d.get("present", ())), cpus=frozenset(d.get("cpus", (0,))),
+                   cgroup=d.get("cgroup", ""), cgroup_reason=d.get("cgroup_reason", "cgroups were not looked at"),
+                   cgroup_roots=dict(d.get("cgroup_roots", {})),
+                   pci_devices={k: PciHostDevice(**v) for k, v in d.get("pci_devices", {}).items()},
+                   usb_devices=tuple(UsbHostDevice(**u) for u in d.get("usb_devices", ())),
+                   mdev_devices=frozenset(d.get("mdev_devices", ())),
+                   scsi_generic=dict(d.get("scsi_generic", {})),
+                   secrets_dir=str(d.get("secrets_dir", "")), tls_x509_dir=str(d.get("tls_x509_dir", "")))
 
     @property
     def secrets(self) -> str:
@@ -53,10 +105,19 @@ class HostFacts:
 
 
 #: device nodes and directories whose presence decides what a guest can have
-WATCHED_PATHS: tuple[str, ...] = ()
+WATCHED_PATHS: tuple[str, ...] = (
+    "/dev/vhost-vsock", "/dev/sev", "/etc/pki/nssdb", "/dev/tpm0", "/dev/tpmrm0",
+    "/dev/vfio/vfio", "/sys/bus/usb/devices", "/dev/vhost-scsi",  # device assignment (hostdev)
+)
+#: device nodes that come numbered (glob patterns): every match is added to ``present``
+WATCHED_GLOBS: tuple[str, ...] = ("/dev/input/event*", "/dev/vhost-vdpa-*")
 
 #: helper programs, by role: the first candidate that is executable wins
 HELPER_CANDIDATES: dict[str, tuple[str, ...]] = {
+    # a <filesystem><binary path> names its own; these are where Debian and Fedora put it
+    "virtiofsd": ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"),
+    "swtpm": ("/usr/bin/swtpm",),
+    "swtpm_setup": ("/usr/bin/swtpm_setup",),
     "qemu-img": ("/usr/bin/qemu-img", "/usr/local/bin/qemu-img"),  # transient disks' overlays
     "qemu-pr-helper": ("/usr/bin/qemu-pr-helper", "/usr/local/bin/qemu-pr-helper"),
 }
@@ -71,6 +132,78 @@ def _numa_nodes() -> tuple[int, ...]:
     return tuple(nodes) or (0,)
 
 
+def _cpus() -> frozenset[int]:
+    from qemud.domain.cpu import parse_cpuset
+    try:
+        with open("/sys/devices/system/cpu/online") as f:
+            return parse_cpuset(f.read().strip())
+    except (OSError, ValueError):
+        return frozenset(range(os.cpu_count() or 1))
+
+
+#: the controllers qemud's tuning uses, by cgroup version
+V2_CONTROLLERS = ("cpu", "io", "memory")
+V1_CONTROLLERS = ("cpu", "blkio", "memory")
+
+
+def _cgroups(mounts: str, self_cgroup: str) -> tuple[str, str, dict[str, str]]:
+    """(version, reason, roots): where this process may make cgroups for its guests.
+
+    cgroup v2 (the unified hierarchy mounted at /sys/fs/cgroup): under the daemon's own cgroup,
+    which must be delegated to it (systemd's ``Delegate=yes``): writable, with the controllers
+    available.  cgroup v1 (or hybrid with the controllers in v1): under the daemon's own cgroup
+    of each controller's hierarchy, where writable (root).  Pure: tests pass the two files."""
+    own: dict[str, str] = {}
+    for line in self_cgroup.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            for c in (parts[1].split(",") if parts[1] else [""]):
+                own[c] = parts[2]
+    v1: dict[str, str] = {}
+    v2_mount = None
+    for line in mounts.splitlines():
+        f = line.split()
+        if len(f) < 4:
+            continue
+        if f[2] == "cgroup2" and f[1] == "/sys/fs/cgroup":
+            v2_mount = f[1]
+        elif f[2] == "cgroup":
+            for c in f[3].split(","):
+                if c in V1_CONTROLLERS:
+                    v1[c] = f[1]
+    if v2_mount is not None:
+        base = os.path.join(v2_mount, own.get("", "/").lstrip("/"))
+        try:
+            with open(os.path.join(base, "cgroup.controllers")) as fh:
+                have = set(fh.read().split())
+        except OSError as exc:
+            return "", f"cannot read {base}/cgroup.controllers: {exc.strerror}", {}
+        missing = [c for c in V2_CONTROLLERS if c not in have]
+        if missing:
+            return "", (f"cgroup v2 controllers {', '.join(missing)} are not delegated to qemud's cgroup {base} "
+                        "(run it from qemud.service, which has Delegate=yes)"), {}
+        if not os.access(os.path.join(base, "cgroup.subtree_control"), os.W_OK):
+            return "", f"qemud's cgroup {base} is not writable by it (not delegated: Delegate=yes in qemud.service)", {}
+        return "v2", "", {c: base for c in V2_CONTROLLERS}
+    roots = {}
+    for c in V1_CONTROLLERS:
+        if c not in v1:
+            return "", f"no cgroup hierarchy has the {c} controller", {}
+        path = os.path.join(v1[c], own.get(c, "/").lstrip("/"))
+        if not os.access(path, os.W_OK):
+            return "", f"the {c} cgroup {path} is not writable by qemud (run it as root)", {}
+        roots[c] = path
+    return "v1", "", roots
+
+
+def read_cgroups() -> tuple[str, str, dict[str, str]]:
+    try:
+        with open("/proc/self/mounts") as m, open("/proc/self/cgroup") as c:
+            return _cgroups(m.read(), c.read())
+    except OSError as exc:
+        return "", f"cannot read this process's cgroups: {exc.strerror}", {}
+
+
 def read_host() -> HostFacts:
     """This host's facts, read now."""
     helpers = {}
@@ -80,4 +213,81 @@ def read_host() -> HostFacts:
                 helpers[role] = c
                 break
     present = frozenset(p for p in WATCHED_PATHS if os.path.exists(p))
-    return HostFacts(numa_nodes=_numa_nodes(), helpers=helpers, present=present)
+    present |= frozenset(p for g in WATCHED_GLOBS for p in glob.glob(g))
+    version, reason, roots = read_cgroups()
+    return HostFacts(numa_nodes=_numa_nodes(), helpers=helpers, present=present, cpus=_cpus(),
+                     cgroup=version, cgroup_reason=reason, cgroup_roots=roots,
+                     pci_devices=_pci_devices(), usb_devices=_usb_devices(),
+                     mdev_devices=_listdir_set("/sys/bus/mdev/devices"), scsi_generic=_scsi_generic())
+
+
+# ---- readers for device assignment (<hostdev>) ------------------------------------------------
+
+def _listdir_set(path: str) -> frozenset[str]:
+    try:
+        return frozenset(os.listdir(path))
+    except OSError:
+        return frozenset()
+
+
+def _link_name(path: str) -> str | None:
+    try:
+        return os.path.basename(os.readlink(path))
+    except OSError:
+        return None
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as fh:
+            return fh.read().strip()
+    except OSError:
+        return None
+
+
+def _pci_devices(root: str = "/sys/bus/pci/devices") -> dict[str, PciHostDevice]:
+    out: dict[str, PciHostDevice] = {}
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return out
+    for name in names:
+        d = os.path.join(root, name)
+        group = _link_name(os.path.join(d, "iommu_group"))
+        pf = _link_name(os.path.join(d, "physfn"))
+        pf_netdev = vf_index = None
+        if pf is not None:
+            pfdir = os.path.join(root, pf)
+            nets = sorted(_listdir_set(os.path.join(pfdir, "net")))
+            pf_netdev = nets[0] if nets else None
+            for link in _listdir_set(pfdir):
+                if link.startswith("virtfn") and link[6:].isdigit() and _link_name(os.path.join(pfdir, link)) == name:
+                    vf_index = int(link[6:])
+        out[name] = PciHostDevice(driver=_link_name(os.path.join(d, "driver")),
+                                  iommu_group=int(group) if group and group.isdigit() else None,
+                                  pf=pf, pf_netdev=pf_netdev, vf_index=vf_index)
+    return out
+
+
+def _usb_devices(root: str = "/sys/bus/usb/devices") -> tuple[UsbHostDevice, ...]:
+    out = []
+    for name in sorted(_listdir_set(root)):
+        if ":" in name:
+            continue  # an interface of a device, not a device
+        d = os.path.join(root, name)
+        vals = [_read(os.path.join(d, f)) for f in ("busnum", "devnum", "idVendor", "idProduct")]
+        try:
+            out.append(UsbHostDevice(bus=int(vals[0] or ""), device=int(vals[1] or ""),
+                                     vendor=int(vals[2] or "", 16), product=int(vals[3] or "", 16)))
+        except ValueError:
+            continue
+    return tuple(out)
+
+
+def _scsi_generic(root: str = "/sys/bus/scsi/devices") -> dict[str, str]:
+    out = {}
+    for name in _listdir_set(root):
+        sg = sorted(_listdir_set(os.path.join(root, name, "scsi_generic")))
+        if name.count(":") == 3 and sg:
+            out[name] = f"/dev/{sg[0]}"
+    return out

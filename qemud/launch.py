@@ -7,7 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from qemud.argv import Command
+from qemud.argv import Command, Prepare
 from qemud.errors import HostError
 from qemud.paths import GuestPaths
 
@@ -42,6 +42,15 @@ def prepare(cmd: Command) -> None:
                     raise HostError(why)
             elif step.kind == "overlay":
                 _overlay(step.dest, step.source, step.fmt or "raw", step.helper or "qemu-img", step.element)
+            elif step.kind == "write":
+                step.dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                tmp = step.dest.with_name(f".{step.dest.name}.tmp{os.getpid()}")
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(step.content or "")
+                os.replace(tmp, step.dest)
+            elif step.kind == "run":
+                _run(step)
         except OSError as exc:
             raise HostError(f"cannot prepare {step.dest}: {exc.strerror or exc}") from exc
 
@@ -64,3 +73,22 @@ def _overlay(dest: Path, base: Path | None, fmt: str, helper: str, element: str)
 def discard(paths: GuestPaths) -> None:
     """After QEMU ended: drop what lived only for that run (transient disks' overlays)."""
     shutil.rmtree(paths.run / TRANSIENT_DIR, ignore_errors=True)
+
+
+#: how long a preparing program (swtpm_setup) may take
+RUN_TIMEOUT = 60.0
+
+
+def _run(step: Prepare) -> None:
+    """A program that makes ``step.dest`` once (swtpm_setup: a TPM's state): skipped when it is
+    there, so what the guest keeps (its TPM's keys) is never made anew."""
+    if step.dest.exists() or not step.argv:
+        return
+    try:
+        r = subprocess.run(step.argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired as exc:
+        raise HostError(f"{step.argv[0]} did not finish within {RUN_TIMEOUT:g} s") from exc
+    if r.returncode != 0 or not step.dest.exists():
+        out = (r.stderr or r.stdout).decode(errors="replace").strip().splitlines()
+        raise HostError(f"{step.argv[0]} failed (status {r.returncode}) making {step.dest}"
+                        + (f": {out[-1]}" if out else ""))

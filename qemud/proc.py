@@ -51,15 +51,23 @@ class QemuProcess:
         self.child = child
         self.pidfd = os.pidfd_open(pid)
         self._exit: ExitInfo | None = None
+        self._waiter: asyncio.Future[ExitInfo] | None = None
 
     @property
     def adopted(self) -> bool:
         return self.child is None
 
     async def wait(self) -> ExitInfo:
-        """Until the process has ended; its exit status when it is our child."""
+        """Until the process has ended; its exit status when it is our child. Any number of
+        tasks may wait at once (one watches a helper while another stops it): they share one
+        wait, as the event loop has one reader per fd."""
         if self._exit is not None:
             return self._exit
+        if self._waiter is None:
+            self._waiter = asyncio.ensure_future(self._wait())
+        return await asyncio.shield(self._waiter)
+
+    async def _wait(self) -> ExitInfo:
         loop = asyncio.get_running_loop()
         ended = loop.create_future()
         loop.add_reader(self.pidfd, lambda: ended.done() or ended.set_result(None))
@@ -84,6 +92,8 @@ class QemuProcess:
             pass
 
     def close(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.cancel()  # its reader goes before the fd does
         try:
             os.close(self.pidfd)
         except OSError:

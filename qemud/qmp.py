@@ -51,7 +51,7 @@ class Qmp:
         except asyncio.TimeoutError as exc:
             raise QmpError(f"QMP command {command} did not answer within {timeout:g} s") from exc
         except ExecuteError as exc:
-            raise QmpError(f"QMP command {command} failed: {exc.error.desc}") from exc
+            raise QmpError(f"QMP command {command} failed: {exc}") from exc
         except (QMPError, OSError, EOFError) as exc:
             raise QmpError(f"QMP command {command} failed: {exc or type(exc).__name__}") from exc
 

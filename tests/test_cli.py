@@ -172,7 +172,8 @@ def test_validate_warns_about_ignored_elements(tmp_path: Path) -> None:
     warnings = [LINE.match(line) for line in lines[:-1]]
     assert all(m and m["warn"] and m["file"] == str(f) for m in warnings), lines
     by_path = {m["path"]: m["msg"] for m in warnings if m}
-    assert by_path["/domain/seclabel"] == "ignored: qemud applies no SELinux/AppArmor labels of its own"
+    assert by_path["/domain/seclabel"] == ("ignored: qemud applies no SELinux/AppArmor labels of its own; "
+                                          "qemud's own isolation applies (README: security)")
     assert by_path["/domain/resource"].startswith("ignored: ")
     assert by_path["/domain/devices/disk[1]/backingStore"] == "ignored: backing chains are read from the image itself"
     # -q: errors only, no warnings, no OK

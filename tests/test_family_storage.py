@@ -256,7 +256,7 @@ def test_a_usage_secret_is_a_percent_encoded_file_name() -> None:
 def test_a_missing_secret_file_is_an_error_naming_element_and_file(caps: HostCaps, scratch: Path) -> None:
     secrets = scratch / "secrets"
     secrets.mkdir()
-    text = domain(f"""<disk type='network' device='disk'><driver name='qemu' type='raw'/>
+    text = domain("""<disk type='network' device='disk'><driver name='qemu' type='raw'/>
         <source protocol='iscsi' name='iqn.2013-07.com.example:t/1'><host name='example.com'/>
         <auth username='me'><secret type='iscsi' usage='my target'/></auth></source>
         <target dev='vda' bus='virtio'/></disk>""")

@@ -19,7 +19,7 @@ from qemud.launch import prepare
 from qemud.paths import GuestPaths
 from tests.support.realize import realize_sync
 from tests.support.tinyguest import ensure_guest
-from tools.conformance import Guest, Rewriter, _listen
+from tools.conformance import Guest, Rewriter, _listen, tuner
 
 pytestmark = pytest.mark.qemu
 
@@ -36,14 +36,17 @@ def test_golden_domain_is_realized_in_qemu(case: Path) -> None:
         text = re.sub(r"""\squeues=['"][0-9]+['"]""", "", rw.run(case.read_text()))
         domain = parse_domain(text, case.name)
         paths = GuestPaths(scratch / "run", scratch / "state")
-        cmd = build_argv(domain, probe("/usr/bin/qemu-system-x86_64"), paths, paused=True)
+        caps = probe("/usr/bin/qemu-system-x86_64")
+        cmd = build_argv(domain, caps, paths, paused=True)
         prepare(cmd)
         peers = _listen(rw.peers)
+        after_start, untune = tuner(cmd, caps, f"test-realize-{case.stem}")
         try:
-            result = realize_sync(domain, cmd.argv, cmd.env, cmd.qmp)
+            result = realize_sync(domain, cmd.argv, cmd.env, cmd.qmp, after_start=after_start)
         finally:
             for s in peers:
                 s.close()
+            untune()
         assert result.error is None, result.error
         assert result.failed_checks == []
         assert result.ok

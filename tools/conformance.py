@@ -93,6 +93,17 @@ class Guest:
     initrd: str
 
 
+def scratch_block_device(folder: Path) -> str | None:
+    """The /dev node of the block device holding ``folder`` (None on tmpfs, overlays...)."""
+    st = os.stat(folder)
+    node = f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    try:
+        name = os.path.basename(os.path.realpath(node))
+    except OSError:
+        return None
+    return f"/dev/{name}" if os.path.exists(node) and os.path.exists(f"/dev/{name}") else None
+
+
 class Rewriter:
     """The measurement's rewrite of one domain XML text, with a scratch folder for its files."""
 
@@ -104,6 +115,10 @@ class Rewriter:
         self.notes: list[str] = []
         #: scratch paths of unix sockets the domain connects to (mode='connect'): listened on
         self.peers: list[str] = []
+        #: (socket, directory) of virtiofs shares served by a virtiofsd the domain does not run
+        self.virtiofs_peers: list[tuple[str, str]] = []
+        #: (socket, state directory) of external TPMs: an swtpm the domain does not run
+        self.swtpm_peers: list[tuple[str, str]] = []
 
     def _new(self, kind: str, original: str, name: str) -> tuple[str, bool]:
         """A scratch path for ``original`` (the same one each time it is named); new?"""
@@ -207,6 +222,7 @@ class Rewriter:
             root.remove(cpu)
         self._os(root)
         self._secrets(root)
+        self._blkiotune(root)
         devices = root.find("devices")
         if devices is None:
             devices = ET.SubElement(root, "devices")
@@ -244,7 +260,36 @@ class Rewriter:
                         src.set(a, p)
                         if new and a == "dir":
                             os.makedirs(p, exist_ok=True)
+            self._virtiofs_peer(fs)
+        for tpm in devices.findall("tpm"):
+            self._swtpm_peer(tpm)
         return ET.tostring(root, encoding="unicode")
+
+    def _swtpm_peer(self, tpm: ET.Element) -> None:
+        """A TPM backed by an swtpm its user runs (type='external'): the measurement runs one."""
+        for be in tpm.findall("backend"):
+            if be.get("type") != "external":
+                continue
+            for src in be.findall("source"):
+                if src.get("path"):
+                    p, new = self._new("sock", src.get("path", ""), "swtpm")
+                    src.set("path", p)
+                    if new:
+                        os.makedirs(p + ".state", exist_ok=True)
+                        self.swtpm_peers.append((p, p + ".state"))
+
+    def _virtiofs_peer(self, fs: ET.Element) -> None:
+        """A virtiofs share whose virtiofsd runs already (<source socket>): the measurement runs
+        one there, serving a scratch directory, as its user would have."""
+        drv = fs.find("driver")
+        if drv is None or drv.get("type") != "virtiofs":
+            return
+        for src in fs.findall("source"):
+            sock = src.get("socket")
+            if sock and all(sock != s for s, _ in self.virtiofs_peers):
+                d = self._new("fsdir", sock, "fsd")[0]
+                os.makedirs(d, exist_ok=True)
+                self.virtiofs_peers.append((sock, d))
 
     def _os(self, root: ET.Element) -> None:
         osel = root.find("os")
@@ -273,6 +318,19 @@ class Rewriter:
             stateless = loader is not None and loader.get("stateless") == "yes"
             if nvram.get("template") or (pflash and not stateless and nvram.get("type") != "network"):
                 nvram.set("template", OVMF_VARS)
+
+    def _blkiotune(self, root: ET.Element) -> None:
+        """<blkiotune><device><path> names the host block devices the guest's disks live on; the
+        disks became scratch images, so the tuning follows them to the block device that holds
+        the scratch folder (libvirt's measurement had no cgroups and skipped the tuning)."""
+        devs = root.findall("blkiotune/device/path")
+        if not devs:
+            return
+        dev = scratch_block_device(self.scratch)
+        for p in devs:
+            if dev is not None:
+                self.notes.append(f"blkiotune device {p.text} -> {dev}")
+                p.text = dev
 
     def _disk(self, disk: ET.Element) -> None:
         dtype = disk.get("type", "file")
@@ -387,6 +445,28 @@ def run_one(xml_path: str, scratch: Path, guest: Guest, timeout: float) -> dict[
     return res
 
 
+def tuner(cmd: Any, caps: Any, label: str) -> tuple[Any, Any]:
+    """What qemud does to a QEMU it started (its QMP setup, and its tuning: pinning, scheduling,
+    cgroup), for
+    :func:`realize_sync`'s ``after_start``, and the undoing of it; ``label`` names the cgroup
+    (unique per input: parallel inputs share domain names)."""
+    from qemud import tuning
+    if cmd.tuning.empty and not cmd.qmp_setup:
+        return None, lambda: None
+
+    async def after_start(qmp: Any, pid: int) -> None:
+        for command, arguments in cmd.qmp_setup:  # what qemud's guest does before `cont`
+            await qmp.execute(command, arguments)
+        await tuning.apply_over_qmp(qmp, cmd.tuning, caps.host, label, pid)
+
+    def undo() -> None:
+        try:
+            tuning.release(caps.host, label)
+        except QemudError:
+            pass
+    return after_start, undo
+
+
 def _run_one(xml_path: str, name: str, scratch: Path, guest: Guest, timeout: float) -> dict[str, Any]:
     scratch.mkdir(parents=True, exist_ok=True)
     text = Path(xml_path).read_text(encoding="utf-8", errors="surrogateescape")
@@ -437,11 +517,21 @@ def _run_one(xml_path: str, name: str, scratch: Path, guest: Guest, timeout: flo
     except Exception:  # noqa: BLE001
         return crashed("prepare")
     listeners = _listen(rw.peers)
+    after_start, untune = tuner(cmd, caps, f"conformance-{Path(xml_path).stem}")
     try:
-        r = realize_sync(domain, cmd.argv, cmd.env, cmd.qmp, timeout=timeout)
+        helpers = _start_helpers(cmd, rw, caps.host.helpers.get("virtiofsd"))
+    except QemudError as exc:
+        for sock in listeners:
+            sock.close()
+        line = str(exc).splitlines()[0]
+        return {**out, "outcome": "rejected", "stage": "helpers", "message": line, "reason": _reason(line)}
+    try:
+        r = realize_sync(domain, cmd.argv, cmd.env, cmd.qmp, timeout=timeout, after_start=after_start)
     finally:
         for sock in listeners:
             sock.close()
+        _stop_helpers(helpers)
+        untune()
     out["queries"] = r.queries
     if r.timed_out and not r.started:
         return {**out, "outcome": "crashed", "stage": "qemu", "message": f"hang: {r.error}",
@@ -454,6 +544,30 @@ def _run_one(xml_path: str, name: str, scratch: Path, guest: Guest, timeout: flo
         return {**out, "outcome": "mismatch", "stage": "checks", "failed_checks": r.failed_checks,
                 "message": "; ".join(r.failed_checks) or (r.error or "not ok"), "qemu_output": r.output}
     return {**out, "outcome": "realized", "stage": "checks"}
+
+
+def _start_helpers(cmd: Any, rw: Rewriter, virtiofsd: str | None) -> list[Any]:
+    """The Command's helper processes (swtpm, virtiofsd), started before QEMU by the code the
+    daemon uses (qemud.helpers); and a virtiofsd for each share the domain expects to be served
+    by someone else."""
+    from qemud import helpers
+    from qemud.argv import HelperSpec
+    specs = list(cmd.helpers)
+    if virtiofsd is not None:
+        for i, (sock, d) in enumerate(rw.virtiofs_peers):
+            specs.append(HelperSpec(name=f"peer-virtiofsd{i}", socket=Path(sock), log=Path(d + ".log"),
+                                    argv=[virtiofsd, "--fd={fd}", "-o", f"source={d},sandbox=chroot"]))
+    for i, (sock, d) in enumerate(rw.swtpm_peers):
+        specs.append(HelperSpec(name=f"peer-swtpm{i}", socket=Path(sock), log=Path(d + ".log"),
+                                argv=["swtpm", "socket", "--ctrl", "type=unixio,fd={fd}", "--tpmstate", f"dir={d}",
+                                      "--tpm2", "--terminate"]))
+    return helpers.start(specs)
+
+
+def _stop_helpers(running: list[Any]) -> None:
+    """Every helper ended after QEMU (none is left behind by a measurement)."""
+    from qemud import helpers
+    helpers.stop_sync(running)
 
 
 def _child(xml_path: str, scratch: str, guest: Guest, timeout: float, result_file: str) -> None:

@@ -9,16 +9,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from qemud.argv.builder import Builder, Prepare
+from qemud.argv.builder import Builder, HelperSpec, Prepare
 from qemud.argv.chardev import add_channels, add_serials
 from qemud.argv.controllers import add_other_controllers, add_pci_controllers
 from qemud.argv.disks import add_disks, add_iothreads
+from qemud.argv.filesystem import add_filesystems
+from qemud.argv.tpm import add_tpms
 from qemud.argv.display import add_audio, add_graphics, add_hubs, add_inputs, add_sound, add_video
+from qemud.argv.hostdev import add_hostdevs
 from qemud.argv.machine import (add_boot, add_clock, add_cpu, add_identity, add_lifecycle,
                                 add_machine, add_memory, add_smp)
+from qemud.argv.iommu import add_iommu
+from qemud.argv.launchsec import add_launch_security
 from qemud.argv.misc import add_balloon, add_panics, add_rngs, add_watchdogs
+from qemud.argv.redirdev import add_redirdevs
+from qemud.argv.shmem import add_shmems
+from qemud.argv.sysinfo import add_acpi_tables, add_sysinfo
+from qemud.argv.vsock import add_vsock
 from qemud.argv.qemuopts import opts
+from qemud.argv.tune import Tuning, plan_tuning
 from qemud.caps import HostCaps
 from qemud.domain import Domain, ignored_warnings
 from qemud.errors import DomainError, Problem
@@ -37,6 +48,12 @@ class Command:
     prepare: list[Prepare] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
     console_log: Path | None = None
+    #: what qemud does to QEMU's threads and cgroup once it runs (cputune, blkiotune, memtune)
+    tuning: Tuning = field(default_factory=Tuning)
+    #: QMP commands run on the paused QEMU before ``cont``: (command, arguments)
+    qmp_setup: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    #: processes started before QEMU and stopped after it (swtpm, virtiofsd)
+    helpers: list[HelperSpec] = field(default_factory=list)
 
 
 def emulator_for(domain: Domain) -> str:
@@ -69,10 +86,12 @@ def build_argv(domain: Domain, caps: HostCaps, paths: GuestPaths, *, paused: boo
     if paused:
         b.add("-S")
     add_machine(b)
+    add_launch_security(b)
     add_cpu(b)
     add_memory(b)
     add_smp(b)
     add_identity(b)
+    add_sysinfo(b)
     b.add("-no-user-config", "-nodefaults")
     # QEMU's seccomp sandbox; spawning is allowed only for the bridge helper a bridged NIC needs
     spawn = any(i.type in ("bridge", "network") for i in domain.devices.interface)
@@ -86,7 +105,9 @@ def build_argv(domain: Domain, caps: HostCaps, paths: GuestPaths, *, paused: boo
     add_lifecycle(b)
     _assign_boot_order(b)
     add_boot(b)
+    add_acpi_tables(b)
     add_pci_controllers(b)  # reserves every explicit PCI address first
+    add_iommu(b)
     # libvirt's placement order: the primary video card first, then controllers and the rest
     add_graphics(b)
     add_video(b)
@@ -94,27 +115,39 @@ def build_argv(domain: Domain, caps: HostCaps, paths: GuestPaths, *, paused: boo
     add_iothreads(b)
     add_hubs(b)
     add_disks(b)
+    add_filesystems(b)
     add_interfaces_and_chardevs(b)
+    add_tpms(b)
     add_inputs(b)
     add_audio(b)
     add_sound(b)
     add_watchdogs(b)
+    add_redirdevs(b)
+    add_hostdevs(b)
     add_rngs(b)
     add_balloon(b)
     add_panics(b)
+    add_shmems(b)
+    add_vsock(b)
     _passthrough(b)
+    tuning, tune_problems = plan_tuning(domain, caps)
+    b.problems += [p for p in tune_problems if p.severity != "warning"]
+    b.warnings += [p for p in tune_problems if p.severity == "warning"]
     problems = b.problems
     if problems:
         raise DomainError(problems)
     b.add("-msg", "timestamp=on")
     prepare = [Prepare("dir", paths.run), *b.prepare]
     return Command(argv=b.args, env=b.env, qmp=paths.qmp, prepare=prepare,
-                   warnings=ignored_warnings(domain) + b.warnings, console_log=b.console_log)
+                   warnings=ignored_warnings(domain) + b.warnings, console_log=b.console_log,
+                   tuning=tuning, qmp_setup=b.qmp_setup, helpers=list(b.helpers))
 
 
 def add_interfaces_and_chardevs(b: Builder) -> None:
     from qemud.argv.net import add_interfaces
+    from qemud.argv.smartcard import add_smartcards
     add_interfaces(b)
+    add_smartcards(b)
     add_serials(b)
     add_channels(b)
 
@@ -125,6 +158,7 @@ def _assign_boot_order(b: Builder) -> None:
     dev = b.domain.devices
     per_device = [(d.boot.order, d, f"/domain/devices/disk[{i + 1}]/boot") for i, d in enumerate(dev.disk) if d.boot]
     per_device += [(n.boot.order, n, f"/domain/devices/interface[{i + 1}]/boot") for i, n in enumerate(dev.interface) if n.boot]
+    per_device += [(h.boot.order, h, f"/domain/devices/hostdev[{i + 1}]/boot") for i, h in enumerate(dev.hostdev) if h.boot]
     if per_device and b.domain.os.boot:
         b.error("/domain/os/boot", "per-device <boot order> and <os><boot dev> cannot be combined")
         return
@@ -165,4 +199,4 @@ def _passthrough(b: Builder) -> None:
         b.warn("/domain/qemu:commandline", "passes options to QEMU that qemud does not check")
 
 
-__all__ = ["build_argv", "Command", "Prepare", "emulator_for"]
+__all__ = ["build_argv", "Command", "HelperSpec", "Prepare", "emulator_for"]

@@ -22,12 +22,32 @@ _ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,127}\Z")
 class Prepare:
     """A file the launcher must create before QEMU starts (never by the pure translator)."""
 
-    kind: str  # "dir" | "copy" | "secret" (check it exists) | "overlay" (qemu-img create)
+    kind: str  # "dir" | "copy" | "write" | "run" | "secret" (check it exists) | "overlay" (qemu-img create)
     dest: Path
     source: Path | None = None
+    content: str | None = None  # "write": the file's text (mode 0600, rewritten at every start)
+    #: "run": a program that creates ``dest`` (e.g. swtpm_setup making a TPM's state); run only
+    #: while ``dest`` does not exist, so what it made is never made again
+    argv: list[str] | None = None
     fmt: str | None = None  # overlay: the backing image's format
     helper: str | None = None  # overlay: the qemu-img to run
-    element: str = ""  # the XML element the file is for (named in errors)
+    element: str = ""  # secret, overlay: the XML element the file is for (named in errors)
+
+
+@dataclass(frozen=True)
+class HelperSpec:
+    """A process the guest needs beside QEMU (swtpm, virtiofsd), as data: the launcher runs it.
+
+    qemud binds ``socket`` and listens on it before the helper starts, then hands the listening
+    socket to the helper as an inherited fd: every ``{fd}`` in ``argv`` stands for its number.
+    So the socket exists (and QEMU may connect) as soon as the helper is spawned, with no wait
+    for the helper to create it.
+    """
+
+    name: str  # unique within the guest ("swtpm-tpm0", "virtiofsd-fs0"); names its log
+    argv: list[str]
+    socket: Path  # where QEMU connects (its ready path)
+    log: Path  # the helper's stdout/stderr
 
 
 @dataclass
@@ -42,6 +62,7 @@ class Builder:
     problems: list[Problem] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
     prepare: list[Prepare] = field(default_factory=list)
+    helpers: list[HelperSpec] = field(default_factory=list)
     pci: PciSpace = field(init=False)
     ids: set[str] = field(default_factory=set)
     bootindex: dict[int, int] = field(default_factory=dict)  # id(device model) -> bootindex
@@ -52,6 +73,8 @@ class Builder:
     secure_boot: bool = False  # the file holding the guest console's output
     usb_slots: dict[int, tuple[str, str]] = field(default_factory=dict)  # USB index -> (bus, slot)
     throttle_groups: dict[str, dict[str, int]] = field(default_factory=dict)  # id -> limits
+    #: QMP commands for the paused QEMU before its vCPUs run (settings QEMU takes no option for)
+    qmp_setup: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.pci = PciSpace(self.q35)

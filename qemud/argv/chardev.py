@@ -12,8 +12,12 @@ from qemud.domain.devices.chardev import CharDev
 GUEST_AGENT = "org.qemu.guest_agent.0"
 
 
-def chardev(b: Builder, c: CharDev, cid: str, path: str, console: bool = False) -> bool:
+def chardev(b: Builder, c: CharDev, cid: str, path: str, console: bool = False,
+            spicevmc: str = "vdagent") -> bool:
     """Emit -chardev id=cid for c; False (with an error) when it cannot be realized.
+
+    ``spicevmc`` names the SPICE channel a spicevmc device carries: vdagent for channels,
+    usbredir for <redirdev>, smartcard for <smartcard>.
 
     The guest's console (``console=True``) is also logged by QEMU to a file qemud follows into
     the journal: QEMU never waits for qemud, and nothing is lost while the daemon restarts."""
@@ -54,6 +58,8 @@ def chardev(b: Builder, c: CharDev, cid: str, path: str, console: bool = False) 
         sock = src.path if src is not None and src.path else None
         # libvirt's default mode is connect; a socket without a path is ours to create (bind)
         server = sock is None or (src is not None and src.mode == "bind")
+        if sock is None and src is not None and src.mode == "connect":
+            server = False  # libvirt: "Missing source path attribute for char device"
         if sock is None:
             if not server:
                 b.error(f"{path}/source/@path", "a unix socket in connect mode needs a path")
@@ -84,7 +90,7 @@ def chardev(b: Builder, c: CharDev, cid: str, path: str, console: bool = False) 
             b.error(f"{path}/@type", f"a {t} character device needs <graphics type='spice'>")
             return False
         if t == "spicevmc":
-            b.add("-chardev", "spicevmc," + opts(("id", cid), ("name", "vdagent")))
+            b.add("-chardev", "spicevmc," + opts(("id", cid), ("name", spicevmc)))
         else:
             b.add("-chardev", "spiceport," + opts(("id", cid), ("name", src.channel if src else "org.qemu.console.0")))
     elif t == "qemu-vdagent":

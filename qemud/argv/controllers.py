@@ -128,7 +128,7 @@ def _reserve(b: Builder, address, path: str) -> None:
 def reserve_device_addresses(b: Builder) -> None:
     """Claim every explicit PCI address of non-controller devices before any auto placement."""
     dev = b.domain.devices
-    for fam in ("disk", "interface", "video", "sound", "rng", "watchdog", "input", "panic"):
+    for fam in ("disk", "interface", "video", "sound", "rng", "watchdog", "input", "panic", "shmem", "hostdev"):
         for i, item in enumerate(getattr(dev, fam)):
             _reserve(b, getattr(item, "address", None), f"/domain/devices/{fam}[{i + 1}]")
     for fam in ("serial", "console", "channel", "parallel"):
@@ -136,6 +136,9 @@ def reserve_device_addresses(b: Builder) -> None:
             _reserve(b, item.address, f"/domain/devices/{fam}[{i + 1}]")
     if dev.memballoon is not None:
         _reserve(b, dev.memballoon.address, "/domain/devices/memballoon")
+    for fam in ("iommu", "vsock"):
+        if getattr(dev, fam) is not None:
+            _reserve(b, getattr(dev, fam).address, f"/domain/devices/{fam}")
 
 
 def add_other_controllers(b: Builder) -> None:
@@ -150,7 +153,8 @@ def add_other_controllers(b: Builder) -> None:
     seen: set[tuple[str, int]] = set()
     items = [(i, c) for i, c in enumerate(ctrls)] + [(-1, c) for _, c in implicit]
     # USB companions (ICH9 UHCIs sharing an index with an EHCI) come after their master
-    items.sort(key=lambda ic: _is_companion(ic[1], ctrls))
+    # and a CCID reader (a USB device) after the USB controllers, the implicit one included
+    items.sort(key=lambda ic: (ic[1].type == "ccid", _is_companion(ic[1], ctrls)))
     for i, c in items:
         path = f"/domain/devices/controller[{i + 1}]" if i >= 0 else "/domain/devices"
         if c.type == "pci":

@@ -151,8 +151,11 @@ def add_inputs(b: Builder) -> None:
         path = f"/domain/devices/input[{i + 1}]"
         bus = inp.bus or ("usb" if inp.type == "tablet" else "ps2")
         iid = b.alias(inp.alias, f"input{i}", path)
+        if inp.model in ("virtio-transitional", "virtio-non-transitional") and inp.type != "passthrough":
+            b.error(f"{path}/@model", f"virtio (non-)transitional models are not supported for input type={inp.type}")
+            continue
         if inp.type in ("passthrough", "evdev"):
-            b.error(f"{path}/@type", f"{inp.type} input devices are not supported by qemud yet")
+            _host_input(b, inp, iid, path)
             continue
         if bus == "ps2":
             if inp.type == "tablet":
@@ -172,6 +175,42 @@ def add_inputs(b: Builder) -> None:
             b.device({"driver": driver, "id": iid, **b.pci_props(inp.address, path, "virtio input device")})
         else:
             b.error(f"{path}/@bus", f"input bus '{bus}' does not exist on x86 QEMU")
+
+
+def _host_input(b: Builder, inp: Any, iid: str, path: str) -> None:
+    """A host evdev device: grabbed by QEMU and fed to the guest's PS/2 devices (type='evdev',
+    -object input-linux) or passed whole to a virtio-input-host-pci (type='passthrough')."""
+    src = inp.source
+    attr_name = "dev" if inp.type == "evdev" else "evdev"
+    dev = getattr(src, attr_name) if src is not None else None
+    if not dev:
+        b.error(f"{path}/source/@{attr_name}", f"an input of type='{inp.type}' needs the host's event device "
+                f"(<source {attr_name}='/dev/input/eventN'/>)")
+        return
+    if inp.type == "evdev":
+        if inp.bus not in (None, "none") or inp.address is not None:
+            b.error(f"{path}/@bus", "an evdev input is the host's device fed to the guest's own keyboard "
+                    "and mouse: it has no bus or address")
+            return
+        props: dict[str, Any] = {"qom-type": "input-linux", "id": iid, "evdev": dev}
+        if src.grab == "all":
+            props["grab_all"] = True
+        if src.grabToggle:
+            props["grab-toggle"] = src.grabToggle
+        if src.repeat is not None:
+            props["repeat"] = src.repeat
+        b.obj(props)
+    else:
+        if inp.bus not in (None, "virtio"):
+            b.error(f"{path}/@bus", "a passthrough input sits on virtio")
+            return
+        if src.grab or src.grabToggle or src.repeat is not None:
+            b.error(f"{path}/source", "grab, grabToggle and repeat belong to type='evdev' inputs")
+            return
+        b.device({"driver": "virtio-input-host-pci", "id": iid, "evdev": dev,
+                  **b.pci_props(inp.address, path, "virtio input device")})
+    if not b.caps.host.has(dev):
+        b.error(f"{path}/source/@{attr_name}", f"needs {dev}, which this host lacks (no such input event device)")
 
 
 def add_audio(b: Builder) -> None:
@@ -215,7 +254,8 @@ def add_sound(b: Builder) -> None:
         sid = b.alias(s.alias, f"sound{i}", path)
         audiodev = f"audio{s.audio.id}" if s.audio is not None else b.audiodev
         if s.model == "pcspk":
-            b.error(f"{path}/@model", "the PC speaker is not supported by qemud yet")
+            # part of the machine: QEMU 7.2 has no -soundhw; the speaker is given its backend
+            b.add("-machine", opts(("pcspk-audiodev", audiodev)))
             continue
         driver = SOUND[s.model]
         assert driver is not None

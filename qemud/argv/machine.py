@@ -25,6 +25,10 @@ def add_machine(b: Builder) -> None:
         props.append(("vmport", f.vmport.state))
     if f is not None and f.smm is not None:
         props.append(("smm", f.smm.state))
+    if f is not None and f.ioapic is not None:
+        # libvirt: driver='qemu' emulates the I/O APIC in QEMU (split irqchip), which an IOMMU's
+        # interrupt remapping needs; driver='kvm' keeps it in the kernel
+        props.append(("kernel_irqchip", "split" if f.ioapic.driver == "qemu" else "on"))
     # ACPI: libvirt turns it off when <features><acpi/> is absent
     if f is None or f.acpi is None:
         props.append(("acpi", False))
@@ -298,6 +302,8 @@ def add_cpu(b: Builder) -> None:
             features.append(f"kvmclock={'on' if t.present else 'off'}")
         elif t.name == "hypervclock" and t.present is not None:
             features.append(f"hv-time={'on' if t.present else 'off'}")
+    if any(p.model == "hyperv" for p in d.devices.panic):
+        features.append("hv-crash")  # <panic model='hyperv'>: the Hyper-V crash MSRs of the vCPU
     if features and model is None:
         model = "qemu64"  # QEMU's default x86 model, with the asked-for changes
     if model is not None:
@@ -399,8 +405,6 @@ def add_smp(b: Builder) -> None:
     if n > limit:
         b.error("/domain/vcpu", f"{n} vCPUs is more than machine {b.machine.name} takes ({limit})")
         return
-    if d.vcpu is not None and d.vcpu.cpuset:
-        b.warn("/domain/vcpu/@cpuset", "host CPU pinning is not applied by qemud yet; the guest runs on any host CPU")
     online = d.vcpus_online
     if online < 1 or online > n:
         b.error("/domain/vcpu/@current", f"must be between 1 and the vCPU count {n}")
@@ -570,5 +574,3 @@ def add_boot(b: Builder) -> None:
         if o.kernel is None:
             b.error("/domain/os/cmdline", "a kernel command line needs a <kernel>")
         b.add("-append", o.cmdline.value)
-    if o.smbios is not None and o.smbios.mode != "emulate":
-        b.error("/domain/os/smbios/@mode", f"SMBIOS mode '{o.smbios.mode}' is not supported yet")

@@ -65,6 +65,10 @@ def add_balloon(b: Builder) -> None:
             props["free-page-reporting"] = mb.freePageReporting
     props.update(b.pci_props(mb.address if mb else None, path, "memory balloon"))
     b.device(props)
+    if mb is not None and mb.stats is not None:
+        # QEMU has no option for it: libvirt sets it over QMP too
+        b.qmp_setup.append(("qom-set", {"path": f"/machine/peripheral/{props['id']}",
+                                        "property": "guest-stats-polling-interval", "value": mb.stats.period}))
 
 
 def add_watchdogs(b: Builder) -> None:
@@ -73,8 +77,11 @@ def add_watchdogs(b: Builder) -> None:
     for i, w in enumerate(wds):
         path = f"/domain/devices/watchdog[{i + 1}]"
         if w.action == "dump":
-            b.error(f"{path}/@action", "action 'dump' is not supported by qemud; use reset, poweroff, pause or none")
-            continue
+            # libvirt realizes 'dump' as QEMU's 'pause' and writes a core dump itself when the
+            # WATCHDOG event comes, then resumes the guest.  qemud does the pause only: on the
+            # event the guest stops (state paused, logged); nothing is dumped or resumed for it.
+            b.warn(f"{path}/@action", "action 'dump' pauses the guest when the watchdog fires; qemud writes "
+                   "no core dump (take one with QMP dump-guest-memory, then resume or destroy the guest)")
         actions.add(w.action)
         wid = b.alias(w.alias, f"watchdog{i}", path)
         if w.model == "i6300esb":
@@ -93,7 +100,7 @@ def add_watchdogs(b: Builder) -> None:
     elif actions:
         action = actions.pop()
         qa = {"reset": "reset", "shutdown": "shutdown", "poweroff": "poweroff", "pause": "pause",
-              "none": "none", "inject-nmi": "inject-nmi"}[action]
+              "none": "none", "inject-nmi": "inject-nmi", "dump": "pause"}[action]
         b.add("-action", opts(("watchdog", qa)))
 
 
@@ -109,7 +116,8 @@ def add_panics(b: Builder) -> None:
         elif model == "pvpanic":
             b.device({"driver": "pvpanic-pci", **b.pci_props(p.address, path, "pvpanic")})
         elif model == "hyperv":
-            b.error(f"{path}/@model", "the Hyper-V crash MSRs are not supported by qemud yet")
+            pass  # the vCPU's hv-crash feature (add_cpu): no device
+
         else:
             b.error(f"{path}/@model", f"panic model '{model}' does not exist on x86")
     f = b.domain.features

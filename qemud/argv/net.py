@@ -78,6 +78,14 @@ def _iface(b: Builder, iface: Interface, i: int, path: str) -> None:
             netdev = {"type": "socket", "udp": f"{host or '127.0.0.1'}:{port}"}
         else:
             netdev = {"type": "socket", key: f"{host or ''}:{port}"}
+    elif t == "hostdev":
+        return  # a VF given to the guest: assigned with the <hostdev>s (qemud.argv.hostdev)
+    elif t == "vdpa":
+        from qemud.argv.hostdev import vdpa_netdev
+        got = vdpa_netdev(b, iface, path)
+        if got is None:
+            return
+        netdev = got
     elif t == "null":
         b.error(f"{path}/@type", "interface type 'null' is not supported")
         return
@@ -85,7 +93,7 @@ def _iface(b: Builder, iface: Interface, i: int, path: str) -> None:
         b.error(f"{path}/@type", f"interface type '{t}' is not supported by qemud yet; use user, bridge, network or ethernet")
         return
     if iface.driver is not None and iface.driver.queues and iface.driver.queues > 1:
-        if netdev.get("type") not in ("tap", "bridge"):
+        if netdev.get("type") not in ("tap", "bridge", "vhost-vdpa"):
             b.error(f"{path}/driver/@queues", f"multiqueue needs a tap device; interface type '{t}' has one queue")
             return
         netdev["queues"] = iface.driver.queues
@@ -93,7 +101,7 @@ def _iface(b: Builder, iface: Interface, i: int, path: str) -> None:
         netdev["vhost"] = True
     nid = f"hostnet{i}"
     netdev["id"] = nid
-    model = iface.model.type if iface.model is not None else DEFAULT_MODEL
+    model = iface.model.type if iface.model is not None else ("virtio" if t == "vdpa" else DEFAULT_MODEL)
     driver = NIC_MODELS.get(model, model)
     if not b.has_device(driver, f"{path}/model/@type", f"NIC model '{model}'"):
         return
@@ -110,6 +118,8 @@ def _iface(b: Builder, iface: Interface, i: int, path: str) -> None:
             dev["rx_queue_size"] = iface.driver.rx_queue_size
         if iface.driver.tx_queue_size:
             dev["tx_queue_size"] = iface.driver.tx_queue_size
+    from qemud.argv.hostdev import nic_teaming
+    dev.update(nic_teaming(b, iface, path, driver))
     if iface.mtu is not None and driver.startswith("virtio"):
         dev["host_mtu"] = iface.mtu.size
     if iface.link is not None and iface.link.state == "down":

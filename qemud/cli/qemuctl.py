@@ -145,6 +145,9 @@ def cmd_argv(args: argparse.Namespace) -> int:
     except HostError as exc:
         print(f"{args.file}: {exc}", file=sys.stderr)
         return EXIT_FAIL
+    for h in cmd.helpers:  # QEMU alone is not the guest: say what runs beside it
+        print(f"# helper {h.name}, started first with {{fd}} a socket listening at {h.socket}: "
+              f"{shlex.join(h.argv)}", file=sys.stderr)
     if args.json:
         print(json.dumps(cmd.argv))
     else:

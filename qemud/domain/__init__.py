@@ -22,6 +22,9 @@ from qemud.domain.features import Features
 from qemud.domain.iothreads import DefaultIoThread, IoThreadIds
 from qemud.domain.metadata import Metadata
 from qemud.domain.osxml import Os
+from qemud.domain.seclabel import Seclabel, check_labels
+from qemud.domain.sysinfo import LaunchSecurity, Sysinfo
+from qemud.domain.tune import BlkioTune, CpuTune, MemTune
 from qemud.domain.units import Size
 from qemud.errors import DomainError, Problem
 from qemud.xmlload import element_lines, parse_xml, read_domain_bytes
@@ -119,11 +122,15 @@ class Domain(Element):
     on_lockfailure: Opaque | None = ignored("qemud uses no lock manager")
     pm: Pm | None = None
     devices: Devices = Devices()
-    seclabel: Many[Opaque] = ignored("qemud applies no SELinux/AppArmor labels of its own")
+    sysinfo: Many[Sysinfo]
+    launchSecurity: LaunchSecurity | None = None
+    seclabel: Many[Seclabel] = ignored("qemud applies no SELinux/AppArmor labels of its own; qemud's own isolation applies (README: security)")
+
+    _seclabels = field_validator("seclabel")(classmethod(lambda cls, v: check_labels(v)))
     resource: Opaque | None = ignored("qemud does not place guests in libvirt's cgroup partitions")
-    memtune: Opaque | None = ignored("host memory limits are not applied by qemud yet")
-    blkiotune: Opaque | None = ignored("host I/O weights are not applied by qemud yet")
-    cputune: Opaque | None = ignored("vCPU pinning and host CPU shares are not applied by qemud yet")
+    memtune: MemTune | None = None
+    blkiotune: BlkioTune | None = None
+    cputune: CpuTune | None = None
     numatune: Opaque | None = ignored("host NUMA memory policy is not applied by qemud yet")
     qemu_commandline: QemuCommandline | None = child("qemu:commandline")
 

@@ -87,6 +87,17 @@ class OsFirmware(Element):
     feature: Many[FirmwareFeature]
 
 
+class AcpiTable(Element):
+    type: Literal["slic", "rawset", "msdm"] = attr(...)
+    value: str = text("")
+
+
+class OsAcpi(Element):
+    """``<os><acpi><table type='slic'>FILE</table></acpi>``: extra ACPI tables for the guest."""
+
+    table: Many[AcpiTable]
+
+
 class Os(Element):
     firmware: Literal["bios", "efi"] | None = attr()
     type: OsType
@@ -99,5 +110,6 @@ class Os(Element):
     bootmenu: BootMenu | None = None
     bios: Bios | None = None
     smbios: Smbios | None = None
+    acpi: OsAcpi | None = None
     firmware_features: OsFirmware | None = child("firmware")
     init: Text | None = ignored("only for container domains")

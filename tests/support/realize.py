@@ -35,18 +35,22 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 if not __package__:  # run as a file path: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from qemud.domain import Domain  # noqa: E402
+from qemud.errors import QemudError  # noqa: E402
 from qemud.qmp import Qmp, QmpError  # noqa: E402
 
 __all__ = ["RealizeResult", "realize", "realize_sync", "check_domain", "first_error_line",
            "argv_props"]
 
 MIB = 1024 * 1024
+#: what qemud does to a QEMU once QMP answers: ``after_start(qmp, pid)``
+AfterStart = Callable[[Qmp, int], Awaitable[None]]
 #: Seconds QEMU gets to exit after QMP ``quit`` before it is killed.
 QUIT_GRACE = 5.0
 #: How long to keep polling after a QMP failure to see whether QEMU is exiting.
@@ -248,16 +252,18 @@ _MACADDR = re.compile(r"macaddr=([0-9a-fA-F:]{17})")
 def _check_nics(domain: Domain, argv: list[str], info: str) -> list[str]:
     failed: list[str] = []
     have = {m.lower() for m in _MACADDR.findall(info)}
-    explicit = {i.mac.address.lower() for i in domain.devices.interface if i.mac is not None}
+    # a hostdev interface is a VF given to the guest: QEMU has no NIC (and no MAC) for it
+    nics = [(i, n) for i, n in enumerate(domain.devices.interface) if n.type != "hostdev"]
+    explicit = {n.mac.address.lower() for _, n in nics if n.mac is not None}
     argv_nics = [d for d in argv_props(argv, "-device") if "netdev" in d and d.get("mac")]
-    same_count = len(argv_nics) == len(domain.devices.interface)
+    same_count = len(argv_nics) == len(nics)
     spare = [str(d["mac"]).lower() for d in argv_nics if str(d["mac"]).lower() not in explicit]
-    for i, iface in enumerate(domain.devices.interface):
+    for k, (i, iface) in enumerate(nics):
         what = f"interface[{i + 1}]"
         if iface.mac is not None:
             mac = iface.mac.address.lower()
         elif same_count:
-            mac = str(argv_nics[i]["mac"]).lower()
+            mac = str(argv_nics[k]["mac"]).lower()
         elif spare:
             mac = spare.pop(0)
         else:
@@ -353,8 +359,11 @@ async def _connect(proc: subprocess.Popen[bytes], path: Path, deadline: float) -
 
 
 async def realize(domain: Domain, argv: list[str], env: dict[str, str], qmp_path: Path | str, *,
-                  timeout: float = 20) -> RealizeResult:
-    """Start ``argv``, check the running QEMU against ``domain`` over QMP, stop it."""
+                  timeout: float = 20, after_start: AfterStart | None = None) -> RealizeResult:
+    """Start ``argv``, check the running QEMU against ``domain`` over QMP, stop it.
+
+    ``after_start(qmp, pid)`` runs once QMP answers, before the checks: what qemud itself does to
+    a QEMU it started (its tuning); a :class:`qemud.errors.QemudError` from it fails the start."""
     t0 = time.monotonic()
     deadline = t0 + timeout
     qmp_path = Path(qmp_path)
@@ -381,6 +390,13 @@ async def realize(domain: Domain, argv: list[str], env: dict[str, str], qmp_path
                     result.exit_status = proc.poll()
                     result.error = "QEMU exited while starting" + (f" ({why})" if why else "")
                     return result
+                if after_start is not None:
+                    stage = "applying the tuning"
+                    try:
+                        await after_start(q, proc.pid)
+                    except QemudError as exc:
+                        result.error = str(exc)
+                        return result
                 stage = "asking QMP"
                 await _query(q, proc, result)
                 if result.exit_status is not None:
@@ -445,9 +461,9 @@ async def _query(q: Qmp, proc: subprocess.Popen[bytes], result: RealizeResult) -
 
 
 def realize_sync(domain: Domain, argv: list[str], env: dict[str, str], qmp_path: Path | str, *,
-                 timeout: float = 20) -> RealizeResult:
+                 timeout: float = 20, after_start: AfterStart | None = None) -> RealizeResult:
     """:func:`realize` for synchronous callers (runs its own event loop)."""
-    return asyncio.run(realize(domain, argv, env, qmp_path, timeout=timeout))
+    return asyncio.run(realize(domain, argv, env, qmp_path, timeout=timeout, after_start=after_start))
 
 
 def main(args: list[str] | None = None) -> int:

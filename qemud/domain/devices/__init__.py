@@ -8,9 +8,17 @@ from qemud.domain.base import Element, Many, Opaque, ignored, text
 from qemud.domain.devices.chardev import CharDev
 from qemud.domain.devices.controller import Controller
 from qemud.domain.devices.disk import Disk
+from qemud.domain.devices.hostdev import Hostdev
+from qemud.domain.devices.filesystem import Filesystem
 from qemud.domain.devices.interface import Interface
+from qemud.domain.devices.iommu import Iommu
+from qemud.domain.devices.redirdev import RedirDev, RedirFilter
+from qemud.domain.devices.shmem import Shmem
+from qemud.domain.devices.smartcard import Smartcard
+from qemud.domain.devices.vsock import Vsock
 from qemud.domain.devices.misc import (Audio, Graphics, Hub, Input, MemBalloon, Panic, Rng, Sound,
                                        Video, Watchdog)
+from qemud.domain.devices.tpm import Tpm
 
 
 class Emulator(Element):
@@ -20,6 +28,7 @@ class Emulator(Element):
 class Devices(Element):
     emulator: Emulator | None = None
     disk: Many[Disk]
+    filesystem: Many[Filesystem]
     controller: Many[Controller]
     interface: Many[Interface]
     serial: Many[CharDev]
@@ -36,6 +45,14 @@ class Devices(Element):
     watchdog: Many[Watchdog]
     panic: Many[Panic]
     hub: Many[Hub]
+    iommu: Iommu | None = None
+    redirdev: Many[RedirDev]
+    redirfilter: RedirFilter | None = None
+    smartcard: Many[Smartcard]
+    shmem: Many[Shmem]
+    vsock: Vsock | None = None
+    hostdev: Many[Hostdev]
+    tpm: Many[Tpm]
     lease: Many[Opaque] = ignored("lock manager leases are not used by qemud")
 
     @model_validator(mode="after")
@@ -61,5 +78,5 @@ class Devices(Element):
         return self
 
 
-__all__ = ["Devices", "Disk", "Controller", "Interface", "CharDev", "Input", "Graphics", "Video",
-           "Sound", "Audio", "Rng", "MemBalloon", "Watchdog", "Panic", "Emulator"]
+__all__ = ["Devices", "Disk", "Controller", "Interface", "Hostdev", "CharDev", "Input", "Graphics", "Video",
+           "Sound", "Audio", "Rng", "MemBalloon", "Watchdog", "Panic", "Emulator", "Filesystem", "Tpm"]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import field_validator
+
 from qemud.domain.base import Element, Many, Opaque, UInt, YesNo, attr, ignored
+from qemud.domain.seclabel import Seclabel, check_labels
 from qemud.domain.devices.address import Address, Alias
 
 CHAR_TYPES = ("pty", "file", "unix", "tcp", "udp", "null", "vc", "stdio", "pipe", "dev",
@@ -19,7 +22,9 @@ class CharSource(Element):
     append: YesNo | None = attr()
     channel: str | None = attr()
     tls: YesNo | None = attr()
-    seclabel: Many[Opaque] = ignored("qemud applies no security labels of its own")
+    seclabel: Many[Seclabel] = ignored("qemud applies no security labels of its own; qemud's own isolation applies (README: security)")
+
+    _seclabels = field_validator("seclabel")(classmethod(lambda cls, v: check_labels(v)))
     reconnect: Opaque | None = None
 
 

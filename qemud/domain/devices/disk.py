@@ -10,6 +10,7 @@ from pydantic import field_validator
 from qemud.domain.base import Element, Many, Opaque, UInt, YesNo, attr, ignored, text
 from qemud.domain.units import Unit, unit_bytes
 from qemud.domain.devices.virtio import VirtioOptions
+from qemud.domain.seclabel import Seclabel, check_labels
 from qemud.domain.devices.address import Address, Alias, Boot
 
 DISK_BUSES = ("ide", "sata", "scsi", "virtio", "usb", "fdc")
@@ -179,7 +180,9 @@ class DiskSource(Element):
     reconnect: Reconnect | None = None
     initiator: Initiator | None = None
     reservations: Reservations | None = None
-    seclabel: Many[Opaque] = ignored("qemud applies no security labels of its own")
+    seclabel: Many[Seclabel] = ignored("qemud applies no security labels of its own; qemud's own isolation applies (README: security)")
+
+    _seclabels = field_validator("seclabel")(classmethod(lambda cls, v: check_labels(v)))
 
 
 class DiskTarget(Element):

@@ -7,9 +7,10 @@ from typing import Literal
 
 from pydantic import field_validator
 
-from qemud.domain.base import Element, Many, Opaque, UInt, YesNo, attr, ignored
+from qemud.domain.base import Element, Many, Opaque, UInt, YesNo, attr, child, ignored
 from qemud.domain.devices.disk import AcpiIndex
 from qemud.domain.devices.address import Address, Alias, Boot
+from qemud.domain.devices.hostdev import SourceAddress, Teaming
 
 _MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}\Z")
 
@@ -37,6 +38,8 @@ class IfaceSource(Element):
     port: UInt | None = attr()
     path: str | None = attr()
     type: str | None = attr()
+    #: type='hostdev': the VF's host PCI address (qemud.argv.hostdev)
+    pci_address: SourceAddress | None = child("address")
 
 
 class IfaceModel(Element):
@@ -56,7 +59,7 @@ class IfaceTarget(Element):
 
 
 class IfaceDriver(Element):
-    name: Literal["qemu", "vhost"] | None = attr()
+    name: Literal["qemu", "vhost", "vfio"] | None = attr()
     queues: UInt | None = attr()
     txmode: Literal["iothread", "timer"] | None = attr()
     ioeventfd: YesNo | None = attr()
@@ -89,6 +92,7 @@ class Interface(Element):
     type: Literal["user", "network", "bridge", "ethernet", "direct", "vhostuser", "server",
                   "client", "mcast", "udp", "hostdev", "vdpa", "null", "vds"] = attr(...)
     trustGuestRxFilters: YesNo | None = attr()
+    managed: YesNo | None = attr()  # type='hostdev' (qemud.argv.hostdev)
     mac: Mac | None = None
     source: IfaceSource | None = None
     model: IfaceModel | None = None
@@ -102,6 +106,8 @@ class Interface(Element):
     acpi: AcpiIndex | None = None
     address: Address | None = None
     alias: Alias | None = None
+    teaming: Teaming | None = None  # failover pairs (qemud.argv.hostdev)
+    vlan: Opaque | None = ignored("VLAN tags are set up on the host side, which qemud does not configure")
     filterref: Opaque | None = ignored("libvirt's nwfilter is not part of qemud")
     bandwidth: Opaque | None = ignored("host-side traffic shaping is not applied by qemud")
     virtualport: Opaque | None = ignored("Open vSwitch port profiles are not applied by qemud")

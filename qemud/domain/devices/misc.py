@@ -11,13 +11,24 @@ from qemud.domain.devices.disk import AcpiIndex
 from qemud.domain.devices.address import Address, Alias
 
 
+class InputSource(Element):
+    """The host's evdev device: ``dev`` for type='evdev', ``evdev`` for type='passthrough'."""
+
+    dev: str | None = attr()
+    evdev: str | None = attr()
+    grab: Literal["all"] | None = attr()
+    grabToggle: Literal["ctrl-ctrl", "alt-alt", "shift-shift", "meta-meta", "scrolllock",
+                        "ctrl-scrolllock"] | None = attr()
+    repeat: YesNo | None = attr()
+
+
 class Input(Element):
     type: Literal["mouse", "keyboard", "tablet", "passthrough", "evdev"] = attr(...)
     bus: Literal["ps2", "usb", "virtio", "xen", "none"] | None = attr()
     model: str | None = attr()
     address: Address | None = None
     alias: Alias | None = None
-    source: Opaque | None = None
+    source: InputSource | None = None
     driver: Opaque | None = ignored("virtio queue tuning of input devices is not applied")
 
 
