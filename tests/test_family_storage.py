@@ -416,3 +416,45 @@ def test_slice_metadata_cache_and_acpi_index(caps: HostCaps, scratch: Path) -> N
             sizes = {b["qdev"]: b["inserted"]["image"]["virtual-size"] for b in block if b.get("inserted")}
             assert any(k.startswith("/machine/peripheral/virtio-disk0") and v == 2097152 for k, v in sizes.items()), sizes
     asyncio.run(check())
+
+
+def test_two_disks_on_one_target_or_drive_address_are_refused(caps: HostCaps, scratch: Path) -> None:
+    a, b = raw_image(scratch / "a.img"), raw_image(scratch / "b.img")
+    text = domain(f"""<disk type='file'><source file='{a}'/><target dev='hda' bus='ide'/></disk>
+        <disk type='file'><source file='{b}'/><target dev='hdb' bus='ide'/>
+        <address type='drive' controller='0' bus='0' target='0' unit='0'/></disk>""")
+    with pytest.raises(DomainError) as exc:
+        build(text, caps, scratch)
+    assert exc.value.problems[0].path == "/domain/devices/disk[2]/address"
+    text = domain(f"""<disk type='file'><source file='{a}'/><target dev='vda'/></disk>
+        <disk type='file'><source file='{b}'/><target dev='vda'/></disk>""")
+    with pytest.raises(DomainError) as exc:
+        build(text, caps, scratch)
+    assert exc.value.problems[0].path == "/domain/devices/disk[2]/target/@dev"
+
+
+def test_secrets_and_tls_directories_come_from_qemud_conf(scratch: Path) -> None:
+    from qemud.config import load_config, with_storage_config
+    conf = scratch / "qemud.conf"
+    conf.write_text('[secrets]\ndir = "/srv/secrets"\n[tls]\nx509_dir = "/srv/pki"\n')
+    config = load_config(conf)
+    caps = with_storage_config(probe(QEMU), config)
+    assert caps.host.secrets == "/srv/secrets" and caps.host.tls_x509_dir == "/srv/pki"
+    conf.write_text('[daemon]\nsecrets_dir = "relative"\n')
+    with pytest.raises(Exception) as exc:
+        load_config(conf)
+    assert "absolute" in str(exc.value)
+
+
+def test_tls_nbd_disk_gets_x509_credentials_from_the_configured_directory(caps: HostCaps, scratch: Path) -> None:
+    text = domain("""<disk type='network'><driver type='raw'/><source protocol='nbd' name='e' tls='yes'>
+        <host name='nbd.example' port='10809'/></source><target dev='vda'/></disk>""")
+    with pytest.raises(DomainError) as exc:
+        build(text, caps, scratch)
+    assert exc.value.problems[0].path == "/domain/devices/disk[1]/source/@tls"
+    tls = dataclasses.replace(caps, host=dataclasses.replace(caps.host, tls_x509_dir="/etc/pki/qemu"))
+    cmd = build(text, tls, scratch)
+    [creds] = [o for o in objects(cmd) if o["qom-type"] == "tls-creds-x509"]
+    assert creds["dir"] == "/etc/pki/qemu" and creds["endpoint"] == "client"
+    [nbd] = [n for n in blockdevs(cmd).values() if n["driver"] == "nbd"]
+    assert nbd["tls-creds"] == creds["id"]

@@ -642,10 +642,38 @@ def _path(p: str):  # type: ignore[no-untyped-def]
 
 def add_disks(b: Builder) -> None:
     counts: dict[str, int] = {}
+    if not _unique(b):
+        return
     _floppy_controller(b)
     for i, d in enumerate(b.domain.devices.disk):
         path = f"/domain/devices/disk[{i + 1}]"
         _disk(b, d, i, path, counts)
+
+
+def _unique(b: Builder) -> bool:
+    """Two disks may share neither a target name nor a drive address (libvirt's checks)."""
+    ok = True
+    targets: dict[str, int] = {}
+    addrs: dict[tuple[str, int, int, int, int], int] = {}
+    for i, d in enumerate(b.domain.devices.disk):
+        path = f"/domain/devices/disk[{i + 1}]"
+        dev = d.target.dev
+        if dev in targets:
+            b.error(f"{path}/target/@dev", f"target '{dev}' is also used by disk[{targets[dev] + 1}]")
+            ok = False
+        targets.setdefault(dev, i)
+        bus = d.bus
+        explicit = d.address is not None and d.address.type == "drive"
+        # addresses from target names too (libvirt assigns before it checks); not for SCSI,
+        # whose assignment depends on the controller model
+        if (bus in ("ide", "sata", "fdc") and (explicit or d.address is None)) or (bus == "scsi" and explicit):
+            key = (bus, *drive_address(d, bus))
+            if key in addrs:
+                b.error(f"{path}/address", f"drive address controller={key[1]} bus={key[2]} target={key[3]} "
+                        f"unit={key[4]} on {bus} is also used by disk[{addrs[key] + 1}]")
+                ok = False
+            addrs.setdefault(key, i)
+    return ok
 
 
 def _floppy_controller(b: Builder) -> None:
