@@ -259,6 +259,8 @@ def _network(b: Builder, d: Disk, path: str, proto: str, props: dict[str, Any]) 
                 props["user"] = auth.username
             props["auth-client-required"] = ["cephx", "none"]
             props["key-secret"] = sid
+        if not _rbd_encryption(b, d, path, props):
+            return False
     elif proto == "nfs":
         if h is None or not h.name:
             b.error(f"{path}/source/host", "an NFS disk needs a <host name=...>")
@@ -297,6 +299,27 @@ def _network(b: Builder, d: Disk, path: str, proto: str, props: dict[str, Any]) 
         props["tls-creds"] = cid
         if src.tlsHostname:
             props["tls-hostname"] = src.tlsHostname
+    return True
+
+
+def _rbd_encryption(b: Builder, d: Disk, path: str, props: dict[str, Any]) -> bool:
+    """<encryption engine='librbd'>: librbd decrypts (LUKS1, LUKS2 or either) below the format."""
+    enc = d.encryption or (d.source.encryption if d.source is not None else None)
+    if enc is None or enc.engine != "librbd":
+        return True
+    epath = f"{path}/encryption" if d.encryption is not None else f"{path}/source/encryption"
+    efmt = enc.format or "luks"
+    if efmt not in ("luks", "luks2", "luks-any"):
+        b.error(f"{epath}/@format", f"librbd encrypts with luks, luks2 or luks-any, not '{efmt}'")
+        return False
+    secrets = [s for s in enc.secret if s.type in (None, "passphrase")]
+    if len(secrets) != 1:
+        b.error(f"{epath}/secret", "encryption needs exactly one <secret type='passphrase' uuid=...|usage=...>")
+        return False
+    sid = secret_object(b, secrets[0], f"{epath}/secret", f"{props['node-name']}-encryption-secret")
+    if sid is None:
+        return False
+    props["encrypt"] = {"format": efmt, "key-secret": sid}
     return True
 
 
@@ -473,10 +496,12 @@ def _encryption(b: Builder, d: Disk, path: str, node: str, fmt: str, props: dict
                 "convert the image to LUKS: qemu-img convert -O qcow2 -o encrypt.format=luks ...")
         return False
     if enc.engine == "librbd":
-        b.error(f"{epath}/@engine", "librbd encryption is not supported by qemud yet; use engine='qemu'")
+        if d.type == "network" and d.source is not None and d.source.protocol == "rbd":
+            return True  # on the rbd node itself (_rbd_encryption)
+        b.error(f"{epath}/@engine", "engine='librbd' applies to rbd disks; use engine='qemu'")
         return False
     if efmt not in ("luks", "default"):
-        b.error(f"{epath}/@format", f"'{efmt}' encryption needs engine='librbd'; QEMU's own LUKS driver reads LUKS1")
+        b.error(f"{epath}/@format", f"'{efmt}' encryption needs engine='librbd' (an rbd disk); QEMU's own LUKS driver reads LUKS1")
         return False
     secrets = [s for s in enc.secret if s.type in (None, "passphrase")]
     if len(secrets) != 1:
