@@ -69,6 +69,13 @@ def check_secret_file(path: Path, element: str) -> str | None:
         return f"{element}: cannot read the secret file {path}: {exc.strerror}"
     if not stat.S_ISREG(st.st_mode):
         return f"{element}: the secret file {path} is not a regular file"
+    try:
+        dst = os.stat(path.parent)
+    except OSError as exc:
+        return f"{element}: cannot read the secrets directory {path.parent}: {exc.strerror}"
+    if dst.st_mode & 0o022:
+        return (f"{element}: the secrets directory {path.parent} can be written by other users "
+                f"(mode {stat.S_IMODE(dst.st_mode):04o}), who could swap the secret; chmod 700 it")
     if st.st_mode & 0o077:
         return (f"{element}: the secret file {path} can be read or written by other users "
                 f"(mode {stat.S_IMODE(st.st_mode):04o}); chmod 600 it")

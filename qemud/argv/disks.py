@@ -954,5 +954,10 @@ def add_iothreads(b: Builder) -> None:
         if disk.driver is not None and disk.driver.iothread is not None and disk.driver.iothread not in known:
             b.error(f"/domain/devices/disk[{i + 1}]/driver/@iothread", f"iothread {disk.driver.iothread} does not exist; {what}")
     for i, c in enumerate(d.devices.controller):
+        if (c.driver is not None and c.driver.iothread is not None and c.type == "scsi"
+                and not scsi_model(c).startswith("virtio")):
+            b.error(f"/domain/devices/controller[{i + 1}]/driver/@iothread",
+                    f"only virtio-scsi controllers run on an iothread, not {scsi_model(c)}")
+            continue
         if c.driver is not None and c.driver.iothread is not None and c.driver.iothread not in known:
             b.error(f"/domain/devices/controller[{i + 1}]/driver/@iothread", f"iothread {c.driver.iothread} does not exist; {what}")
