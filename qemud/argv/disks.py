@@ -98,9 +98,12 @@ def _storage(b: Builder, d: Disk, path: str, node: str) -> dict[str, Any] | None
         if not where:
             b.error(f"{path}/source", "a directory disk needs <source dir='...'>")
             return {}
-        # writable unless read-only, as libvirt: QEMU keeps the guest's writes in a temporary
-        # qcow file, never in the host directory's files
+        # writable unless read-only, as libvirt (a hard disk device needs a writable node);
+        # QEMU then writes the guest's changes back into the directory's files
         props.update(driver="vvfat", dir=where, floppy=d.device == "floppy", rw=not d.is_readonly)
+        if not d.is_readonly:
+            b.warn(f"{path}/source", f"the guest writes into {where} through QEMU's vvfat, whose write "
+                   "support QEMU calls experimental; add <readonly/> unless the guest must write")
         props["auto-read-only"] = True
         props["discard"] = "unmap"
         return props
