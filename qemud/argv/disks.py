@@ -287,8 +287,26 @@ def _network(b: Builder, d: Disk, path: str, proto: str, props: dict[str, Any]) 
             return False
         props.update(driver="ssh", path=name, server={"host": h.name, "port": str(h.port or 22)})
     elif proto == "gluster":
-        b.error(f"{path}/source/@protocol", "QEMU 7.2 on this host has no gluster block driver (Debian builds it without)")
-        return False
+        vol, _, image = name.lstrip("/").partition("/")
+        if not vol or not image:
+            b.error(f"{path}/source/@name", f"'{name}' is not 'volume/path' of a gluster image")
+            return False
+        servers: list[dict[str, Any]] = []
+        for j, x in enumerate(hosts):
+            if x.transport == "unix":
+                if not x.socket:
+                    b.error(f"{path}/source/host[{j + 1}]/@socket", "a unix gluster server needs its socket path")
+                    return False
+                servers.append({"type": "unix", "path": x.socket})
+            elif x.transport == "rdma":
+                b.error(f"{path}/source/host[{j + 1}]/@transport", "QEMU's gluster driver has no RDMA transport")
+                return False
+            else:
+                servers.append({"type": "inet", "host": x.name or "localhost", "port": str(x.port or 24007)})
+        if not servers:
+            b.error(f"{path}/source/host", "a gluster disk needs a <host>")
+            return False
+        props.update(driver="gluster", volume=vol, path=image, server=servers, debug=4)
     else:
         b.error(f"{path}/source/@protocol", f"network protocol '{proto}' is not supported by qemud yet")
         return False
