@@ -458,3 +458,29 @@ def test_tls_nbd_disk_gets_x509_credentials_from_the_configured_directory(caps: 
     assert creds["dir"] == "/etc/pki/qemu" and creds["endpoint"] == "client"
     [nbd] = [n for n in blockdevs(cmd).values() if n["driver"] == "nbd"]
     assert nbd["tls-creds"] == creds["id"]
+
+
+def test_the_daemon_discards_a_transient_overlay_when_the_guest_ends() -> None:
+    from tests.support.daemon import Daemon, domain_xml
+    from tests.support.tinyguest import ensure_guest
+    guest = ensure_guest()
+    d = Daemon()
+    try:
+        d.start(timeout=30)
+        base = raw_image(d.scratch / "base.img")
+        text = domain_xml(guest, "tr1", shutdown_timeout=2).replace("<devices>", f"""<devices>
+          <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{base}'/>
+          <target dev='vda' bus='virtio'/><transient/></disk>""", 1)
+        assert "<transient/>" in text
+        after = d.mark()
+        d.drop("tr1.xml", text)
+        d.wait_for("running", "tr1", timeout=30, after=after)
+        overlay = d.run_dir("tr1") / "transient" / "drive0.qcow2"
+        assert overlay.is_file()
+        d.remove("tr1.xml")
+        d.wait_for("stopped", "tr1", timeout=30, after=after)
+        assert not overlay.exists()
+        assert base.read_bytes() == bytes(1 << 20)
+    finally:
+        print(d.log_text())
+        d.close()
