@@ -61,6 +61,13 @@ def _overlay(dest: Path, base: Path | None, fmt: str, helper: str, element: str)
     if base is None or not base.exists():
         raise HostError(f"{element}: the image {base} does not exist")
     dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if dest.exists():
+        # a QEMU still writing to it (the guest runs, and this is `qemuctl argv` or a second
+        # start): leave it alone; QEMU's image lock tells
+        r = subprocess.run([helper, "info", str(dest)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True, timeout=60)
+        if "lock" in r.stderr:
+            raise HostError(f"{element}: the overlay {dest} is in use by a running QEMU; it is not replaced")
     dest.unlink(missing_ok=True)
     r = subprocess.run([helper, "create", "-q", "-f", "qcow2", "-F", fmt, "-b", str(base.resolve()), str(dest)],
                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

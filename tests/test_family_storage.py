@@ -484,3 +484,22 @@ def test_the_daemon_discards_a_transient_overlay_when_the_guest_ends() -> None:
     finally:
         print(d.log_text())
         d.close()
+
+
+def test_an_overlay_in_use_by_a_running_qemu_is_not_replaced(caps: HostCaps, scratch: Path) -> None:
+    base = raw_image(scratch / "base.img")
+    text = domain(f"""<disk type='file'><driver type='raw'/><source file='{base}'/><target dev='vda'/>
+        <transient/></disk>""")
+    cmd = build(text, caps, scratch)
+    overlay = scratch / "run" / "transient" / "drive0.qcow2"
+
+    async def check() -> None:
+        async with running(cmd):
+            inode = overlay.stat().st_ino
+            with pytest.raises(HostError) as exc:
+                prepare(cmd)  # e.g. `qemuctl argv` while the guest runs
+            assert "in use" in str(exc.value)
+            assert overlay.stat().st_ino == inode
+    asyncio.run(check())
+    prepare(cmd)  # QEMU gone: a fresh overlay
+    assert overlay.is_file()
