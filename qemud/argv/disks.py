@@ -6,6 +6,7 @@ from typing import Any
 
 from qemud.argv.builder import Builder
 from qemud.argv.controllers import controller_id, scsi_model
+from qemud.argv.virtio import add_virtio_props, refuse_virtio_options
 from qemud.domain.devices.controller import Controller
 from qemud.domain.devices.disk import Disk, target_index
 
@@ -786,8 +787,6 @@ def _disk(b: Builder, d: Disk, i: int, path: str, counts: dict[str, int]) -> Non
                 dev["iothread"] = f"iothread{d.driver.iothread}"
             if d.driver.queue_size:
                 dev["queue-size"] = d.driver.queue_size
-            from qemud.argv.virtio import virtio_props
-            dev.update(virtio_props(d.driver))
     elif bus == "ide":
         if b.q35:
             b.error(f"{path}/target/@bus", "a q35 machine has no IDE bus; use bus='sata'")
@@ -906,6 +905,10 @@ def _disk(b: Builder, d: Disk, i: int, path: str, counts: dict[str, int]) -> Non
         dev["acpi-index"] = d.acpi.index
     if d.device == "cdrom" and d.target.tray == "open":
         b.warn(f"{path}/target/@tray", "the tray is closed at start")
+    if bus == "virtio":
+        dev = add_virtio_props(b, dev, d.driver, path)
+    else:
+        refuse_virtio_options(b, d.driver, path, f"a disk on bus '{bus}'")
     b.device(dev)
 
 

@@ -9,9 +9,9 @@ from pydantic import field_validator
 
 from qemud.domain.base import Element, Many, Opaque, UInt, YesNo, attr, ignored, text
 from qemud.domain.units import Unit, unit_bytes
-from qemud.domain.devices.virtio import VirtioOptions
 from qemud.domain.seclabel import Seclabel, check_labels
 from qemud.domain.devices.address import Address, Alias, Boot
+from qemud.domain.devices.virtio import VirtioOptions
 
 DISK_BUSES = ("ide", "sata", "scsi", "virtio", "usb", "fdc")
 

@@ -11,6 +11,7 @@ from qemud.domain.base import Element, Many, Opaque, UInt, YesNo, attr, child, i
 from qemud.domain.devices.disk import AcpiIndex
 from qemud.domain.devices.address import Address, Alias, Boot
 from qemud.domain.devices.hostdev import SourceAddress, Teaming
+from qemud.domain.devices.virtio import VirtioOptions
 
 _MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}\Z")
 
@@ -58,7 +59,7 @@ class IfaceTarget(Element):
     managed: YesNo | None = attr()
 
 
-class IfaceDriver(Element):
+class IfaceDriver(VirtioOptions):
     name: Literal["qemu", "vhost", "vfio"] | None = attr()
     queues: UInt | None = attr()
     txmode: Literal["iothread", "timer"] | None = attr()
