@@ -171,6 +171,8 @@ def add_other_controllers(b: Builder) -> None:
     implicit: list[tuple[str, Controller]] = []
     if not have_usb:
         implicit.append(("/domain/devices", Controller.model_validate({"@type": "usb", "@index": "0"})))
+    from qemud.argv.disks import implicit_scsi_controllers
+    implicit += [("/domain/devices", c) for c in implicit_scsi_controllers(b.domain)]
     seen: set[tuple[str, int]] = set()
     items = [(i, c) for i, c in enumerate(ctrls)] + [(-1, c) for _, c in implicit]
     # USB companions (ICH9 UHCIs sharing an index with an EHCI) come after their master
@@ -202,7 +204,8 @@ def add_other_controllers(b: Builder) -> None:
                     props["num_queues"] = c.driver.queues
                 if c.driver.iothread:
                     props["iothread"] = f"iothread{c.driver.iothread}"
-            props.update(b.pci_props(c.address, path, "SCSI controller"))
+            props.update(b.pci_props(c.address, path, "SCSI controller",
+                                     key=f"implicit:scsi{c.index}" if i < 0 else None))
             if driver.startswith("virtio"):
                 props = add_virtio_props(b, props, c.driver, path)
             else:

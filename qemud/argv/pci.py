@@ -333,6 +333,11 @@ def controllers(domain: Domain, q35: bool) -> list[tuple[str, Controller]]:
         implicit("implicit:sata", "sata", 0)
     if not q35 and not have("ide", 0):
         implicit("implicit:ide", "ide", 0)
+    # SCSI controllers for SCSI disks that name none (virDomainDefAddImplicitControllers: before
+    # virtio-serial)
+    from qemud.argv.disks import implicit_scsi_controllers
+    for sc in implicit_scsi_controllers(domain):
+        out.append((f"implicit:scsi{sc.index}", sc))
     for c in list(domain.devices.channel) + list(domain.devices.console):
         tgt = c.target
         if tgt is None or tgt.type != "virtio":

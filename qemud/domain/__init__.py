@@ -19,6 +19,7 @@ from qemud.domain.clock import Clock
 from qemud.domain.cpu import Cpu, Vcpu, Vcpus
 from qemud.domain.devices import Devices
 from qemud.domain.features import Features
+from qemud.domain.iothreads import DefaultIoThread, IoThreadIds
 from qemud.domain.memory import DomainMemory, MemoryBacking, NumaTune
 from qemud.domain.metadata import Metadata
 from qemud.domain.osxml import Os
@@ -112,6 +113,8 @@ class Domain(Element):
     vcpu: Vcpu | None = None
     vcpu_states: Vcpus | None = child("vcpus")  # per-vCPU online/hotplug state
     iothreads: UInt | None = None
+    iothreadids: IoThreadIds | None = None
+    defaultiothread: DefaultIoThread | None = None
     os: Os
     features: Features | None = None
     cpu: Cpu | None = None
