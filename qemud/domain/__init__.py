@@ -123,6 +123,7 @@ class Domain(Element):
     on_reboot: Action | None = None
     on_crash: Action | None = None
     on_lockfailure: Opaque | None = ignored("qemud uses no lock manager")
+    idmap: Opaque | None = ignored("user namespace ID maps are for containers (libvirt's LXC driver); a QEMU guest has none")
     pm: Pm | None = None
     devices: Devices = Devices()
     sysinfo: Many[Sysinfo]
