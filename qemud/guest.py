@@ -30,7 +30,7 @@ from qemud.errors import DomainError, QemudError
 from qemud.events import ERR, INFO, NOTICE, WARNING, EventLog
 from qemud.host import HostFacts
 from qemud.helpers import Helper
-from qemud.launch import prepare
+from qemud.launch import discard, prepare
 from qemud.paths import GuestPaths
 from qemud.policy import Backoff, RestartPolicy
 from qemud.proc import (ExitInfo, QemuProcess, adopt, log_tail, pidfile_holder, qmp_fd_argv, qmp_listener,
@@ -527,6 +527,7 @@ class Guest:
         self.last_stderr = log_tail(self.paths.run / "qemu.log")
         await self._stop_helpers()
         records.remove(self.paths.run)
+        discard(self.paths)  # transient disks' overlays end with their QEMU
         if self._host is not None:
             with contextlib.suppress(QemudError):
                 tuning.release(self._host, self.name)

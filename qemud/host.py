@@ -77,6 +77,10 @@ class HostFacts:
     #: the locked memory QEMU may have (RLIMIT_MEMLOCK of the daemon) in bytes; None when it is
     #: unlimited or the daemon has CAP_IPC_LOCK (root), which <memoryBacking><locked/> needs
     memlock_bytes: int | None = None
+    #: where secrets are kept, one file per secret (qemud.secrets); "" for the default
+    secrets_dir: str = ""
+    #: the x509 certificate directory for TLS network disks ("" when none is configured)
+    tls_x509_dir: str = ""
 
     def has(self, path: str) -> bool:
         return path in self.present
@@ -105,7 +109,16 @@ class HostFacts:
                    hugepages={int(k): (int(v[0]), int(v[1])) for k, v in d.get("hugepages", {}).items()},
                    hugepage_default_kib=int(d.get("hugepage_default_kib", 2048)),
                    hugetlbfs={int(k): str(v) for k, v in d.get("hugetlbfs", {}).items()},
-                   memlock_bytes=d.get("memlock_bytes"))
+                   memlock_bytes=d.get("memlock_bytes"),
+                   secrets_dir=str(d.get("secrets_dir", "")), tls_x509_dir=str(d.get("tls_x509_dir", "")))
+
+    @property
+    def secrets(self) -> str:
+        """The secrets directory in force."""
+        if self.secrets_dir:
+            return self.secrets_dir
+        from qemud.secrets import default_secrets_dir
+        return str(default_secrets_dir())
 
 
 #: device nodes and directories whose presence decides what a guest can have
@@ -125,6 +138,8 @@ HELPER_CANDIDATES: dict[str, tuple[str, ...]] = {
     "virtiofsd": ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"),
     "swtpm": ("/usr/bin/swtpm",),
     "swtpm_setup": ("/usr/bin/swtpm_setup",),
+    "qemu-img": ("/usr/bin/qemu-img", "/usr/local/bin/qemu-img"),  # transient disks' overlays
+    "qemu-pr-helper": ("/usr/bin/qemu-pr-helper", "/usr/local/bin/qemu-pr-helper"),
     "passt": ("/usr/bin/passt",),  # <interface type='user'><backend type='passt'>
     "dbus-daemon": ("/usr/bin/dbus-daemon",),  # <graphics type='dbus'> on a private bus
 }

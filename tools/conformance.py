@@ -180,6 +180,71 @@ class Rewriter:
                 f.truncate(1024 * 1024)
         return p
 
+    # ---- secrets and encrypted images (qemud.secrets) ----------------------------------------
+
+    #: the value of every secret the rewrite provides: base64 text, as one usage name may serve
+    #: both a passphrase and a Ceph key (which QEMU reads as base64)
+    SECRET = "cWVtdWQtY29uZm9ybWFuY2Utc2VjcmV0"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.scratch / "secrets"
+
+    def _secrets(self, root: ET.Element) -> None:
+        """A file holding SECRET for every <secret uuid|usage> the domain names, in a secrets
+        directory of the scratch folder (the translation is pointed at it)."""
+        from qemud.secrets import secret_file_name
+        for sec in root.iter("secret"):
+            name = secret_file_name(sec.get("uuid"), sec.get("usage"))
+            if not name:
+                continue
+            self.secrets_dir.mkdir(mode=0o700, exist_ok=True)
+            f = self.secrets_dir / name
+            if not f.exists():
+                value = self.SECRET
+                fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(value)
+
+    @staticmethod
+    def _luks(disk: ET.Element) -> ET.Element | None:
+        """The disk's LUKS <encryption> (on the disk or in its source), if any."""
+        for enc in (disk.find("encryption"), disk.find("source/encryption")):
+            if enc is not None and enc.get("format") == "luks":
+                return enc
+        return None
+
+    def luks_image(self, fmt: str) -> str:
+        """A fresh 1 MiB LUKS image (raw driver: a LUKS container; qcow2: qcow2 with LUKS
+        encryption) opened by SECRET: a copy of a template made once per host (qemu-img spends
+        seconds calibrating LUKS key derivation)."""
+        kind = "qcow2" if fmt == "qcow2" else "luks"
+        template = Path(SCRATCH_BASE) / f"luks-template-{self.SECRET[:8]}.{kind}"
+        if not template.exists():
+            sec = Path(SCRATCH_BASE) / f".luks-secret{os.getpid()}"
+            tmp = Path(SCRATCH_BASE) / f".luks-template{os.getpid()}.{kind}"
+            sec.write_text(self.SECRET)
+            opts = ("encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=100" if kind == "qcow2"
+                    else "key-secret=sec0,iter-time=100")
+            try:
+                # qemu-img's PBKDF calibration fails now and then on a loaded host ("Unable to
+                # get accurate CPU usage"): try again
+                for attempt in range(5):
+                    r = subprocess.run(["qemu-img", "create", "-q", "--object", f"secret,id=sec0,file={sec}",
+                                        "-f", kind, "-o", opts, str(tmp), "1M"], stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                    if r.returncode == 0:
+                        break
+                else:
+                    raise RuntimeError(f"qemu-img cannot make a LUKS image: {r.stderr.strip()}")
+                os.replace(tmp, template)
+            finally:
+                sec.unlink(missing_ok=True)
+        self.n += 1
+        p = str(self.scratch / f"s{self.n}.img")
+        shutil.copyfile(template, p)
+        return p
+
     def run(self, text: str) -> str:
         for prefix, uri in _namespaces(text):
             if prefix and not re.fullmatch(r"ns\d+", prefix):
@@ -194,6 +259,7 @@ class Rewriter:
             root.remove(cpu)
         self._os(root)
         self.tls = self.tls_dirs(root)
+        self._secrets(root)
         self._blkiotune(root)
         self._host_files(root)
         devices = root.find("devices")
@@ -290,7 +356,7 @@ class Rewriter:
                 p, _ = self._new("loader", loader.text or "", "loader")
                 shutil.copyfile(OVMF_CODE, p)
                 loader.text = p
-            else:
+            elif (loader.text or "").strip():  # a loader without a path stays without one
                 loader.text = OVMF_CODE
         nvram = osel.find("nvram")
         if nvram is not None:
@@ -299,7 +365,8 @@ class Rewriter:
             for src in nvram.findall("source"):
                 if src.get("file"):
                     src.set("file", self._new("nvram", src.get("file", ""), "nvram")[0] + ".fd")
-            if pflash or nvram.get("template"):
+            stateless = loader is not None and loader.get("stateless") == "yes"
+            if nvram.get("template") or (pflash and not stateless and nvram.get("type") != "network"):
                 nvram.set("template", OVMF_VARS)
 
     def _host_files(self, root: ET.Element) -> None:
@@ -333,6 +400,13 @@ class Rewriter:
 
     def _disk(self, disk: ET.Element) -> None:
         dtype = disk.get("type", "file")
+        if dtype == "dir":  # a host directory shown as a FAT disk: a scratch directory
+            for src in disk.findall("source"):
+                if src.get("dir"):
+                    p, _ = self._new("dir", src.get("dir", ""), "d")
+                    os.makedirs(p, exist_ok=True)
+                    src.set("dir", p)
+            return
         if dtype not in ("file", "block"):
             return
         src = disk.find("source")
@@ -343,7 +417,13 @@ class Rewriter:
             return
         drv = disk.find("driver")
         fmt = (drv.get("type") if drv is not None else None) or "raw"
-        p = self.image(fmt)
+        if fmt == "dir":  # qemud reads <driver type='dir'> as "the source is a directory"
+            p, _ = self._new("dir", original, "d")
+            os.makedirs(p, exist_ok=True)
+        elif self._luks(disk) is not None:
+            p = self.luks_image(fmt)
+        else:
+            p = self.image(fmt)
         if dtype == "block":
             disk.set("type", "file")
             del src.attrib["dev"]
@@ -489,6 +569,9 @@ def _run_one(xml_path: str, name: str, scratch: Path, guest: Guest, timeout: flo
         return crashed("parse")
     try:
         caps = probe(emulator_for(domain)).with_tls(rw.tls)
+        if rw.secrets_dir.is_dir():  # the secrets the rewrite made
+            from dataclasses import replace
+            caps = replace(caps, host=replace(caps.host, secrets_dir=str(rw.secrets_dir)))
         paths = GuestPaths(run=scratch / "run", state=scratch / "state")
         cmd = build_argv(domain, caps, paths, paused=True)
     except DomainError as exc:

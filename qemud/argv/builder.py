@@ -22,13 +22,16 @@ _ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,127}\Z")
 class Prepare:
     """A file the launcher must create before QEMU starts (never by the pure translator)."""
 
-    kind: str  # "dir" | "copy" | "write" | "run"
+    kind: str  # "dir" | "copy" | "write" | "run" | "secret" (check it exists) | "overlay" (qemu-img create)
     dest: Path
     source: Path | None = None
     content: str | None = None  # "write": the file's text (mode 0600, rewritten at every start)
     #: "run": a program that creates ``dest`` (e.g. swtpm_setup making a TPM's state); run only
     #: while ``dest`` does not exist, so what it made is never made again
     argv: list[str] | None = None
+    fmt: str | None = None  # overlay: the backing image's format
+    helper: str | None = None  # overlay: the qemu-img to run
+    element: str = ""  # secret, overlay: the XML element the file is for (named in errors)
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class Builder:
     console_log: Path | None = None
     secure_boot: bool = False  # the file holding the guest console's output
     usb_slots: dict[int, tuple[str, str]] = field(default_factory=dict)  # USB index -> (bus, slot)
+    throttle_groups: dict[str, dict[str, int]] = field(default_factory=dict)  # id -> limits
     cpu_model: str = "qemu64"  # the -cpu model, for hot-pluggable vCPU devices (<model>-x86_64-cpu)
     #: QMP commands for the paused QEMU before its vCPUs run (settings QEMU takes no option for)
     qmp_setup: list[tuple[str, dict[str, Any]]] = field(default_factory=list)

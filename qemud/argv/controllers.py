@@ -171,6 +171,8 @@ def add_other_controllers(b: Builder) -> None:
     implicit: list[tuple[str, Controller]] = []
     if not have_usb:
         implicit.append(("/domain/devices", Controller.model_validate({"@type": "usb", "@index": "0"})))
+    from qemud.argv.disks import implicit_scsi_controllers
+    implicit += [("/domain/devices", c) for c in implicit_scsi_controllers(b.domain)]
     from qemud.argv.chardev import implicit_virtio_serial_controllers  # libvirt's, for virtio channels
     implicit += [("/domain/devices", c) for c in implicit_virtio_serial_controllers(b.domain)]
     seen: set[tuple[str, int]] = set()
@@ -204,7 +206,8 @@ def add_other_controllers(b: Builder) -> None:
                     props["num_queues"] = c.driver.queues
                 if c.driver.iothread:
                     props["iothread"] = f"iothread{c.driver.iothread}"
-            props.update(b.pci_props(c.address, path, "SCSI controller"))
+            props.update(b.pci_props(c.address, path, "SCSI controller",
+                                     key=f"implicit:scsi{c.index}" if i < 0 else None))
             if driver.startswith("virtio"):
                 props = add_virtio_props(b, props, c.driver, path)
             else:
@@ -282,7 +285,7 @@ def check_usb(b: Builder) -> None:
                 b.error(f"{path}/@bus", f"USB bus {a.bus} is asked for, but no USB controller has index {a.bus}")
             if a.port:
                 parts = a.port.split(".")
-                if len(parts) > USB_MAX_PORT_DEPTH or not all(p.isdigit() and 0 < int(p) for p in parts):
+                if len(parts) > USB_MAX_PORT_DEPTH or not all(p.isascii() and p.isdigit() and 0 < int(p) for p in parts):
                     b.error(f"{path}/@port", f"'{a.port}' is not a USB port path (up to {USB_MAX_PORT_DEPTH} "
                             "port numbers from 1, joined by '.')")
 

@@ -289,6 +289,8 @@ def add_video(b: Builder) -> None:
                 props["max_outputs"] = m.heads
         if driver != "ramfb":
             props.update(b.pci_props(v.address, path, "video card"))
+            if v.acpi is not None:
+                props["acpi-index"] = v.acpi.index
         props = _video_driver(b, v, props, path)
         b.device(props)
 

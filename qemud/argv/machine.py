@@ -156,23 +156,69 @@ def select_firmware(b: Builder) -> dict | str | None:  # type: ignore[type-arg]
             "install ovmf, or name the loader and NVRAM template in <loader> and <nvram>")
 
 
+def _firmware_checks(b: Builder) -> bool:
+    """What libvirt refuses about <os> firmware before choosing any (qemuValidateDomainDefBoot,
+    virDomainDefOSValidate)."""
+    d = b.domain
+    o = d.os
+    loader = o.loader
+    ok = True
+    pflash = (o.firmware == "efi" or (loader is not None and loader.type == "pflash"))
+    if loader is not None and loader.stateless is False and not pflash:
+        if o.firmware == "bios":
+            b.error("/domain/os/loader/@stateless", "only EFI firmware keeps NVRAM; BIOS is always stateless")
+        else:
+            b.error("/domain/os/loader/@stateless", "only a pflash loader keeps NVRAM; a ROM loader is always stateless")
+        ok = False
+    if o.firmware == "efi" and loader is not None and loader.secure is False:
+        b.error("/domain/os/loader/@secure", "secure='no' cannot be given when the firmware is chosen automatically "
+                "(firmware='efi'); say <firmware><feature enabled='no' name='secure-boot'/></firmware> instead")
+        ok = False
+    if o.firmware is None and o.firmware_features is not None and o.firmware_features.feature:
+        b.error("/domain/os/firmware", "firmware features choose among firmwares, which needs <os firmware='efi'>; "
+                "with a loader named by hand they mean nothing")
+        ok = False
+    if o.firmware is None and loader is not None and loader.type == "pflash" and not loader.path:
+        b.error("/domain/os/loader", "a pflash loader needs its path (or use <os firmware='efi'> to have one chosen)")
+        ok = False
+    if loader is not None and loader.stateless:
+        nv = o.nvram
+        if nv is not None and nv.template:
+            b.error("/domain/os/nvram/@template", "a stateless loader has no NVRAM, so no NVRAM template")
+            ok = False
+        elif nv is not None:
+            b.error("/domain/os/nvram", "a stateless loader keeps no NVRAM; drop <nvram> or stateless='yes'")
+            ok = False
+    return ok
+
+
 def _firmware(b: Builder) -> list[tuple[str, object]]:
     """-bios for ROM loaders; pflash drives for UEFI (read-only code + per-domain NVRAM)."""
     d = b.domain
     loader = d.os.loader
+    if not _firmware_checks(b):
+        return []
     auto = select_firmware(b)
     if isinstance(auto, str):
         b.error("/domain/os/@firmware", auto)
+        return []
+    pflash = auto is not None or (loader is not None and loader.type == "pflash")
+    if pflash and (d.features is None or d.features.acpi is None):
+        # libvirt: "UEFI requires ACPI on this architecture"; OVMF boots nothing without it
+        b.error("/domain/features", "UEFI firmware needs ACPI on x86: add <features><acpi/></features>")
         return []
     if auto is not None:
         # the selection fills in what the file leaves out: libvirt's behaviour
         from qemud.domain.osxml import Loader, Nvram
         loader = Loader.model_validate({"@type": "pflash", "@readonly": "yes", "@format": auto["format"],
-                                        **({"@secure": "yes"} if auto["smm"] else {}), "#text": auto["code"]})
+                                        **({"@secure": "yes"} if auto["smm"] else {}),
+                                        **({"@stateless": "yes"} if loader is not None and loader.stateless else {}),
+                                        "#text": auto["code"]})
         nv = d.os.nvram
-        if auto["vars"] and (nv is None or not nv.template):
-            nv = Nvram.model_validate({**({"#text": nv.path} if nv is not None and nv.path else {}),
-                                       "@template": auto["vars"]})
+        if auto["vars"] and (nv is None or not nv.template) and not loader.stateless:
+            nv = (Nvram.model_validate({**({"#text": nv.path} if nv is not None and nv.path else {}),
+                                        "@template": auto["vars"]})
+                  if nv is None or nv.source is None else nv.model_copy(update={"template": auto["vars"]}))
         return _pflash(b, loader, nv)
     if loader is None or not loader.path:
         if d.os.nvram is not None:
@@ -188,8 +234,6 @@ def _firmware(b: Builder) -> list[tuple[str, object]]:
 
 
 def _pflash(b: Builder, loader, nv) -> list[tuple[str, object]]:  # type: ignore[no-untyped-def]
-    if loader.stateless:
-        b.error("/domain/os/loader/@stateless", "stateless firmware is not supported yet")
     readonly = loader.readonly if loader.readonly is not None else True
     fmt = loader.format or "raw"
     b.add("-blockdev", js({"driver": "file", "filename": loader.path, "node-name": "pflash0-file",
@@ -200,13 +244,23 @@ def _pflash(b: Builder, loader, nv) -> list[tuple[str, object]]:  # type: ignore
     if loader.secure:
         b.secure_boot = True
         b.add("-global", "driver=cfi.pflash01,property=secure,value=on")
+    if loader.stateless:
+        # no variable store at all: the firmware runs with its built-in defaults, and nothing
+        # the guest sets survives (libvirt's stateless='yes')
+        return out
     if not readonly:
         if nv is not None:
             b.error("/domain/os/nvram", "a writable loader keeps its own variables; <nvram> needs readonly='yes'")
         return out
-    nv_path = Path(nv.path) if nv is not None and nv.path else b.paths.nvram(nv.template if nv else None)
+    if nv is not None and nv.type == "network":
+        return out + _nvram_network(b, nv)
+    if nv is not None and nv.source is not None and not nv.file:
+        b.error("/domain/os/nvram/source", "an NVRAM <source> of type='file' needs file='...' (type='block': dev='...')")
+        return out
+    nv_file = nv.file if nv is not None else None
+    nv_path = Path(nv_file) if nv_file else b.paths.nvram(nv.template if nv else None)
     template = nv.template if nv is not None else None
-    if template is None and nv is not None and nv.path:
+    if template is None and nv_file:
         pass  # an existing NVRAM file named by the user
     elif template is None:
         template = _default_vars(loader.path)
@@ -217,12 +271,40 @@ def _pflash(b: Builder, loader, nv) -> list[tuple[str, object]]:  # type: ignore
     if template is not None:
         b.prepare.append(Prepare("copy", nv_path, Path(template)))
     nv_fmt = (nv.format if nv is not None else None) or ("qcow2" if str(nv_path).endswith(".qcow2") else "raw")
-    b.add("-blockdev", js({"driver": "file", "filename": str(nv_path), "node-name": "pflash1-file",
+    driver = "host_device" if nv is not None and nv.type == "block" else "file"
+    b.add("-blockdev", js({"driver": driver, "filename": str(nv_path), "node-name": "pflash1-file",
                            "auto-read-only": True, "discard": "unmap"}))
     b.add("-blockdev", js({"node-name": "pflash1", "read-only": False, "driver": nv_fmt,
                            "file": "pflash1-file"}))
     out.append(("pflash1", "pflash1"))
     return out
+
+
+def _nvram_network(b: Builder, nv) -> list[tuple[str, object]]:  # type: ignore[no-untyped-def]
+    """<nvram type='network'>: the variable store on an NBD/iSCSI/... server, as a disk's.
+    No template is copied there: the store must exist on the server."""
+    from types import SimpleNamespace
+
+    from qemud.argv.disks import _network
+    if nv.template:
+        b.error("/domain/os/nvram/@template", "a network NVRAM is not created from a template; "
+                "it must already exist on the server")
+        return []
+    src = nv.source
+    if src is None or not src.protocol:
+        b.error("/domain/os/nvram/source", "a network NVRAM needs <source protocol='...'>")
+        return []
+    props: dict[str, object] = {"node-name": "pflash1-file"}
+    fake = SimpleNamespace(source=src, auth=None)
+    n = len(b.problems)
+    ok = _network(b, fake, "/domain/os/nvram", src.protocol, props)  # type: ignore[arg-type]
+    if not ok or len(b.problems) > n:
+        return []
+    props.update({"auto-read-only": True, "discard": "unmap"})
+    b.add("-blockdev", js(props))
+    b.add("-blockdev", js({"node-name": "pflash1", "read-only": False, "driver": nv.format or "raw",
+                           "file": "pflash1-file"}))
+    return [("pflash1", "pflash1")]
 
 
 def _default_vars(code: str) -> str | None:

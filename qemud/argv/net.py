@@ -154,6 +154,8 @@ def _iface(b: Builder, iface: Interface, i: int, path: str) -> None:
         dev["bus"] = b.usb_bus
     else:
         dev.update(b.pci_props(iface.address, path, "NIC"))
+        if iface.acpi is not None:
+            dev["acpi-index"] = iface.acpi.index
     if driver.startswith("virtio"):
         dev = add_virtio_props(b, dev, iface.driver, path)
     else:

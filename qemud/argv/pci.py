@@ -333,6 +333,11 @@ def controllers(domain: Domain, q35: bool) -> list[tuple[str, Controller]]:
         implicit("implicit:sata", "sata", 0)
     if not q35 and not have("ide", 0):
         implicit("implicit:ide", "ide", 0)
+    # SCSI controllers for SCSI disks that name none (virDomainDefAddImplicitControllers: before
+    # virtio-serial)
+    from qemud.argv.disks import implicit_scsi_controllers
+    for sc in implicit_scsi_controllers(domain):
+        out.append((f"implicit:scsi{sc.index}", sc))
     # the ones the virtio channels and consoles name, and those libvirt adds when all are full
     from qemud.argv.chardev import virtio_serial_plan
     for idx in virtio_serial_plan(domain).implicit:
@@ -464,6 +469,11 @@ def collect(domain: Domain, q35: bool, ctrls: list[tuple[str, Controller]]) -> D
     disks = [(key, d) for key, d in _iter_family(domain, "disk") if d.bus == "virtio"]
     for key, d in sorted(disks, key=lambda kd: _disk_index(kd[1].target.dev)):
         order.append(Item(key, _virtio(d.model, virtio), d.address, family="disk"))
+    # libvirt puts an <interface type='hostdev'>'s device in its host device list when it reads
+    # the interface, so before every <hostdev>
+    for key, n in _iter_family(domain, "interface"):
+        if n.type == "hostdev":
+            order.append(Item(key, pcie, n.address, family="hostdev"))
     for key, h in _iter_family(domain, "hostdev"):
         if getattr(h, "mode", "subsystem") == "subsystem" and getattr(h, "type", None) in ("pci", "mdev", "scsi_host"):
             order.append(Item(key, pcie, getattr(h, "address", None), family="hostdev"))

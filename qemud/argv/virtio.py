@@ -23,11 +23,14 @@ _MODERN_ONLY = ("virtio-mouse-pci", "virtio-keyboard-pci", "virtio-tablet-pci", 
                 "vhost-user-vga", "vhost-vsock-pci", "vhost-user-vsock-pci")
 
 
+#: buses whose one slot is a PCIe port: a virtio device there is modern-only (disable-legacy=auto)
+_PCIE_PORTS = ("pcie-root-port", "pcie-switch-downstream-port")
+
+
 def _legacy_capable(b: Any, props: dict[str, Any]) -> bool:
     """Whether QEMU gives this virtio PCI device a legacy (virtio 0.9) interface too: its
     transitional models always, its plain ``-pci`` models unless they sit behind a PCIe port
     (QEMU's disable-legacy=auto)."""
-    from qemud.argv.pci import ONE_SLOT
     drv = str(props.get("driver", ""))
     if drv.endswith("-non-transitional") or drv in _MODERN_ONLY or props.get("disable-legacy") in (True, "on"):
         return False
@@ -35,7 +38,7 @@ def _legacy_capable(b: Any, props: dict[str, Any]) -> bool:
         return True
     bus = str(props.get("bus", ""))
     model = b.pci_plan.buses.get(int(bus[4:])) if bus.startswith("pci.") and bus[4:].isdigit() else None
-    return model not in ONE_SLOT
+    return model not in _PCIE_PORTS
 
 
 def add_virtio_props(b: Any, props: dict[str, Any], driver: VirtioOptions | None, path: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from qemud.domain.clock import Clock
 from qemud.domain.cpu import Cpu, Vcpu, Vcpus
 from qemud.domain.devices import Devices
 from qemud.domain.features import Features
+from qemud.domain.iothreads import DefaultIoThread, IoThreadIds
 from qemud.domain.memory import DomainMemory, MemoryBacking, NumaTune
 from qemud.domain.metadata import Metadata
 from qemud.domain.osxml import Os
@@ -112,6 +113,8 @@ class Domain(Element):
     vcpu: Vcpu | None = None
     vcpu_states: Vcpus | None = child("vcpus")  # per-vCPU online/hotplug state
     iothreads: UInt | None = None
+    iothreadids: IoThreadIds | None = None
+    defaultiothread: DefaultIoThread | None = None
     os: Os
     features: Features | None = None
     cpu: Cpu | None = None
@@ -120,6 +123,7 @@ class Domain(Element):
     on_reboot: Action | None = None
     on_crash: Action | None = None
     on_lockfailure: Opaque | None = ignored("qemud uses no lock manager")
+    idmap: Opaque | None = ignored("user namespace ID maps are for containers (libvirt's LXC driver); a QEMU guest has none")
     pm: Pm | None = None
     devices: Devices = Devices()
     sysinfo: Many[Sysinfo]

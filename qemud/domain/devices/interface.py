@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import field_validator
 
 from qemud.domain.base import Element, Many, Opaque, UInt, YesNo, attr, child, ignored
+from qemud.domain.devices.disk import AcpiIndex
 from qemud.domain.devices.address import Address, Alias, Boot
 from qemud.domain.devices.chardev import Reconnect
 from qemud.domain.devices.hostdev import SourceAddress, Teaming
@@ -155,6 +156,7 @@ class Interface(Element):
     port: Port | None = None
     backend: Backend | None = None
     portForward: Many[PortForward]
+    acpi: AcpiIndex | None = None
     address: Address | None = None
     alias: Alias | None = None
     teaming: Teaming | None = None  # failover pairs (qemud.argv.hostdev)

@@ -7,6 +7,7 @@ from typing import Literal
 
 from qemud.domain.base import Element, Many, Opaque, UInt, YesNo, attr, child, ignored, text
 from qemud.domain.devices.chardev import CharSource, Protocol
+from qemud.domain.devices.disk import AcpiIndex
 from qemud.domain.devices.address import Address, Alias
 from qemud.domain.devices.virtio import VirtioOptions
 
@@ -135,6 +136,7 @@ class VideoDriver(VirtioOptions):
 
 class Video(Element):
     model: VideoModel | None = None
+    acpi: AcpiIndex | None = None
     driver: VideoDriver | None = None
     address: Address | None = None
     alias: Alias | None = None
