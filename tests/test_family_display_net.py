@@ -353,9 +353,10 @@ def test_tcp_serial_tls_from_qemud_conf(caps: HostCaps, scratch: Path) -> None:
     assert in_qemu(cmd, ask) == "server"
 
 
-def test_passt_backend_command_and_refusal(caps: HostCaps, scratch: Path) -> None:
-    """libvirt's net-user-passt port forwards become passt's -t/-u specs; the NIC is refused
-    while qemud cannot supervise passt (the reason is named)."""
+def test_passt_backend_is_a_supervised_helper(caps: HostCaps, scratch: Path) -> None:
+    """libvirt's net-user-passt port forwards become passt's -t/-u specs; passt runs as a helper
+    on a socket QEMU connects to (-netdev stream), and forwards a host port into the guest."""
+    from qemud import helpers
     from qemud.argv.net import passt_command
     xml = domain_xml(
         "<interface type='user'><mac address='00:11:22:33:44:55'/><source dev='eth42'/>"
@@ -367,20 +368,39 @@ def test_passt_backend_command_and_refusal(caps: HostCaps, scratch: Path) -> Non
         "<range start='5010' end='5015' exclude='yes'/></portForward>"
         "<model type='rtl8139'/><backend type='passt' logFile='/var/log/passt.log'/></interface>")
     domain = parse_domain(xml, "t.xml")
-    argv = passt_command("/usr/bin/passt", domain.devices.interface[0], "00:11:22:33:44:55", "/run/p.sock", "/run/p.pid")
-    assert argv == ["/usr/bin/passt", "--one-off", "--socket", "/run/p.sock", "--mac-addr", "00:11:22:33:44:55",
-                    "--pid", "/run/p.pid", "--interface", "eth42", "--address", "172.17.2.0", "--netmask", "24",
+    argv = passt_command("/usr/bin/passt", domain.devices.interface[0], "00:11:22:33:44:55")
+    assert argv == ["/usr/bin/passt", "--one-off", "--foreground", "--mac-addr", "00:11:22:33:44:55",
+                    "--interface", "eth42", "--address", "172.17.2.0", "--netmask", "24",
                     "--log-file", "/var/log/passt.log",
                     "--tcp-ports", "2001:db8:ac10:fd01::1:10/22:2022,1000-1050,~1020,~1030-1040",
                     "--udp-ports", "1.2.3.4%eth0/5000-5020:6000-6020,~5010-5015"]
-    host = dataclasses.replace(caps.host, helpers={**caps.host.helpers, "passt": "/usr/bin/passt"})
-    with pytest.raises(DomainError) as e:
-        translate(xml, dataclasses.replace(caps, host=host), scratch)
-    (p,) = e.value.problems
-    assert p.path == "/domain/devices/interface[1]/backend/@type" and "supervise" in p.message
     with pytest.raises(DomainError) as e:
         translate(xml, dataclasses.replace(caps, host=dataclasses.replace(caps.host, helpers={})), scratch)
+    assert e.value.problems[0].path == "/domain/devices/interface[1]/backend/@type"
     assert "lacks" in e.value.problems[0].message
+
+    port = free_port()
+    _, cmd = translate(domain_xml(
+        "<interface type='user'><mac address='52:54:00:00:00:09'/><model type='virtio'/>"
+        f"<portForward proto='tcp'><range start='{port}' to='22'/></portForward><backend type='passt'/></interface>"),
+        caps, scratch)
+    sock = scratch / "run" / "passt-net0.sock"
+    (nd,) = json_options(cmd.argv, "-netdev")
+    assert nd == {"type": "stream", "addr": {"type": "unix", "path": str(sock)}, "server": False, "id": "hostnet0"}
+    (spec,) = cmd.helpers
+    assert spec.socket == sock and f"{port}:22" in spec.argv
+    prepare(cmd)
+    running = helpers.start(cmd.helpers)
+    try:
+        async def ask(q: Qmp) -> Any:
+            await asyncio.sleep(0.5)  # passt sets up its forwards once QEMU is connected
+            with socket.create_connection(("127.0.0.1", port), timeout=2):
+                pass  # passt listens on the forwarded host port
+            return await q.hmp("info network")
+        info = in_qemu(cmd, ask, prepared=True)
+        assert "hostnet0: index=0,type=stream" in info and "52:54:00:00:00:09" in info
+    finally:
+        helpers.stop_sync(running)
 
 
 def test_vhostuser_interfaces_start_with_a_backend(caps: HostCaps, scratch: Path) -> None:

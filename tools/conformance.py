@@ -278,6 +278,7 @@ class Rewriter:
         for iface in devices.findall("interface"):
             self._iface(iface)
             self._vhostuser(iface)
+            self._passt_log(iface)
         for tag in CHARDEV_TAGS:
             for dev in devices.findall(tag):
                 self._chardev(dev, tag)
@@ -436,6 +437,17 @@ class Rewriter:
         for child in list(iface):
             if child.tag in HOST_SIDE_IFACE:
                 iface.remove(child)
+
+    def _passt_log(self, iface: ET.Element) -> None:
+        """A passt backend's host side: its log file moves to scratch, the host interface it
+        names (<source dev>, absent here) is dropped."""
+        for be in iface.findall("backend"):
+            if be.get("type") != "passt":
+                continue
+            if be.get("logFile"):
+                be.set("logFile", self._new("log", be.get("logFile", ""), "passt")[0] + ".log")
+            for src in iface.findall("source"):
+                iface.remove(src)
 
     def _vhostuser(self, iface: ET.Element) -> None:
         """A vhost-user NIC's socket moves to scratch, where a stub backend serves it (QEMU does

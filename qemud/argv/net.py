@@ -188,15 +188,16 @@ def passt_port_spec(pf: PortForward) -> str:
     return prefix + ",".join(parts)
 
 
-def passt_command(passt: str, iface: Interface, mac: str, sock: str, pidfile: str) -> list[str]:
-    """The passt process that backs a user-mode NIC with <backend type='passt'> (as libvirt runs
-    it): it serves one QEMU on ``sock`` and exits when QEMU goes."""
-    argv = [passt, "--one-off", "--socket", sock, "--mac-addr", mac, "--pid", pidfile]
+def passt_command(passt: str, iface: Interface, mac: str) -> list[str]:
+    """The passt process that backs a user-mode NIC with <backend type='passt'>, with libvirt's
+    options (qemuPasstStart); it serves QEMU's one connection (--fd, added by qemud.passt_shim)
+    in the foreground and exits when QEMU goes."""
+    argv = [passt, "--one-off", "--foreground", "--mac-addr", mac]
     if iface.mtu is not None:
         argv += ["--mtu", str(iface.mtu.size)]
     if iface.source is not None and iface.source.dev:
         argv += ["--interface", iface.source.dev]
-    for ip in iface.ip:
+    for ip in iface.ip or ():  # an ignored() field: None when absent
         extra = ip.model_extra or {}
         if extra.get("@address"):
             argv += ["--address", str(extra["@address"])]
@@ -210,7 +211,13 @@ def passt_command(passt: str, iface: Interface, mac: str, sock: str, pidfile: st
 
 
 def _passt(b: Builder, iface: Interface, i: int, path: str) -> dict[str, Any] | None:
-    """A user-mode NIC backed by passt: QEMU connects to passt's socket (-netdev stream)."""
+    """A user-mode NIC backed by passt: a supervised helper on a socket in the guest's runtime
+    directory, which QEMU connects to (-netdev stream)."""
+    import sys
+    from pathlib import Path
+
+    from qemud import passt_shim  # run as a file (stdlib only): no import path needed in the helper
+    from qemud.argv.builder import HelperSpec
     sock = b.socket_path(b.paths.run / f"passt-net{i}.sock", path)
     for n, pf in enumerate(iface.portForward):
         if not pf.range:
@@ -221,9 +228,11 @@ def _passt(b: Builder, iface: Interface, i: int, path: str) -> dict[str, Any] | 
         b.error(f"{path}/backend/@type", "the passt backend needs the passt program, which this host lacks "
                 "(install the passt package)")
         return None
-    # passt_command() is the process to run; qemud has no supervision of helper processes yet
-    b.error(f"{path}/backend/@type", "the passt backend needs qemud to start and supervise a passt "
-            "process, which it does not do yet; use the default user-mode (slirp) backend")
+    mac = iface.mac.address if iface.mac is not None else stable_mac(b.domain.uuid_value, i)
+    # qemud listens on the socket and hands it over; the shim accepts QEMU and becomes passt
+    b.helpers.append(HelperSpec(name=f"passt-net{i}", socket=Path(sock), log=b.paths.run / f"passt-net{i}.log",
+                                argv=[sys.executable, "-I", passt_shim.__file__, "{fd}",
+                                      *passt_command(passt, iface, mac)]))
     return {"type": "stream", "addr": {"type": "unix", "path": sock}, "server": False}
 
 
