@@ -197,7 +197,7 @@ def passt_command(passt: str, iface: Interface, mac: str) -> list[str]:
         argv += ["--mtu", str(iface.mtu.size)]
     if iface.source is not None and iface.source.dev:
         argv += ["--interface", iface.source.dev]
-    for ip in iface.ip or ():  # an ignored() field: None when absent
+    for ip in iface.ip:
         extra = ip.model_extra or {}
         if extra.get("@address"):
             argv += ["--address", str(extra["@address"])]
@@ -295,6 +295,8 @@ def _extras_ok(b: Builder, iface: Interface, path: str, virtio: bool) -> bool:
             b.warn(f"{path}/{what}", f"<{what}> is a host-side setting of the network (libvirt applies it "
                    f"{where}); qemud does not apply it")
     bk = iface.backend
+    if iface.ip and not (bk is not None and bk.type == "passt"):
+        b.warn(f"{path}/ip", "guest-side addresses only apply to containers and the passt backend")
     if bk is not None and bk.type == "passt":
         pass  # _passt()
     elif iface.portForward:

@@ -165,5 +165,6 @@ class Interface(Element):
     bandwidth: Opaque | None = ignored("host-side traffic shaping is not applied by qemud")
     virtualport: Opaque | None = ignored("Open vSwitch port profiles are not applied by qemud")
     guest: Opaque | None = ignored("a guest-side interface name only applies to containers")
-    ip: Many[Opaque] = ignored("guest-side addresses only apply to containers")
+    #: the guest's address: passt hands it out (--address); otherwise containers only (net.py warns)
+    ip: Many[Opaque]
     route: Many[Opaque] = ignored("guest-side routes only apply to containers")
