@@ -169,8 +169,11 @@ class Rewriter:
         """A file holding SECRET for every <secret uuid|usage> the domain names, in a secrets
         directory of the scratch folder (the translation is pointed at it)."""
         from qemud.secrets import secret_file_name
-        for sec in root.iter("secret"):
-            name = secret_file_name(sec.get("uuid"), sec.get("usage"))
+        refs = [(sec.get("uuid"), sec.get("usage")) for sec in root.iter("secret")]
+        # a TPM's <encryption secret='UUID'> names its secret by an attribute
+        refs += [(e.get("secret"), None) for e in root.findall("devices/tpm/backend/encryption")]
+        for uuid, usage in refs:
+            name = secret_file_name(uuid, usage)
             if not name:
                 continue
             self.secrets_dir.mkdir(mode=0o700, exist_ok=True)
