@@ -13,7 +13,8 @@ For every ``*.xml`` of the corpus (libvirt 9.0's qemuxml2argv inputs, see its RE
    vhostuser, hostdev and vdpa interfaces stay as they are, as they did for libvirt),
    char-device, VNC/SPICE-socket and filesystem paths -> a scratch folder, files handed to the
    guest (ACPI tables, fw_cfg blobs) -> scratch files, <blkiotune> devices -> the block device
-   holding the scratch folder.  A unix char device in
+   holding the scratch folder, NBD disks -> scratch images exported by a local
+   qemu-storage-daemon (TCP on 127.0.0.1, or a unix socket).  A unix char device in
    mode='connect' finds a listening socket at its scratch path: libvirt realized such inputs
    (serial-unix-chardev, channel-unix-guestfwd, ...), so the measurement's had a peer too;
 2. parses it (``parse_domain``), translates it (``build_argv(paused=True)``) with a per-file
@@ -127,6 +128,11 @@ class Rewriter:
         self.notes: list[str] = []
         #: scratch paths of unix sockets the domain connects to (mode='connect'): listened on
         self.peers: list[str] = []
+        #: NBD exports the domain's network disks read: (export name, image) served by a local
+        #: qemu-storage-daemon on ``nbd_port`` (TCP) and ``nbd_socket`` (unix)
+        self.nbd_exports: dict[tuple[str, str], str] = {}  # (inet|unix, export) -> image
+        self.nbd_port = 0
+        self.nbd_socket = str(scratch / "nbd.sock")
         #: (socket, directory) of virtiofs shares served by a virtiofsd the domain does not run
         self.virtiofs_peers: list[tuple[str, str]] = []
         #: (socket, state directory) of external TPMs: an swtpm the domain does not run
@@ -239,6 +245,7 @@ class Rewriter:
         self._secrets(root)
         self._blkiotune(root)
         self._host_files(root)
+        self._nbd(root)
         devices = root.find("devices")
         if devices is None:
             devices = ET.SubElement(root, "devices")
@@ -335,6 +342,36 @@ class Rewriter:
             if nvram.get("template") or (pflash and not stateless and nvram.get("type") != "network"):
                 nvram.set("template", OVMF_VARS)
 
+    def _nbd(self, root: ET.Element) -> None:
+        """NBD disks (and NBD NVRAM) name servers of libvirt's test machine: like file disks
+        become scratch images, each export becomes a scratch image served by a local
+        qemu-storage-daemon, and the disk points at it (TCP hosts at 127.0.0.1, unix sockets at
+        its socket); the guest-side settings stay as written."""
+        sources = [d.find("source") for d in root.findall("devices/disk")
+                   if d.get("type") == "network" and d.find("source") is not None]
+        sources += root.findall("os/nvram/source") if root.find("os/nvram[@type='network']") is not None else []
+        for src in sources:
+            if src is None or src.get("protocol") != "nbd" or src.get("tls") == "yes":
+                continue
+            name = src.get("name") or ""
+            nvram = src in root.findall("os/nvram/source")
+            for host in src.findall("host"):
+                kind = "unix" if host.get("transport") == "unix" else "inet"
+                if (kind, name) not in self.nbd_exports:
+                    self.nbd_exports[(kind, name)] = self.image("raw")
+                    if nvram:
+                        shutil.copyfile(OVMF_VARS, self.nbd_exports[(kind, name)])
+                if kind == "unix":
+                    host.set("socket", self.nbd_socket)
+                    continue
+                if not self.nbd_port:
+                    with socket.socket() as probe_sock:
+                        probe_sock.bind(("127.0.0.1", 0))
+                        self.nbd_port = probe_sock.getsockname()[1]
+                host.set("name", "127.0.0.1")
+                host.set("port", str(self.nbd_port))
+            self.notes.append(f"nbd export {name!r} -> a local qemu-storage-daemon")
+
     def _host_files(self, root: ET.Element) -> None:
         """Files on the test machine a domain hands to the guest (an ACPI table, a fw_cfg blob)
         become scratch files with some content, as disk images do."""
@@ -423,6 +460,38 @@ def _namespaces(text: str) -> list[tuple[str, str]]:
     except ET.ParseError:
         pass
     return out
+
+
+def serve_nbd(rw: Rewriter) -> list[int]:
+    """Start qemu-storage-daemons serving the rewrite's NBD exports: one on TCP, one on the unix
+    socket (a daemon has one NBD server), each with images of its own; their pids."""
+    pids = []
+    for kind in ("inet", "unix"):
+        exports = sorted((name, image) for (k, name), image in rw.nbd_exports.items() if k == kind)
+        if not exports:
+            continue
+        pidfile = rw.scratch / f"qsd-{kind}.pid"
+        addr = (f"addr.type=inet,addr.host=127.0.0.1,addr.port={rw.nbd_port}" if kind == "inet"
+                else f"addr.type=unix,addr.path={rw.nbd_socket}")
+        argv = ["qemu-storage-daemon", "--daemonize", "--pidfile", str(pidfile), "--nbd-server", addr]
+        for i, (name, image) in enumerate(exports):
+            argv += ["--blockdev", f"driver=file,node-name=f{i},filename={image}",
+                     "--blockdev", f"driver=raw,node-name=n{i},file=f{i}",
+                     "--export", f"type=nbd,id=e{i},node-name=n{i},name={name},writable=on"]
+        r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=20)
+        if r.returncode != 0:
+            stop_nbd(pids)
+            raise RuntimeError(f"qemu-storage-daemon: {r.stderr.decode(errors='replace').strip()}")
+        pids.append(int(pidfile.read_text().strip()))
+    return pids
+
+
+def stop_nbd(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _listen(paths: list[str]) -> list[socket.socket]:
@@ -557,12 +626,15 @@ def _run_one(xml_path: str, name: str, scratch: Path, guest: Guest, timeout: flo
             sock.close()
         line = str(exc).splitlines()[0]
         return {**out, "outcome": "rejected", "stage": "helpers", "message": line, "reason": _reason(line)}
+    nbd: list[int] = []
     try:
+        nbd = serve_nbd(rw)
         r = realize_sync(domain, cmd.argv, cmd.env, cmd.qmp, timeout=timeout, after_start=after_start)
     finally:
         for sock in listeners:
             sock.close()
         _stop_helpers(helpers)
+        stop_nbd(nbd)
         untune()
     out["queries"] = r.queries
     if r.timed_out and not r.started:
