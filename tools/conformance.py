@@ -697,6 +697,46 @@ class Running:
     ports: frozenset[int] = frozenset()
 
 
+_HUGEPAGES_WANTED = re.compile(r"needs (\d+) free (\d+) KiB hugepages, the host has (\d+)")
+
+
+def with_hugepages(results: list[dict[str, Any]], files: list[str], guest: Guest, base: Path,
+                   ns: argparse.Namespace, progress: bool) -> list[dict[str, Any]]:
+    """Run again, one by one, the inputs refused only for want of hugepages, each with the host's
+    pool of that page size grown by what it lacks (and put back after)."""
+    by_name = {os.path.basename(f): f for f in files}
+    out = []
+    for r in results:
+        m = _HUGEPAGES_WANTED.search(r.get("message", "")) if r["outcome"] == "rejected" else None
+        if m is None or len(r.get("problems", [])) > 1:
+            out.append(r)
+            continue
+        need, size, have = (int(x) for x in m.groups())
+        pool = Path(f"/sys/kernel/mm/hugepages/hugepages-{size}kB/nr_hugepages")
+        try:
+            before = int(pool.read_text())
+            pool.write_text(str(before + need - have))
+            got = int(pool.read_text())
+        except OSError as exc:
+            r["hugepages"] = f"could not grow the pool: {exc.strerror}"
+            out.append(r)
+            continue
+        try:
+            if got - before < need - have:
+                r["hugepages"] = f"the kernel gave {got - before} of {need - have} {size} KiB pages"
+                out.append(r)
+                continue
+            [again] = run_all([by_name[r["file"]]], 1, guest, base, ns.timeout, ns.hard_timeout, ns.keep, False)
+            again["hugepages"] = f"{need - have} x {size} KiB pages added to the host's pool for this input"
+            if progress:
+                print(f"  {r['file']}: with {need - have} more {size} KiB hugepages: {again['outcome']}",
+                      file=sys.stderr)
+            out.append(again)
+        finally:
+            pool.write_text(str(before))
+    return out
+
+
 def run_all(files: list[str], jobs: int, guest: Guest, base: Path, timeout: float,
             hard_timeout: float, keep: bool, progress: bool) -> list[dict[str, Any]]:
     ctx = multiprocessing.get_context("fork")
@@ -1001,6 +1041,10 @@ def report(results: list[dict[str, Any]], corpus: Path, elapsed: float, jobs: in
         return "  ".join(f"{o} {c.get(o, 0)}" for o in OUTCOMES)
 
     w(f"qemud conformance over {corpus} ({len(results)} inputs, {jobs} jobs, {elapsed:.0f} s)")
+    given = [r for r in results if "hugepages" in r and r["outcome"] == "realized"]
+    if given:
+        w(f"(--hugepages: {len(given)} inputs realized once the host's hugepage pool was grown for them: "
+          f"{', '.join(r['file'] for r in given)})")
     w("")
     w(f"all inputs ({len(results)}):              {counts(results)}")
     accepted = [r for r in results if libvirt_accepts(corpus, r["file"])]
@@ -1065,6 +1109,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the scratch folders")
     ap.add_argument("--top", type=int, default=25, help="how many rejection reasons to list")
     ap.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    ap.add_argument("--hugepages", action="store_true",
+                    help="give the host the hugepages an input lacks (root): inputs refused only because "
+                         "the host's hugepage pool is empty run again, one at a time, with the pool grown "
+                         "to what they need, which is put back after each")
     ns = ap.parse_args(argv)
 
     corpus = ns.corpus.resolve()
@@ -1085,6 +1133,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = run_all(files, max(1, ns.jobs), guest, base, ns.timeout, ns.hard_timeout, ns.keep,
                           not ns.quiet)
+        if ns.hugepages:
+            results = with_hugepages(results, files, guest, base, ns, not ns.quiet)
     finally:
         if not ns.keep:
             shutil.rmtree(base, ignore_errors=True)
