@@ -13,7 +13,8 @@ For every ``*.xml`` of the corpus (libvirt 9.0's qemuxml2argv inputs, see its RE
    vhostuser, hostdev and vdpa interfaces stay as they are, as they did for libvirt),
    char-device, VNC/SPICE-socket and filesystem paths -> a scratch folder, files handed to the
    guest (ACPI tables, fw_cfg blobs) -> scratch files, <blkiotune> devices -> the block device
-   holding the scratch folder.  A unix char device in
+   holding the scratch folder, NBD disks -> scratch images exported by a local
+   qemu-storage-daemon (TCP on 127.0.0.1, or a unix socket).  A unix char device in
    mode='connect' finds a listening socket at its scratch path: libvirt realized such inputs
    (serial-unix-chardev, channel-unix-guestfwd, ...), so the measurement's had a peer too;
 2. parses it (``parse_domain``), translates it (``build_argv(paused=True)``) with a per-file
@@ -152,6 +153,11 @@ class Rewriter:
         self.tls: dict[str, str] = {}
         #: vhost-user sockets (path, QEMU's mode) a stub backend must serve
         self.vhost_users: list[tuple[str, str]] = []
+        #: NBD exports the domain's network disks read: (export name, image) served by a local
+        #: qemu-storage-daemon on ``nbd_port`` (TCP) and ``nbd_socket`` (unix)
+        self.nbd_exports: dict[tuple[str, str], str] = {}  # (inet|unix, export) -> image
+        self.nbd_port = 0
+        self.nbd_socket = str(scratch / "nbd.sock")
         #: (socket, directory) of virtiofs shares served by a virtiofsd the domain does not run
         self.virtiofs_peers: list[tuple[str, str]] = []
         #: (socket, state directory) of external TPMs: an swtpm the domain does not run
@@ -194,8 +200,11 @@ class Rewriter:
         """A file holding SECRET for every <secret uuid|usage> the domain names, in a secrets
         directory of the scratch folder (the translation is pointed at it)."""
         from qemud.secrets import secret_file_name
-        for sec in root.iter("secret"):
-            name = secret_file_name(sec.get("uuid"), sec.get("usage"))
+        refs = [(sec.get("uuid"), sec.get("usage")) for sec in root.iter("secret")]
+        # a TPM's <encryption secret='UUID'> names its secret by an attribute
+        refs += [(e.get("secret"), None) for e in root.findall("devices/tpm/backend/encryption")]
+        for uuid, usage in refs:
+            name = secret_file_name(uuid, usage)
             if not name:
                 continue
             self.secrets_dir.mkdir(mode=0o700, exist_ok=True)
@@ -262,6 +271,7 @@ class Rewriter:
         self._secrets(root)
         self._blkiotune(root)
         self._host_files(root)
+        self._nbd(root)
         devices = root.find("devices")
         if devices is None:
             devices = ET.SubElement(root, "devices")
@@ -369,6 +379,36 @@ class Rewriter:
             stateless = loader is not None and loader.get("stateless") == "yes"
             if nvram.get("template") or (pflash and not stateless and nvram.get("type") != "network"):
                 nvram.set("template", OVMF_VARS)
+
+    def _nbd(self, root: ET.Element) -> None:
+        """NBD disks (and NBD NVRAM) name servers of libvirt's test machine: like file disks
+        become scratch images, each export becomes a scratch image served by a local
+        qemu-storage-daemon, and the disk points at it (TCP hosts at 127.0.0.1, unix sockets at
+        its socket); the guest-side settings stay as written."""
+        sources = [d.find("source") for d in root.findall("devices/disk")
+                   if d.get("type") == "network" and d.find("source") is not None]
+        sources += root.findall("os/nvram/source") if root.find("os/nvram[@type='network']") is not None else []
+        for src in sources:
+            if src is None or src.get("protocol") != "nbd" or src.get("tls") == "yes":
+                continue
+            name = src.get("name") or ""
+            nvram = src in root.findall("os/nvram/source")
+            for host in src.findall("host"):
+                kind = "unix" if host.get("transport") == "unix" else "inet"
+                if (kind, name) not in self.nbd_exports:
+                    self.nbd_exports[(kind, name)] = self.image("raw")
+                    if nvram:
+                        shutil.copyfile(OVMF_VARS, self.nbd_exports[(kind, name)])
+                if kind == "unix":
+                    host.set("socket", self.nbd_socket)
+                    continue
+                if not self.nbd_port:
+                    with socket.socket() as probe_sock:
+                        probe_sock.bind(("127.0.0.1", 0))
+                        self.nbd_port = probe_sock.getsockname()[1]
+                host.set("name", "127.0.0.1")
+                host.set("port", str(self.nbd_port))
+            self.notes.append(f"nbd export {name!r} -> a local qemu-storage-daemon")
 
     def _host_files(self, root: ET.Element) -> None:
         """Files on the test machine a domain hands to the guest (an ACPI table, a fw_cfg blob)
@@ -480,6 +520,38 @@ def _namespaces(text: str) -> list[tuple[str, str]]:
     except ET.ParseError:
         pass
     return out
+
+
+def serve_nbd(rw: Rewriter) -> list[int]:
+    """Start qemu-storage-daemons serving the rewrite's NBD exports: one on TCP, one on the unix
+    socket (a daemon has one NBD server), each with images of its own; their pids."""
+    pids = []
+    for kind in ("inet", "unix"):
+        exports = sorted((name, image) for (k, name), image in rw.nbd_exports.items() if k == kind)
+        if not exports:
+            continue
+        pidfile = rw.scratch / f"qsd-{kind}.pid"
+        addr = (f"addr.type=inet,addr.host=127.0.0.1,addr.port={rw.nbd_port}" if kind == "inet"
+                else f"addr.type=unix,addr.path={rw.nbd_socket}")
+        argv = ["qemu-storage-daemon", "--daemonize", "--pidfile", str(pidfile), "--nbd-server", addr]
+        for i, (name, image) in enumerate(exports):
+            argv += ["--blockdev", f"driver=file,node-name=f{i},filename={image}",
+                     "--blockdev", f"driver=raw,node-name=n{i},file=f{i}",
+                     "--export", f"type=nbd,id=e{i},node-name=n{i},name={name},writable=on"]
+        r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=20)
+        if r.returncode != 0:
+            stop_nbd(pids)
+            raise RuntimeError(f"qemu-storage-daemon: {r.stderr.decode(errors='replace').strip()}")
+        pids.append(int(pidfile.read_text().strip()))
+    return pids
+
+
+def stop_nbd(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _listen(paths: list[str]) -> list[socket.socket]:
@@ -615,7 +687,9 @@ def _run_one(xml_path: str, name: str, scratch: Path, guest: Guest, timeout: flo
         line = str(exc).splitlines()[0]
         return {**out, "outcome": "rejected", "stage": "helpers", "message": line, "reason": _reason(line)}
     stub = VhostUserStub(rw.vhost_users) if rw.vhost_users else None
+    nbd: list[int] = []
     try:
+        nbd = serve_nbd(rw)
         r = realize_sync(domain, cmd.argv, cmd.env, cmd.qmp, timeout=timeout, after_start=after_start)
     finally:
         for sock in listeners:
@@ -623,6 +697,7 @@ def _run_one(xml_path: str, name: str, scratch: Path, guest: Guest, timeout: flo
         if stub is not None:
             stub.close()
         _stop_helpers(helpers)
+        stop_nbd(nbd)
         untune()
     out["queries"] = r.queries
     if r.timed_out and not r.started:
@@ -683,6 +758,46 @@ class Running:
     result_file: Path
     deadline: float
     ports: frozenset[int] = frozenset()
+
+
+_HUGEPAGES_WANTED = re.compile(r"needs (\d+) free (\d+) KiB hugepages, the host has (\d+)")
+
+
+def with_hugepages(results: list[dict[str, Any]], files: list[str], guest: Guest, base: Path,
+                   ns: argparse.Namespace, progress: bool) -> list[dict[str, Any]]:
+    """Run again, one by one, the inputs refused only for want of hugepages, each with the host's
+    pool of that page size grown by what it lacks (and put back after)."""
+    by_name = {os.path.basename(f): f for f in files}
+    out = []
+    for r in results:
+        m = _HUGEPAGES_WANTED.search(r.get("message", "")) if r["outcome"] == "rejected" else None
+        if m is None or len(r.get("problems", [])) > 1:
+            out.append(r)
+            continue
+        need, size, have = (int(x) for x in m.groups())
+        pool = Path(f"/sys/kernel/mm/hugepages/hugepages-{size}kB/nr_hugepages")
+        try:
+            before = int(pool.read_text())
+            pool.write_text(str(before + need - have))
+            got = int(pool.read_text())
+        except OSError as exc:
+            r["hugepages"] = f"could not grow the pool: {exc.strerror}"
+            out.append(r)
+            continue
+        try:
+            if got - before < need - have:
+                r["hugepages"] = f"the kernel gave {got - before} of {need - have} {size} KiB pages"
+                out.append(r)
+                continue
+            [again] = run_all([by_name[r["file"]]], 1, guest, base, ns.timeout, ns.hard_timeout, ns.keep, False)
+            again["hugepages"] = f"{need - have} x {size} KiB pages added to the host's pool for this input"
+            if progress:
+                print(f"  {r['file']}: with {need - have} more {size} KiB hugepages: {again['outcome']}",
+                      file=sys.stderr)
+            out.append(again)
+        finally:
+            pool.write_text(str(before))
+    return out
 
 
 def run_all(files: list[str], jobs: int, guest: Guest, base: Path, timeout: float,
@@ -989,6 +1104,10 @@ def report(results: list[dict[str, Any]], corpus: Path, elapsed: float, jobs: in
         return "  ".join(f"{o} {c.get(o, 0)}" for o in OUTCOMES)
 
     w(f"qemud conformance over {corpus} ({len(results)} inputs, {jobs} jobs, {elapsed:.0f} s)")
+    given = [r for r in results if "hugepages" in r and r["outcome"] == "realized"]
+    if given:
+        w(f"(--hugepages: {len(given)} inputs realized once the host's hugepage pool was grown for them: "
+          f"{', '.join(r['file'] for r in given)})")
     w("")
     w(f"all inputs ({len(results)}):              {counts(results)}")
     accepted = [r for r in results if libvirt_accepts(corpus, r["file"])]
@@ -1053,6 +1172,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the scratch folders")
     ap.add_argument("--top", type=int, default=25, help="how many rejection reasons to list")
     ap.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    ap.add_argument("--hugepages", action="store_true",
+                    help="give the host the hugepages an input lacks (root): inputs refused only because "
+                         "the host's hugepage pool is empty run again, one at a time, with the pool grown "
+                         "to what they need, which is put back after each")
     ns = ap.parse_args(argv)
 
     corpus = ns.corpus.resolve()
@@ -1073,6 +1196,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = run_all(files, max(1, ns.jobs), guest, base, ns.timeout, ns.hard_timeout, ns.keep,
                           not ns.quiet)
+        if ns.hugepages:
+            results = with_hugepages(results, files, guest, base, ns, not ns.quiet)
     finally:
         if not ns.keep:
             shutil.rmtree(base, ignore_errors=True)

@@ -275,6 +275,12 @@ def _backend(b: Builder, oid: str, size: int, *, node: int | None, page_kib: int
                                "hugetlbsize": page_kib * 1024}
         obj["share"] = bool(shared)
         prealloc = True  # as libvirt: hugepages are taken at start, not faulted in later
+        if size % (page_kib * 1024):
+            # a hugetlbfs file would be rounded up; a hugetlb memfd cannot be sized at all
+            b.error("/domain/memoryBacking/hugepages",
+                    f"{oid}: {size >> 20} MiB of guest memory is not a whole number of {page_kib} KiB "
+                    "hugepages; make the memory (or the NUMA cell) a multiple of the page size, or back "
+                    "it with smaller pages")
         if prealloc_counts:
             _need(b, page_kib, size)
     elif source in ("file", "memfd") or shared:
