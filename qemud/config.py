@@ -72,18 +72,6 @@ def tls_dirs(data: dict, path: Path) -> dict[str, str]:
     return out
 
 
-def host_tls(config: Path | None = None) -> dict[str, str]:
-    """qemud.conf's TLS settings (empty when the file is missing or unreadable)."""
-    if config is None:
-        from qemud.paths import Dirs
-        config = Dirs.default().config
-    try:
-        with open(config, "rb") as fh:
-            return tls_dirs(tomllib.load(fh), config)
-    except (OSError, tomllib.TOMLDecodeError, QemudError):
-        return {}
-
-
 @dataclass(frozen=True)
 class Config:
     """qemud.conf; every key and its default is in the shipped etc/qemud/qemud.conf."""
@@ -175,4 +163,4 @@ def with_storage_config(caps, config: Config):  # type: ignore[no-untyped-def]
     return caps if host is caps.host else replace(caps, host=host)
 
 
-__all__ = ["host_networks", "host_tls", "load_config", "Config", "with_storage_config"]
+__all__ = ["host_networks", "load_config", "Config", "with_storage_config"]
