@@ -14,9 +14,11 @@ For every ``*.xml`` of the corpus (libvirt 9.0's qemuxml2argv inputs, see its RE
    char-device, VNC/SPICE-socket and filesystem paths -> a scratch folder, files handed to the
    guest (ACPI tables, fw_cfg blobs) -> scratch files, <blkiotune> devices -> the block device
    holding the scratch folder, NBD disks -> scratch images exported by a local
-   qemu-storage-daemon (TCP on 127.0.0.1, or a unix socket).  A unix char device in
-   mode='connect' finds a listening socket at its scratch path: libvirt realized such inputs
-   (serial-unix-chardev, channel-unix-guestfwd, ...), so the measurement's had a peer too;
+   qemu-storage-daemon (TCP on 127.0.0.1, or a unix socket).  A unix char device that
+   connects (mode='connect', or no mode) finds a listening socket at its scratch path: libvirt
+   realized such inputs (serial-unix-chardev, channel-unix-guestfwd, ...), so the measurement's
+   had a peer too; so does a TCP char device connecting to a local address, a pipe char device
+   finds its two FIFOs, and a host serial port (type='dev') is a pseudo-terminal;
 2. parses it (``parse_domain``), translates it (``build_argv(paused=True)``) with a per-file
    runtime directory under a short scratch path, and
 3. starts it in QEMU and checks it over QMP (``tests/support/realize.py``).
@@ -149,6 +151,10 @@ class Rewriter:
         self.notes: list[str] = []
         #: scratch paths of unix sockets the domain connects to (mode='connect'): listened on
         self.peers: list[str] = []
+        #: local (host, port)s a TCP chardev connects to: listened on
+        self.tcp_peers: list[tuple[str, int]] = []
+        #: pseudo-terminals standing in for host serial ports (master fds, kept open meanwhile)
+        self.ptys: list[int] = []
         #: qemud.conf TLS settings the input needs (service -> scratch x509 dir)
         self.tls: dict[str, str] = {}
         #: vhost-user sockets (path, QEMU's mode) a stub backend must serve
@@ -500,13 +506,34 @@ class Rewriter:
                 src.set("path", p)
                 self.vhost_users.append((p, src.get("mode", "")))
 
+    def _pty(self) -> str:
+        master, slave = os.openpty()
+        name = os.ttyname(slave)
+        os.close(slave)
+        self.ptys.append(master)
+        return name
+
     def _chardev(self, dev: ET.Element, tag: str) -> None:
+        kind = dev.get("type")
         for src in dev.findall("source"):
             if src.get("path"):
                 p = self._new("char", src.get("path", ""), tag)[0]
                 src.set("path", p)
-                if dev.get("type") == "unix" and src.get("mode") == "connect" and p not in self.peers:
+                # qemud connects when no mode is given, as libvirt does for a path it did not
+                # generate itself
+                if kind == "unix" and src.get("mode", "connect") == "connect" and p not in self.peers:
                     self.peers.append(p)
+                if kind == "pipe":  # QEMU opens PATH.in and PATH.out (or PATH): two FIFOs here
+                    for suffix in (".in", ".out"):
+                        if not os.path.exists(p + suffix):
+                            os.mkfifo(p + suffix, 0o600)
+                if kind == "dev" and tag in ("serial", "console"):
+                    # a host serial port: a pseudo-terminal stands in for it (a tty all the same)
+                    src.set("path", self._pty())
+            if kind == "tcp" and src.get("mode", "connect") == "connect" and \
+                    src.get("host", "") in ("127.0.0.1", "localhost", "::1") and (src.get("service") or "").isdigit():
+                # a local TCP server the guest's chardev connects to: one listens here
+                self.tcp_peers.append((src.get("host", ""), int(src.get("service", "0"))))
         for log in dev.findall("log"):
             if log.get("file"):
                 log.set("file", self._new("log", log.get("file", ""), "log")[0])
@@ -552,6 +579,24 @@ def stop_nbd(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def _listen_tcp(addrs: list[tuple[str, int]]) -> list[socket.socket]:
+    """A listening TCP socket on each local address (fixed_ports keeps inputs naming the same
+    port apart)."""
+    out = []
+    for host, port in addrs:
+        family = socket.AF_INET6 if host == "::1" else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1" if host == "localhost" else host, port))
+            s.listen(16)
+        except OSError:
+            s.close()
+            continue
+        out.append(s)
+    return out
 
 
 def _listen(paths: list[str]) -> list[socket.socket]:
@@ -677,7 +722,7 @@ def _run_one(xml_path: str, name: str, scratch: Path, guest: Guest, timeout: flo
         return {**out, "outcome": "rejected", "stage": "prepare", "message": line, "reason": _reason(line)}
     except Exception:  # noqa: BLE001
         return crashed("prepare")
-    listeners = _listen(rw.peers)
+    listeners = _listen(rw.peers) + _listen_tcp(rw.tcp_peers)
     after_start, untune = tuner(cmd, caps, f"conformance-{Path(xml_path).stem}")
     try:
         helpers = _start_helpers(cmd, rw, caps.host.helpers.get("virtiofsd"))
@@ -699,6 +744,8 @@ def _run_one(xml_path: str, name: str, scratch: Path, guest: Guest, timeout: flo
         _stop_helpers(helpers)
         stop_nbd(nbd)
         untune()
+        for fd in rw.ptys:
+            os.close(fd)
     out["queries"] = r.queries
     if r.timed_out and not r.started:
         return {**out, "outcome": "crashed", "stage": "qemu", "message": f"hang: {r.error}",
