@@ -14,7 +14,8 @@ For every ``*.xml`` of the corpus (libvirt 9.0's qemuxml2argv inputs, see its RE
    char-device, VNC/SPICE-socket and filesystem paths -> a scratch folder, files handed to the
    guest (ACPI tables, fw_cfg blobs) -> scratch files, <blkiotune> devices -> the block device
    holding the scratch folder, NBD disks -> scratch images exported by a local
-   qemu-storage-daemon (TCP on 127.0.0.1, or a unix socket).  A unix char device that
+   qemu-storage-daemon (TCP on 127.0.0.1, with TLS from a scratch CA where the disk asks for
+   it, or a unix socket).  A unix char device that
    connects (mode='connect', or no mode) finds a listening socket at its scratch path: libvirt
    realized such inputs (serial-unix-chardev, channel-unix-guestfwd, ...), so the measurement's
    had a peer too; so does a TCP char device connecting to a local address, a pipe char device
@@ -99,9 +100,11 @@ class Guest:
     initrd: str
 
 
-def make_x509_dir(d: Path) -> str:
+def make_x509_dir(d: Path, names: tuple[str, ...] = ()) -> str:
     """A scratch CA and a server certificate signed by it: ca-cert.pem, server-cert.pem,
-    server-key.pem (the files QEMU's x509-dir and tls-creds-x509 read)."""
+    server-key.pem (the files QEMU's x509-dir and tls-creds-x509 read), and a client certificate
+    (client-cert.pem, client-key.pem) for QEMU as a TLS client; the server's names are
+    localhost, 127.0.0.1 and ``names``."""
     d.mkdir(parents=True, exist_ok=True)
 
     def ssl(*args: str) -> None:
@@ -113,9 +116,16 @@ def make_x509_dir(d: Path) -> str:
     ssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
         "-keyout", "server-key.pem", "-out", "server.csr", "-subj", "/CN=localhost")
     (d / "server.ext").write_text("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
-                                  "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n")
+                                  "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1"
+                                  + "".join(f",DNS:{n}" for n in names) + "\n")
     ssl("x509", "-req", "-in", "server.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
         "-CAcreateserial", "-out", "server-cert.pem", "-days", "2", "-extfile", "server.ext")
+    ssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", "client-key.pem", "-out", "client.csr", "-subj", "/CN=qemud test client")
+    (d / "client.ext").write_text("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+                                  "extendedKeyUsage=clientAuth\n")
+    ssl("x509", "-req", "-in", "client.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
+        "-CAcreateserial", "-out", "client-cert.pem", "-days", "2", "-extfile", "client.ext")
     return str(d)
 
 
@@ -160,9 +170,10 @@ class Rewriter:
         #: vhost-user sockets (path, QEMU's mode) a stub backend must serve
         self.vhost_users: list[tuple[str, str]] = []
         #: NBD exports the domain's network disks read: (export name, image) served by a local
-        #: qemu-storage-daemon on ``nbd_port`` (TCP) and ``nbd_socket`` (unix)
+        #: qemu-storage-daemon on ``nbd_ports`` (TCP; with TLS on its own port) and ``nbd_socket`` (unix)
         self.nbd_exports: dict[tuple[str, str], str] = {}  # (inet|unix, export) -> image
-        self.nbd_port = 0
+        self.nbd_ports: dict[str, int] = {}  # inet|tls -> its TCP port
+        self.nbd_tls_dir: str | None = None  # the x509 dir of the TLS server and of QEMU
         self.nbd_socket = str(scratch / "nbd.sock")
         #: (socket, directory) of virtiofs shares served by a virtiofsd the domain does not run
         self.virtiofs_peers: list[tuple[str, str]] = []
@@ -395,12 +406,17 @@ class Rewriter:
                    if d.get("type") == "network" and d.find("source") is not None]
         sources += root.findall("os/nvram/source") if root.find("os/nvram[@type='network']") is not None else []
         for src in sources:
-            if src is None or src.get("protocol") != "nbd" or src.get("tls") == "yes":
+            if src is None or src.get("protocol") != "nbd":
                 continue
+            tls = src.get("tls") == "yes"
+            if tls and self.nbd_tls_dir is None:  # a CA, the server's certificate (for the name
+                # QEMU checks: tlsHostname, else the host) and QEMU's client certificate
+                self.nbd_tls_dir = make_x509_dir(self.scratch / "nbd-pki", tuple(
+                    n for n in (src.get("tlsHostname"),) if n))
             name = src.get("name") or ""
             nvram = src in root.findall("os/nvram/source")
             for host in src.findall("host"):
-                kind = "unix" if host.get("transport") == "unix" else "inet"
+                kind = "unix" if host.get("transport") == "unix" else "tls" if tls else "inet"
                 if (kind, name) not in self.nbd_exports:
                     self.nbd_exports[(kind, name)] = self.image("raw")
                     if nvram:
@@ -408,12 +424,12 @@ class Rewriter:
                 if kind == "unix":
                     host.set("socket", self.nbd_socket)
                     continue
-                if not self.nbd_port:
+                if kind not in self.nbd_ports:
                     with socket.socket() as probe_sock:
                         probe_sock.bind(("127.0.0.1", 0))
-                        self.nbd_port = probe_sock.getsockname()[1]
+                        self.nbd_ports[kind] = probe_sock.getsockname()[1]
                 host.set("name", "127.0.0.1")
-                host.set("port", str(self.nbd_port))
+                host.set("port", str(self.nbd_ports[kind]))
             self.notes.append(f"nbd export {name!r} -> a local qemu-storage-daemon")
 
     def _host_files(self, root: ET.Element) -> None:
@@ -553,14 +569,18 @@ def serve_nbd(rw: Rewriter) -> list[int]:
     """Start qemu-storage-daemons serving the rewrite's NBD exports: one on TCP, one on the unix
     socket (a daemon has one NBD server), each with images of its own; their pids."""
     pids = []
-    for kind in ("inet", "unix"):
+    for kind in ("inet", "tls", "unix"):
         exports = sorted((name, image) for (k, name), image in rw.nbd_exports.items() if k == kind)
         if not exports:
             continue
         pidfile = rw.scratch / f"qsd-{kind}.pid"
-        addr = (f"addr.type=inet,addr.host=127.0.0.1,addr.port={rw.nbd_port}" if kind == "inet"
-                else f"addr.type=unix,addr.path={rw.nbd_socket}")
-        argv = ["qemu-storage-daemon", "--daemonize", "--pidfile", str(pidfile), "--nbd-server", addr]
+        addr = (f"addr.type=unix,addr.path={rw.nbd_socket}" if kind == "unix"
+                else f"addr.type=inet,addr.host=127.0.0.1,addr.port={rw.nbd_ports[kind]}")
+        argv = ["qemu-storage-daemon", "--daemonize", "--pidfile", str(pidfile)]
+        if kind == "tls":
+            argv += ["--object", f"tls-creds-x509,id=tls0,endpoint=server,dir={rw.nbd_tls_dir},verify-peer=on"]
+            addr += ",tls-creds=tls0"
+        argv += ["--nbd-server", addr]
         for i, (name, image) in enumerate(exports):
             argv += ["--blockdev", f"driver=file,node-name=f{i},filename={image}",
                      "--blockdev", f"driver=raw,node-name=n{i},file=f{i}",
@@ -701,6 +721,9 @@ def _run_one(xml_path: str, name: str, scratch: Path, guest: Guest, timeout: flo
         if rw.secrets_dir.is_dir():  # the secrets the rewrite made
             from dataclasses import replace
             caps = replace(caps, host=replace(caps.host, secrets_dir=str(rw.secrets_dir)))
+        if rw.nbd_tls_dir is not None:  # [tls] x509_dir: QEMU's client certificate for NBD
+            from dataclasses import replace
+            caps = replace(caps, host=replace(caps.host, tls_x509_dir=rw.nbd_tls_dir))
         paths = GuestPaths(run=scratch / "run", state=scratch / "state")
         cmd = build_argv(domain, caps, paths, paused=True)
     except DomainError as exc:
