@@ -909,7 +909,22 @@ def _disk(b: Builder, d: Disk, i: int, path: str, counts: dict[str, int]) -> Non
         dev = add_virtio_props(b, dev, d.driver, path)
     else:
         refuse_virtio_options(b, d.driver, path, f"a disk on bus '{bus}'")
+    if bus == "usb" and d.device == "cdrom":
+        _usb_cdrom(b, dev)
+        return
     b.device(dev)
+
+
+def _usb_cdrom(b: Builder, dev: dict[str, Any]) -> None:
+    """A USB CD-ROM: a usb-bot mass-storage function with a scsi-cd on its bus.  usb-storage
+    would show the guest a hard disk (with -blockdev it cannot tell a CD-ROM image from a disk
+    one) and cannot exist without media; a scsi-cd is a CD-ROM drive, empty or not."""
+    bot = {"driver": "usb-bot", "bus": dev["bus"], **({"port": dev["port"]} if "port" in dev else {}),
+           "id": dev["id"]}
+    cd = {k: v for k, v in dev.items() if k not in ("driver", "bus", "port", "id", "removable")}
+    b.device(bot)
+    b.device({"driver": "scsi-cd", "bus": f"{dev['id']}.0", "scsi-id": 0, "lun": 0, **cd,
+              "id": f"{dev['id']}-cd"})
 
 
 def _js(props: dict[str, Any]) -> str:
