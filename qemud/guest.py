@@ -114,6 +114,8 @@ class Guest:
         self.proc: QemuProcess | None = None
         #: the helper processes (swtpm, virtiofsd) of the current QEMU: started before it, ended after
         self.helpers: list[Helper] = []
+        #: the definition whose translation problems were reported already (reported once)
+        self._translation_reported: str | None = None
         self._lost_helpers: list[str] = []  # recorded helpers found gone at an adoption
         self.qmp: Qmp | None = None
         self.cmd: Command | None = None
@@ -675,7 +677,8 @@ class Guest:
                 helper_procs.stop_sync(started)
                 raise
         except DomainError as exc:
-            self._cannot_start("; ".join(p.message for p in exc.problems))
+            self._report_translation(exc)
+            self._cannot_start("; ".join(f"{p.path}: {p.message}" if p.path else p.message for p in exc.problems))
             return
         except (QemudError, OSError) as exc:
             self._cannot_start(str(exc))
@@ -709,6 +712,17 @@ class Guest:
             started_at=time.time(), domain=self.domain.model_dump(by_alias=True, exclude_unset=True),
             extra={"console_log": str(cmd.console_log) if cmd.console_log else None,
                    "helpers": [h.to_json() for h in self.helpers]}))
+
+    def _report_translation(self, exc: DomainError) -> None:
+        """A problem found when the definition is translated (a value QEMU cannot take, a host
+        that lacks something) is reported like a problem found when reading the file: an
+        invalid-definition naming the file and the element, once per definition."""
+        if self._translation_reported == self.definition:
+            return
+        self._translation_reported = self.definition
+        for p in exc.with_file(self.file).problems:
+            self.env.log.emit("invalid-definition", p.format(), ERR, file=self.file, domain=self.name,
+                              uuid=self.uuid)
 
     def _cannot_start(self, why: str) -> None:
         """A start that failed before QEMU ran counts as a failed start."""
