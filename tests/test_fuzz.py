@@ -288,3 +288,45 @@ def test_event_line_with_a_newline_or_non_utf8_file_name_stays_one_line() -> Non
     first, second = (parse_line(x) for x in lines)
     assert first is not None and first[3]["FILE"] == "/d/a\\nb.xml" and first[2].startswith("/d/a\\nb.xml: ")
     assert second is not None and second[3]["FILE"] == "/d/caf\\xe9.xml"
+
+
+def _translate(xml: str):  # type: ignore[no-untyped-def]
+    d = parse_domain(xml, "r.xml")
+    return build_argv(d, CAPS, guest_paths(d.name))
+
+
+def test_acpi_table_path_with_a_colon_is_refused() -> None:
+    """QEMU splits -acpitable file= on ':' and reads every piece: 'a.dat:/etc/shadow' handed the
+    guest a second file (found by the injection property over the ACPI table slot)."""
+    xml = ("<domain type='qemu'><name>x</name><memory unit='MiB'>64</memory><os><type>hvm</type>"
+           "<acpi><table type='slic'>/var/lib/slic.dat:/etc/shadow</table></acpi></os>"
+           "<features><acpi/></features></domain>")
+    with pytest.raises(DomainError) as exc:
+        _translate(xml)
+    (p,) = exc.value.problems
+    assert p.path == "/domain/os/acpi/table[1]" and "':'" in p.message
+
+
+@pytest.mark.parametrize(("host", "portal"), [("192.0.2.1", "192.0.2.1:3260"), ("2001:db8::1", "[2001:db8::1]:3260"),
+                                              ("iscsi.example.org", "iscsi.example.org:3260"),
+                                              ("h,1", None), ('","driver":"evil', None), ("a/b", None)])
+def test_iscsi_portal_host_is_an_address_or_refused(host: str, portal: str | None) -> None:
+    """libiscsi reads the portal's last ':' as the port and ',' as a portal group tag: an IPv6
+    address went in unbracketed, and any string was taken as a host (also in http/ftp URLs)."""
+    from xml.sax.saxutils import quoteattr
+
+    from tests.conftest import json_options
+    xml = ("<domain type='qemu'><name>x</name><memory unit='MiB'>64</memory><os><type>hvm</type></os><devices>"
+           "<disk type='network'><source protocol='iscsi' name='iqn.2024-01.org.example:t/0'>"
+           f"<host name={quoteattr(host)} port='3260'/></source><target dev='vda' bus='virtio'/></disk></devices></domain>")
+    if portal is None:
+        with pytest.raises(DomainError) as exc:
+            _translate(xml)
+        assert exc.value.problems[0].path == "/domain/devices/disk[1]/source/host/@name"
+        http = xml.replace("protocol='iscsi' name='iqn.2024-01.org.example:t/0'", "protocol='https' name='a.iso'")
+        with pytest.raises(DomainError):
+            _translate(http)
+        return
+    cmd = _translate(xml)
+    (node,) = [n for n in json_options(cmd.argv, "-blockdev") if n["node-name"] == "drive0-file"]
+    assert node["portal"] == portal
