@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from typing import Any
 
 from qemud.argv.builder import Builder
@@ -19,6 +21,25 @@ FORMATS = {"raw", "qcow2", "qed", "vmdk", "vpc", "vdi", "vhdx", "luks", "dmg", "
            "parallels", "qcow"}
 NETWORK_DRIVERS = {"nbd": "nbd", "iscsi": "iscsi", "http": "http", "https": "https", "ftp": "ftp",
                    "ftps": "ftps", "rbd": "rbd", "gluster": "gluster", "ssh": "ssh", "nfs": "nfs"}
+
+
+_HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+
+
+def network_host(b: Builder, name: str, path: str) -> str | None:
+    """A <host name=...> as it goes into a portal ("host:port") or a URL: an IPv6 address in
+    brackets, a host name or IPv4 address as it is; anything else is refused (libiscsi reads
+    ',' as a portal group tag and the last ':' as the port, a URL reads '/', '@', '?')."""
+    try:
+        if ipaddress.ip_address(name).version == 6:
+            return f"[{name}]"
+        return name
+    except ValueError:
+        pass
+    if not _HOSTNAME.fullmatch(name):
+        b.error(path, f"{name!r} is not a host name or an IP address")
+        return None
+    return name
 
 
 def _ctrl(b: Builder, kind: str, index: int) -> Controller | None:
@@ -94,7 +115,10 @@ def _storage(b: Builder, d: Disk, path: str, node: str) -> dict[str, Any] | None
                 return {}
             port = f":{h.port}" if h.port else ""
             from urllib.parse import quote
-            props.update(driver=proto, url=f"{proto}://{h.name}{port}/{quote(name.lstrip('/'), safe='/')}")
+            host = network_host(b, h.name, f"{path}/source/host/@name")
+            if host is None:
+                return {}
+            props.update(driver=proto, url=f"{proto}://{host}{port}/{quote(name.lstrip('/'), safe='/')}")
         elif proto == "iscsi":
             h = hosts[0] if hosts else None
             if h is None or not h.name:
@@ -104,7 +128,10 @@ def _storage(b: Builder, d: Disk, path: str, node: str) -> dict[str, Any] | None
             if lun and not (lun.isascii() and lun.isdigit()):
                 b.error(f"{path}/source/@name", f"'{lun}' is not a LUN number (name='IQN/LUN')")
                 return {}
-            props.update(driver="iscsi", transport="tcp", portal=f"{h.name}:{h.port or 3260}",
+            host = network_host(b, h.name, f"{path}/source/host/@name")
+            if host is None:
+                return {}
+            props.update(driver="iscsi", transport="tcp", portal=f"{host}:{h.port or 3260}",
                          target=target, lun=int(lun or 0))
         else:
             b.error(f"{path}/source/@protocol", f"network protocol '{proto}' is not supported by qemud yet")
