@@ -65,7 +65,7 @@ def text_escape(v: str) -> str:
 
 QEMUOPTS = {"-name": "guest", "-chardev": "backend", "-vnc": "vnc", "-machine": "type", "-m": "size",
             "-smp": "cpus", "-boot": None, "-rtc": None, "-mon": None, "-spice": None, "-action": None,
-            "-msg": None}
+            "-msg": None, "-smbios": None, "-fw_cfg": None, "-acpitable": None, "-fsdev": "backend"}
 JSON_OPTIONS = {"-device", "-blockdev", "-netdev", "-object", "-audiodev"}
 
 
@@ -121,6 +121,26 @@ def _chardev_of(cmd: Command, device_driver: str, n: int = 0) -> dict[str, str |
         if c["id"] == dev["chardev"]:
             return c
     raise AssertionError(f"no chardev {dev['chardev']}")
+
+
+def _chardev(cmd: Command, cid: str) -> dict[str, str | None]:
+    (c,) = [c for c in (opts_dict(v, "backend") for v in options(cmd.argv, "-chardev")) if c["id"] == cid]
+    return c
+
+
+def _smbios(cmd: Command, type_: str, key: str) -> list[Any]:
+    out = []
+    for v in options(cmd.argv, "-smbios"):
+        pairs = _pairs(v, None)
+        if ("type", type_) in pairs:
+            out += [val for k, val in pairs if k == key]
+    return out
+
+
+def _acpitable_files(cmd: Command) -> list[Any]:
+    """QEMU 7.2 hw/acpi/core.c acpi_table_add() splits file= on ':' and reads every piece."""
+    (v,) = options(cmd.argv, "-acpitable")
+    return (opts_dict(v, None)["file"] or "").split(":")
 
 
 def _blockdev(cmd: Command, node: str) -> dict[str, Any]:
@@ -275,7 +295,118 @@ SLOTS = [
     Slot("cpu-model", True,
          lambda v: domain_xml(extra=f"  <cpu mode='custom'><model>{v}</model></cpu>\n"),
          lambda c: [options(c.argv, "-cpu")[0]], benign="qemu64"),
+    # ---- sysinfo, fw_cfg, ACPI tables
+    Slot("smbios-bios-vendor", True,
+         lambda v: domain_xml(os="<smbios mode='sysinfo'/>",
+                              extra=f"  <sysinfo type='smbios'><bios><entry name='vendor'>{v}</entry></bios></sysinfo>\n"),
+         lambda c: _smbios(c, "0", "vendor")),
+    Slot("smbios-system-serial", True,
+         lambda v: domain_xml(os="<smbios mode='sysinfo'/>",
+                              extra=f"  <sysinfo type='smbios'><system><entry name='serial'>{v}</entry></system></sysinfo>\n"),
+         lambda c: _smbios(c, "1", "serial")),
+    Slot("smbios-baseboard-product", True,
+         lambda v: domain_xml(os="<smbios mode='sysinfo'/>",
+                              extra=f"  <sysinfo type='smbios'><baseBoard><entry name='product'>{v}</entry></baseBoard></sysinfo>\n"),
+         lambda c: _smbios(c, "2", "product")),
+    Slot("smbios-chassis-asset", True,
+         lambda v: domain_xml(os="<smbios mode='sysinfo'/>",
+                              extra=f"  <sysinfo type='smbios'><chassis><entry name='asset'>{v}</entry></chassis></sysinfo>\n"),
+         lambda c: _smbios(c, "3", "asset")),
+    Slot("smbios-oem-string", True,
+         lambda v: domain_xml(os="<smbios mode='sysinfo'/>",
+                              extra=f"  <sysinfo type='smbios'><oemStrings><entry>{v}</entry></oemStrings></sysinfo>\n"),
+         lambda c: _smbios(c, "11", "value")),
+    Slot("fwcfg-string", True,
+         lambda v: domain_xml(extra=f"  <sysinfo type='fwcfg'><entry name='opt/org.example/a'>{v}</entry></sysinfo>\n"),
+         lambda c: [opts_dict(options(c.argv, "-fw_cfg")[0], None)["string"]]),
+    Slot("fwcfg-file", False,
+         lambda v: domain_xml(extra=f"  <sysinfo type='fwcfg'><entry name='opt/org.example/a' file='{v}'/></sysinfo>\n"),
+         lambda c: [opts_dict(options(c.argv, "-fw_cfg")[0], None)["file"]]),
+    Slot("fwcfg-name", False,
+         lambda v: domain_xml(extra=f"  <sysinfo type='fwcfg'><entry name='opt/{v}'>x</entry></sysinfo>\n"),
+         lambda c: [opts_dict(options(c.argv, "-fw_cfg")[0], None)["name"]], lambda s: [f"opt/{s}"]),
+    Slot("acpi-table-file", True,
+         lambda v: domain_xml(os=f"<acpi><table type='slic'>{v}</table></acpi>", extra="  <features><acpi/></features>\n"),
+         _acpitable_files, benign="/var/lib/slic.dat"),
+    # ---- filesystems, shared memory, TPM, redirection, smartcards
+    Slot("fs-9p-source-dir", False,
+         lambda v: domain_xml(devices=f"<filesystem type='mount' accessmode='passthrough'><source dir='{v}'/>"
+                              "<target dir='tag'/></filesystem>"),
+         lambda c: [opts_dict(options(c.argv, "-fsdev")[0], "backend")["path"]]),
+    Slot("fs-9p-mount-tag", False,
+         lambda v: domain_xml(devices="<filesystem type='mount' accessmode='passthrough'><source dir='/srv'/>"
+                              f"<target dir='{v}'/></filesystem>"),
+         lambda c: [_device(c, "virtio-9p-pci")["mount_tag"]]),
+    Slot("shmem-name", False,
+         lambda v: domain_xml(devices=f"<shmem name='{v}'><model type='ivshmem-plain'/><size unit='M'>4</size></shmem>"),
+         lambda c: [json_options(c.argv, "-object")[0]["mem-path"]], lambda s: [f"/dev/shm/{s}"]),
+    Slot("shmem-server-path", False,
+         lambda v: domain_xml(devices=f"<shmem name='s'><model type='ivshmem-doorbell'/><server path='{v}'/></shmem>"),
+         lambda c: [_chardev(c, "charshmem0")["path"]]),
+    Slot("tpm-external-socket", False,
+         lambda v: domain_xml(devices="<tpm model='tpm-crb'><backend type='external'>"
+                              f"<source type='unix' mode='connect' path='{v}'/></backend></tpm>"),
+         lambda c: [_chardev(c, "chrtpm-tpm0")["path"]]),
+    Slot("redirdev-tcp-host", False,
+         lambda v: domain_xml(devices="<controller type='usb' model='qemu-xhci'/><redirdev bus='usb' type='tcp'>"
+                              f"<source mode='connect' host='{v}' service='4000'/></redirdev>"),
+         lambda c: [_chardev(c, "charredir0")["host"]]),
+    Slot("redirdev-unix-path", False,
+         lambda v: domain_xml(devices="<controller type='usb' model='qemu-xhci'/><redirdev bus='usb' type='unix'>"
+                              f"<source mode='bind' path='{v}'/></redirdev>"),
+         lambda c: [_chardev(c, "charredir0")["path"]]),
+    Slot("smartcard-passthrough-path", False,
+         lambda v: domain_xml(devices="<controller type='usb' model='qemu-xhci'/><smartcard mode='passthrough' type='unix'>"
+                              f"<source mode='bind' path='{v}'/></smartcard>"),
+         lambda c: [_chardev(c, "charsmartcard0")["path"]]),
+    Slot("smartcard-database", True,
+         lambda v: domain_xml(devices="<controller type='usb' model='qemu-xhci'/><smartcard mode='host-certificates'>"
+                              f"<certificate>a</certificate><certificate>b</certificate><certificate>c</certificate><database>{v}</database></smartcard>"),
+         lambda c: [_device(c, "ccid-card-emulated")["db"]]),
+    Slot("hostdev-iscsi-target", False,
+         lambda v: domain_xml(devices="<controller type='scsi' model='virtio-scsi'/><hostdev mode='subsystem' type='scsi'>"
+                              f"<source protocol='iscsi' name='{v}/1'><host name='192.0.2.1' port='3260'/></source></hostdev>"),
+         lambda c: [_blockdev(c, "hostdev0-storage")["target"]], benign="iqn.2014-08.com.example:t"),
+    Slot("hostdev-iscsi-host", False,
+         lambda v: domain_xml(devices="<controller type='scsi' model='virtio-scsi'/><hostdev mode='subsystem' type='scsi'>"
+                              f"<source protocol='iscsi' name='iqn.2014-08.com.example:t/1'><host name='{v}' port='3260'/></source></hostdev>"),
+         lambda c: [_blockdev(c, "hostdev0-storage")["portal"]], lambda s: [_portal(s, "3260")]),
+    # ---- more chardev backends, SPICE, aliases, iSCSI disks
+    Slot("serial-pipe-path", False,
+         lambda v: domain_xml(devices=f"<serial type='pipe'><source path='{v}'/></serial>"),
+         lambda c: [_chardev_of(c, "isa-serial")["path"]]),
+    Slot("serial-dev-path", False,
+         lambda v: domain_xml(devices=f"<serial type='dev'><source path='{v}'/></serial>"),
+         lambda c: [_chardev_of(c, "isa-serial")["path"]]),
+    Slot("serial-spiceport-channel", False,
+         lambda v: domain_xml(devices=f"<graphics type='spice'/><serial type='spiceport'><source channel='{v}'/></serial>"),
+         lambda c: [_chardev_of(c, "isa-serial")["name"]], benign="org.qemu.console.serial.0"),
+    Slot("spice-listen-address", False,
+         lambda v: domain_xml(devices=f"<graphics type='spice' port='5901' autoport='no' listen='{v}'/>"),
+         lambda c: [opts_dict(options(c.argv, "-spice")[0], None)["addr"]], benign="127.0.0.1"),
+    Slot("spice-socket", False,
+         lambda v: domain_xml(devices=f"<graphics type='spice'><listen type='socket' socket='{v}'/></graphics>"),
+         lambda c: [opts_dict(options(c.argv, "-spice")[0], None)["addr"]]),
+    Slot("disk-alias", False,
+         lambda v: domain_xml(devices=f"<disk><source file='/a.img'/><target dev='vda' bus='virtio'/><alias name='ua-{v}'/></disk>"),
+         lambda c: [_device(c, "virtio-blk-pci")["id"]], lambda s: [f"ua-{s}"]),
+    Slot("interface-alias", False,
+         lambda v: domain_xml(devices=f"<interface type='user'><mac address='52:54:00:00:00:01'/><alias name='ua-{v}'/></interface>"),
+         lambda c: [_device(c, "rtl8139")["id"]], lambda s: [f"ua-{s}"]),
+    Slot("iscsi-disk-target", False,
+         lambda v: domain_xml(devices=f"<disk type='network'><source protocol='iscsi' name='{v}/0'>"
+                              "<host name='192.0.2.1' port='3260'/></source><target dev='vda' bus='virtio'/></disk>"),
+         lambda c: [_blockdev(c, "drive0-file")["target"]], benign="iqn.2024-01.org.example:t"),
+    Slot("iscsi-disk-host", False,
+         lambda v: domain_xml(devices="<disk type='network'><source protocol='iscsi' name='iqn.2024-01.org.example:t/0'>"
+                              f"<host name='{v}' port='3260'/></source><target dev='vda' bus='virtio'/></disk>"),
+         lambda c: [_blockdev(c, "drive0-file")["portal"]], lambda s: [_portal(s, "3260")], benign="192.0.2.1"),
 ]
+
+
+def _portal(host: str, port: str) -> str:
+    """An iSCSI portal: host:port, an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 def translate(xml: str, caps: HostCaps) -> Command:
