@@ -399,3 +399,38 @@ def test_invalid_file_in_the_real_journal_names_the_file_and_the_element() -> No
         ns.close()
         shutil.rmtree(base, ignore_errors=True)
     assert b"Traceback" not in err
+
+
+# ---- virtiofsd's -o list, read by the real virtiofsd --------------------------------------------
+
+@pytest.mark.parametrize("trick", ["\\,source=/tmp", ",source=/tmp", "\\\\,source=/tmp", "\\101"])
+def test_virtiofs_directory_reaches_the_real_virtiofsd_as_one_path(trick: str) -> None:
+    """dir='/srv\\,source=/' once made virtiofsd serve the host's root: qemud doubled the comma
+    (QemuOpts' escape) where virtiofsd's fuse_opt takes a backslash. Run the real virtiofsd with
+    the options qemud writes: it must look for exactly the directory named in the file."""
+    import dataclasses
+    from xml.sax.saxutils import quoteattr
+
+    from qemud.argv import build_argv
+    from qemud.domain import parse_domain
+    from tests.conftest import guest_paths
+    from tests.record_caps import load
+
+    caps = load()
+    caps = dataclasses.replace(caps, host=dataclasses.replace(caps.host, helpers={"virtiofsd": "/usr/lib/qemu/virtiofsd"}))
+    base = Path(tempfile.mkdtemp(prefix="qv", dir="/tmp"))
+    try:
+        missing = f"{base}/missing{trick}"
+        xml = ("<domain type='qemu'><name>v</name><memory unit='MiB'>64</memory><os><type>hvm</type></os>"
+               "<cpu><numa><cell id='0' cpus='0' memory='64' unit='MiB' memAccess='shared'/></numa></cpu><devices>"
+               f"<filesystem type='mount'><driver type='virtiofs'/><source dir={quoteattr(missing)}/>"
+               "<target dir='tag'/></filesystem></devices></domain>")
+        d = parse_domain(xml, "v.xml")
+        (h,) = build_argv(d, caps, guest_paths("v")).helpers
+        o = h.argv[h.argv.index("-o") + 1]
+        r = subprocess.run(["/usr/lib/qemu/virtiofsd", "-o", o, f"--socket-path={base}/s.sock", "-f"],
+                           capture_output=True, text=True, timeout=10)
+        assert r.returncode != 0
+        assert f'failed to stat source ("{missing}")' in r.stderr, r.stderr
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

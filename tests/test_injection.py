@@ -162,6 +162,7 @@ class Slot:
     expect: Callable[[str], list[Any]] = field(default=lambda s: [s])
     benign: str = "benign"
     empty_ok: bool = False  # an empty value reaches QEMU as such (not dropped, not defaulted)
+    host: Callable[[HostCaps], HostCaps] | None = None  # a host that has what the slot needs
 
 
 def _name_carried(cmd: Command) -> list[Any]:
@@ -194,6 +195,41 @@ def _parse_guestfwd(s: str) -> tuple[str, str, str]:
 def _url(cmd: Command) -> list[Any]:
     u = urllib.parse.urlsplit(_blockdev(cmd, "drive0-file")["url"])
     return [(u.scheme, u.netloc, urllib.parse.unquote(u.path), u.query, u.fragment)]
+
+
+def _with_virtiofsd(caps: HostCaps) -> HostCaps:
+    import dataclasses
+    return dataclasses.replace(caps, host=dataclasses.replace(
+        caps.host, helpers={**caps.host.helpers, "virtiofsd": "/usr/lib/qemu/virtiofsd"}))
+
+
+def parse_fuse_opts(text: str) -> list[str]:
+    """Split a ``-o`` list the way libfuse's fuse_opt (process_real_option_group, copied into
+    QEMU 7.2's tools/virtiofsd) does: ',' separates, '\\' escapes the next character, '\\NNN'
+    is an octal byte."""
+    out: list[str] = []
+    cur: list[str] = []
+    i = 0
+    while i <= len(text):
+        if i == len(text) or text[i] == ",":
+            out.append("".join(cur))
+            cur = []
+        elif text[i] == "\\" and i + 1 < len(text):
+            i += 1
+            if re.fullmatch(r"[0-3][0-7][0-7]", text[i:i + 3]):
+                cur.append(chr(int(text[i:i + 3], 8)))
+                i += 2
+            else:
+                cur.append(text[i])
+        else:
+            cur.append(text[i])
+        i += 1
+    return out
+
+
+def _virtiofsd_opts(cmd: Command) -> list[Any]:
+    (h,) = cmd.helpers
+    return parse_fuse_opts(h.argv[h.argv.index("-o") + 1])
 
 
 SLOTS = [
@@ -371,6 +407,14 @@ SLOTS = [
          lambda v: domain_xml(devices="<controller type='scsi' model='virtio-scsi'/><hostdev mode='subsystem' type='scsi'>"
                               f"<source protocol='iscsi' name='iqn.2014-08.com.example:t/1'><host name='{v}' port='3260'/></source></hostdev>"),
          lambda c: [_blockdev(c, "hostdev0-storage")["portal"]], lambda s: [_portal(s, "3260")]),
+    Slot("virtiofs-source-dir", False,
+         lambda v: domain_xml(extra="  <cpu><numa><cell id='0' cpus='0' memory='64' unit='MiB' memAccess='shared'/></numa></cpu>\n",
+                              devices=f"<filesystem type='mount'><driver type='virtiofs'/><source dir='{v}'/><target dir='tag'/></filesystem>"),
+         _virtiofsd_opts, lambda s: [f"source={s}"], benign="/srv/share", host=_with_virtiofsd),
+    Slot("virtiofs-tag", False,
+         lambda v: domain_xml(extra="  <cpu><numa><cell id='0' cpus='0' memory='64' unit='MiB' memAccess='shared'/></numa></cpu>\n",
+                              devices=f"<filesystem type='mount'><driver type='virtiofs'/><source dir='/srv'/><target dir='{v}'/></filesystem>"),
+         lambda c: [_device(c, "vhost-user-fs-pci")["tag"]], host=_with_virtiofsd),
     # ---- more chardev backends, SPICE, aliases, iSCSI disks
     Slot("serial-pipe-path", False,
          lambda v: domain_xml(devices=f"<serial type='pipe'><source path='{v}'/></serial>"),
@@ -419,7 +463,7 @@ def baselines(caps: HostCaps) -> dict[str, Command]:
     out = {}
     for slot in SLOTS:
         esc = text_escape(slot.benign) if slot.text else attr_escape(slot.benign)
-        out[slot.id] = translate(slot.make(esc), caps)
+        out[slot.id] = translate(slot.make(esc), slot.host(caps) if slot.host else caps)
     return out
 
 
@@ -434,7 +478,7 @@ def check_slot(slot: Slot, s: str, caps: HostCaps, baseline: Command) -> None:
     xml = slot.make(esc)
     expected_value = s.strip() if slot.text else s
     try:
-        cmd = translate(xml, caps)
+        cmd = translate(xml, slot.host(caps) if slot.host else caps)
     except DomainError as exc:
         assert exc.problems and all(p.path.startswith("/domain") for p in exc.problems), str(exc)
         return
@@ -527,6 +571,12 @@ def test_unix_socket_paths_fit_or_the_name_is_refused(name: str) -> None:
 def test_qemuopts_reader(text: str, implied: str | None, pairs: list[tuple[str, str | None]]) -> None:
     from tests.conftest import parse_qemuopts
     assert parse_qemuopts(text, implied) == pairs
+
+
+def test_fuse_opts_reader() -> None:
+    assert parse_fuse_opts("source=/a\\,b,xattr") == ["source=/a,b", "xattr"]
+    assert parse_fuse_opts("source=/a\\\\,b") == ["source=/a\\", "b"]
+    assert parse_fuse_opts("a\\101,,b") == ["aA", "", "b"]
 
 
 def test_guestfwd_reader() -> None:
