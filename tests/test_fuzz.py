@@ -330,3 +330,23 @@ def test_iscsi_portal_host_is_an_address_or_refused(host: str, portal: str | Non
     cmd = _translate(xml)
     (node,) = [n for n in json_options(cmd.argv, "-blockdev") if n["node-name"] == "drive0-file"]
     assert node["portal"] == portal
+
+
+@pytest.mark.parametrize("name", ["web1,dir=", "web1,mode=0666", "a,b"])
+def test_emulated_tpm_of_a_guest_whose_name_has_a_comma_is_refused(name: str) -> None:
+    """swtpm splits --tpmstate dir=... on ',' with no escape: a guest named 'web1,dir=' kept its TPM
+    state in another directory (/tpm/tpm2), 'web1,mode=...' in web1's. Such a name is fine
+    without an emulated TPM."""
+    import dataclasses
+
+    caps = dataclasses.replace(CAPS, host=dataclasses.replace(
+        CAPS.host, helpers={"swtpm": "/usr/bin/swtpm", "swtpm_setup": "/usr/bin/swtpm_setup"}))
+    base = (f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><os><type>hvm</type></os>"
+            "<devices>{}</devices></domain>")
+    d = parse_domain(base.format("<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>"), "t.xml")
+    with pytest.raises(DomainError) as exc:
+        build_argv(d, caps, guest_paths(d.name))
+    (p,) = exc.value.problems
+    assert p.path == "/domain/devices/tpm[1]/backend/@type" and "','" in p.message
+    plain = parse_domain(base.format(""), "t.xml")
+    assert build_argv(plain, caps, guest_paths(plain.name)).argv

@@ -92,6 +92,14 @@ def _emulator(b: Builder, t: Tpm, tid: str, path: str) -> bool:
         return False
     # one state per TPM version: a guest switched from 1.2 to 2.0 gets a new TPM, not a broken one
     state = b.paths.state / "tpm" / ("tpm2" if version == "2.0" else "tpm1.2")
+    log = b.paths.run / f"swtpm-{tid}.log"
+    if "," in str(state) or "," in str(log):
+        # swtpm splits --tpmstate/--log on ',' and has no escape: a guest named 'web1,dir=' would
+        # keep its TPM state elsewhere (another guest's, with 'web1,mode=0600'...)
+        b.error(f"{path}/backend/@type", f"swtpm cannot use the state directory {state}: it reads ',' as an "
+                "option separator and has no escape for it; a guest with an emulated TPM needs a name "
+                "without ','")
+        return False
     v2 = ["--tpm2"] if version == "2.0" else []
     # the state is made once (EK, PCR banks) and then only ever used: never reset at a start.
     # persistent_state is the same in qemud: a guest's persistent directory outlives its runs
@@ -102,5 +110,5 @@ def _emulator(b: Builder, t: Tpm, tid: str, path: str) -> bool:
         "--logfile", str(b.paths.run / f"swtpm-{tid}-setup.log")]))
     b.helpers.append(HelperSpec(name=f"swtpm-{tid}", socket=sock, log=b.paths.run / f"swtpm-{tid}.log", argv=[
         swtpm, "socket", "--ctrl", "type=unixio,fd={fd}", "--tpmstate", f"dir={state},mode=0600",
-        "--log", f"file={b.paths.run / f'swtpm-{tid}.log'}", "--terminate", *v2]))
+        "--log", f"file={log}", "--terminate", *v2]))
     return True
