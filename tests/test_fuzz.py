@@ -350,3 +350,14 @@ def test_emulated_tpm_of_a_guest_whose_name_has_a_comma_is_refused(name: str) ->
     assert p.path == "/domain/devices/tpm[1]/backend/@type" and "','" in p.message
     plain = parse_domain(base.format(""), "t.xml")
     assert build_argv(plain, caps, guest_paths(plain.name)).argv
+
+
+def test_initrd_path_with_a_comma_is_refused() -> None:
+    """QEMU's -initrd is 'file1 args,file2,...' for a multiboot kernel (its documentation): a
+    comma in the path loaded a second file into the guest."""
+    xml = ("<domain type='qemu'><name>x</name><memory unit='MiB'>64</memory><os><type>hvm</type>"
+           "<kernel>/boot/mb.elf</kernel><initrd>/boot/a,/etc/shadow</initrd></os></domain>")
+    with pytest.raises(DomainError) as exc:
+        _translate(xml)
+    (p,) = exc.value.problems
+    assert p.path == "/domain/os/initrd" and "','" in p.message
