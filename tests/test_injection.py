@@ -65,7 +65,7 @@ def text_escape(v: str) -> str:
 
 QEMUOPTS = {"-name": "guest", "-chardev": "backend", "-vnc": "vnc", "-machine": "type", "-m": "size",
             "-smp": "cpus", "-boot": None, "-rtc": None, "-mon": None, "-spice": None, "-action": None,
-            "-msg": None, "-smbios": None, "-fw_cfg": None, "-acpitable": None, "-fsdev": "backend"}
+            "-msg": None, "-tpmdev": "type", "-smbios": None, "-fw_cfg": None, "-acpitable": None, "-fsdev": "backend"}
 JSON_OPTIONS = {"-device", "-blockdev", "-netdev", "-object", "-audiodev"}
 
 
@@ -195,6 +195,18 @@ def _parse_guestfwd(s: str) -> tuple[str, str, str]:
 def _url(cmd: Command) -> list[Any]:
     u = urllib.parse.urlsplit(_blockdev(cmd, "drive0-file")["url"])
     return [(u.scheme, u.netloc, urllib.parse.unquote(u.path), u.query, u.fragment)]
+
+
+class _Everything(frozenset):  # type: ignore[type-arg]
+    """A host where every device node asked for exists (HostFacts.present)."""
+
+    def __contains__(self, _: object) -> bool:
+        return True
+
+
+def _with_every_node(caps: HostCaps) -> HostCaps:
+    import dataclasses
+    return dataclasses.replace(caps, host=dataclasses.replace(caps.host, present=_Everything()))
 
 
 def _with_virtiofsd(caps: HostCaps) -> HostCaps:
@@ -415,6 +427,23 @@ SLOTS = [
          lambda v: domain_xml(extra="  <cpu><numa><cell id='0' cpus='0' memory='64' unit='MiB' memAccess='shared'/></numa></cpu>\n",
                               devices=f"<filesystem type='mount'><driver type='virtiofs'/><source dir='/srv'/><target dir='{v}'/></filesystem>"),
          lambda c: [_device(c, "vhost-user-fs-pci")["tag"]], host=_with_virtiofsd),
+    # ---- host device nodes (on a host that has whatever node is named)
+    Slot("tpm-passthrough-path", False,
+         lambda v: domain_xml(devices=f"<tpm model='tpm-tis'><backend type='passthrough'><device path='{v}'/></backend></tpm>"),
+         lambda c: [opts_dict(options(c.argv, "-tpmdev")[0], "type")["path"]], benign="/dev/tpm0", host=_with_every_node),
+    Slot("input-evdev-dev", False,
+         lambda v: domain_xml(devices=f"<input type='evdev'><source dev='{v}'/></input>"),
+         lambda c: [json_options(c.argv, "-object")[0]["evdev"]], benign="/dev/input/event0", host=_with_every_node),
+    Slot("input-passthrough-evdev", False,
+         lambda v: domain_xml(devices=f"<input type='passthrough' bus='virtio'><source evdev='{v}'/></input>"),
+         lambda c: [_device(c, "virtio-input-host-pci")["evdev"]], benign="/dev/input/event0", host=_with_every_node),
+    Slot("vdpa-dev", False,
+         lambda v: domain_xml(devices=f"<interface type='vdpa'><mac address='52:54:00:00:00:01'/><source dev='{v}'/></interface>"),
+         lambda c: [json_options(c.argv, "-netdev")[0]["vhostdev"]], benign="/dev/vhost-vdpa-0", host=_with_every_node),
+    Slot("smartcard-certificate", True,
+         lambda v: domain_xml(devices="<controller type='usb' model='qemu-xhci'/><smartcard mode='host-certificates'>"
+                              f"<certificate>{v}</certificate><certificate>b</certificate><certificate>c</certificate></smartcard>"),
+         lambda c: [_device(c, "ccid-card-emulated")["cert1"]], host=_with_every_node),
     # ---- more chardev backends, SPICE, aliases, iSCSI disks
     Slot("serial-pipe-path", False,
          lambda v: domain_xml(devices=f"<serial type='pipe'><source path='{v}'/></serial>"),

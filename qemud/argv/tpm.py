@@ -43,7 +43,7 @@ def _tpm(b: Builder, t: Tpm, i: int, path: str) -> None:
             b.error(f"{path}/backend/device/@path", f"needs the host TPM {node}, which this host lacks "
                     "(a host without a TPM can give its guests an emulated one: <backend type='emulator'/>)")
             return
-        b.add("-tpmdev", f"passthrough,id={dev},path={node}")
+        b.add("-tpmdev", f"passthrough,id={dev},path={node.replace(',', ',,')}")
     elif be.type == "external":
         if be.source is None:
             b.error(f"{path}/backend/source", "an external TPM needs the swtpm's socket: <source type='unix' "
@@ -54,7 +54,7 @@ def _tpm(b: Builder, t: Tpm, i: int, path: str) -> None:
     else:
         if not _emulator(b, t, tid, path):
             return
-        b.add("-chardev", f"socket,id=chr{dev},path={b.paths.run / f'swtpm-{tid}.sock'}")
+        b.add("-chardev", f"socket,id=chr{dev},path={str(b.paths.run / f'swtpm-{tid}.sock').replace(',', ',,')}")
         b.add("-tpmdev", f"emulator,id={dev},chardev=chr{dev}")
     b.device({"driver": model, "tpmdev": dev, "id": tid})
 
