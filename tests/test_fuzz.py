@@ -148,8 +148,11 @@ def _element(draw: st.DrawFn, tag: str, depth: int) -> ET.Element:
 
 @st.composite
 def vocabulary_domains(draw: st.DrawFn) -> str:
-    """A valid skeleton and, below <domain> and <devices>, elements the corpus uses there."""
+    """A valid skeleton and, below <domain> and <devices>, elements from the corpus: mostly whole
+    subtrees libvirt's tests use (so that many examples get through the parser and exercise the
+    translator), some generated from the vocabulary; then a few values changed."""
     v = vocabulary()
+    subtrees = corpus_subtrees()
     root = ET.Element("domain", {"type": draw(st.sampled_from(["qemu", "qemu", "kvm"]))})
     ET.SubElement(root, "name").text = draw(st.one_of(st.just("fuzz"), st.from_regex(r"[a-z][a-z0-9._-]{0,20}", fullmatch=True)))
     mem = ET.SubElement(root, "memory", {"unit": "MiB"})
@@ -158,11 +161,46 @@ def vocabulary_domains(draw: st.DrawFn) -> str:
     ET.SubElement(os_el, "type", {"arch": "x86_64", "machine": draw(st.sampled_from(["pc", "q35"]))}).text = "hvm"
     top = _sorted(v.children["domain"] - {"name", "memory", "os", "devices", "{%s}commandline" % QEMU_NS})
     for tag in draw(st.lists(st.sampled_from(top), max_size=4, unique=True)):
-        root.append(_element(draw, tag, 1))
+        root.append(_pick(draw, tag, subtrees))
     devices = ET.SubElement(root, "devices")
     for tag in draw(st.lists(st.sampled_from(_sorted(v.children["devices"])), min_size=1, max_size=6)):
-        devices.append(_element(draw, tag, 1))
+        devices.append(_pick(draw, tag, subtrees))
+    rnd = random.Random(draw(st.integers(0, 2**32 - 1)))
+    for _ in range(draw(st.integers(0, 2))):
+        _perturb(root, rnd, draw)
     return ET.tostring(root, encoding="unicode")
+
+
+@lru_cache(maxsize=1)
+def corpus_subtrees() -> dict[str, list[str]]:
+    """Serialized children of <domain> and of <devices> in the corpus, by tag (deduplicated)."""
+    out: dict[str, set[str]] = defaultdict(set)
+    for f in vocabulary().files:
+        root = ET.parse(f).getroot()
+        for parent in (root, root.find("devices")):
+            if parent is None:
+                continue
+            for c in parent:
+                if isinstance(c.tag, str) and c.tag not in ("name", "memory", "os", "devices"):
+                    out[c.tag].add(ET.tostring(c, encoding="unicode"))
+    return {k: sorted(x) for k, x in out.items()}
+
+
+def _pick(draw: st.DrawFn, tag: str, subtrees: dict[str, list[str]]) -> ET.Element:
+    # the simplest draw (0, what hypothesis shrinks to) is the corpus's own element
+    if subtrees.get(tag) and draw(st.integers(0, 7)) < 7:
+        return ET.fromstring(draw(st.sampled_from(subtrees[tag])))
+    return _element(draw, tag, 1)
+
+
+def _perturb(root: ET.Element, rnd: random.Random, draw: st.DrawFn) -> None:
+    """One attribute value changed: to another value the corpus has for it, or a random string."""
+    with_attrs = [e for e in root.iter() if e.attrib]
+    if not with_attrs:
+        return
+    el = rnd.choice(with_attrs)
+    k = rnd.choice(sorted(el.attrib))
+    el.set(k, _value(draw, el.tag, k))
 
 
 # ---- the mutation strategy ---------------------------------------------------------------------
