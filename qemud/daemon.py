@@ -20,7 +20,7 @@ from pathlib import Path
 
 from qemud import __version__, notify, records
 from qemud.caps import HostCaps, probe
-from qemud.config import Config, load_config
+from qemud.config import Config, load_config, with_storage_config
 from qemud.domain import Domain, load_domain
 from qemud.errors import DomainError, HostError, QemudError
 from qemud.events import ERR, INFO, NOTICE, WARNING, EventLog
@@ -140,6 +140,7 @@ class Daemon:
         caps = self._caps.get(emulator)
         if caps is None:
             caps = (await asyncio.to_thread(probe, emulator)).with_networks(self._networks)
+            caps = with_storage_config(caps, self.config)
             self._caps[emulator] = caps
         return caps
 

@@ -11,7 +11,10 @@ For every ``*.xml`` of the corpus (libvirt 9.0's qemuxml2argv inputs, see its RE
    into scratch), non-user interfaces -> type='user' keeping MAC and model (and other guest-side
    settings; the host side -- source, target, script, virtualport, backend -- is dropped;
    vhostuser, hostdev and vdpa interfaces stay as they are, as they did for libvirt),
-   char-device, VNC/SPICE-socket and filesystem paths -> a scratch folder.  A unix char device in
+   char-device, VNC/SPICE-socket and filesystem paths -> a scratch folder, files handed to the
+   guest (ACPI tables, fw_cfg blobs) -> scratch files, <blkiotune> devices -> the block device
+   holding the scratch folder, NBD disks -> scratch images exported by a local
+   qemu-storage-daemon (TCP on 127.0.0.1, or a unix socket).  A unix char device in
    mode='connect' finds a listening socket at its scratch path: libvirt realized such inputs
    (serial-unix-chardev, channel-unix-guestfwd, ...), so the measurement's had a peer too;
 2. parses it (``parse_domain``), translates it (``build_argv(paused=True)``) with a per-file
@@ -93,6 +96,16 @@ class Guest:
     initrd: str
 
 
+def _acpi_table(sig: bytes, body: bytes = b"qemud conformance scratch table") -> bytes:
+    """A well-formed ACPI table (36-byte header, length, checksum) with ``body``."""
+    import struct
+    length = 36 + len(body)
+    head = struct.pack("<4sIBB6s8sI4sI", sig, length, 1, 0, b"QEMUD ", b"SCRATCH ", 1, b"QEMD", 1)
+    table = bytearray(head + body)
+    table[9] = (-sum(table)) & 0xFF
+    return bytes(table)
+
+
 def scratch_block_device(folder: Path) -> str | None:
     """The /dev node of the block device holding ``folder`` (None on tmpfs, overlays...)."""
     st = os.stat(folder)
@@ -115,6 +128,11 @@ class Rewriter:
         self.notes: list[str] = []
         #: scratch paths of unix sockets the domain connects to (mode='connect'): listened on
         self.peers: list[str] = []
+        #: NBD exports the domain's network disks read: (export name, image) served by a local
+        #: qemu-storage-daemon on ``nbd_port`` (TCP) and ``nbd_socket`` (unix)
+        self.nbd_exports: dict[tuple[str, str], str] = {}  # (inet|unix, export) -> image
+        self.nbd_port = 0
+        self.nbd_socket = str(scratch / "nbd.sock")
         #: (socket, directory) of virtiofs shares served by a virtiofsd the domain does not run
         self.virtiofs_peers: list[tuple[str, str]] = []
         #: (socket, state directory) of external TPMs: an swtpm the domain does not run
@@ -143,6 +161,74 @@ class Rewriter:
                 f.truncate(1024 * 1024)
         return p
 
+    # ---- secrets and encrypted images (qemud.secrets) ----------------------------------------
+
+    #: the value of every secret the rewrite provides: base64 text, as one usage name may serve
+    #: both a passphrase and a Ceph key (which QEMU reads as base64)
+    SECRET = "cWVtdWQtY29uZm9ybWFuY2Utc2VjcmV0"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.scratch / "secrets"
+
+    def _secrets(self, root: ET.Element) -> None:
+        """A file holding SECRET for every <secret uuid|usage> the domain names, in a secrets
+        directory of the scratch folder (the translation is pointed at it)."""
+        from qemud.secrets import secret_file_name
+        refs = [(sec.get("uuid"), sec.get("usage")) for sec in root.iter("secret")]
+        # a TPM's <encryption secret='UUID'> names its secret by an attribute
+        refs += [(e.get("secret"), None) for e in root.findall("devices/tpm/backend/encryption")]
+        for uuid, usage in refs:
+            name = secret_file_name(uuid, usage)
+            if not name:
+                continue
+            self.secrets_dir.mkdir(mode=0o700, exist_ok=True)
+            f = self.secrets_dir / name
+            if not f.exists():
+                value = self.SECRET
+                fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(value)
+
+    @staticmethod
+    def _luks(disk: ET.Element) -> ET.Element | None:
+        """The disk's LUKS <encryption> (on the disk or in its source), if any."""
+        for enc in (disk.find("encryption"), disk.find("source/encryption")):
+            if enc is not None and enc.get("format") == "luks":
+                return enc
+        return None
+
+    def luks_image(self, fmt: str) -> str:
+        """A fresh 1 MiB LUKS image (raw driver: a LUKS container; qcow2: qcow2 with LUKS
+        encryption) opened by SECRET: a copy of a template made once per host (qemu-img spends
+        seconds calibrating LUKS key derivation)."""
+        kind = "qcow2" if fmt == "qcow2" else "luks"
+        template = Path(SCRATCH_BASE) / f"luks-template-{self.SECRET[:8]}.{kind}"
+        if not template.exists():
+            sec = Path(SCRATCH_BASE) / f".luks-secret{os.getpid()}"
+            tmp = Path(SCRATCH_BASE) / f".luks-template{os.getpid()}.{kind}"
+            sec.write_text(self.SECRET)
+            opts = ("encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=100" if kind == "qcow2"
+                    else "key-secret=sec0,iter-time=100")
+            try:
+                # qemu-img's PBKDF calibration fails now and then on a loaded host ("Unable to
+                # get accurate CPU usage"): try again
+                for attempt in range(5):
+                    r = subprocess.run(["qemu-img", "create", "-q", "--object", f"secret,id=sec0,file={sec}",
+                                        "-f", kind, "-o", opts, str(tmp), "1M"], stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                    if r.returncode == 0:
+                        break
+                else:
+                    raise RuntimeError(f"qemu-img cannot make a LUKS image: {r.stderr.strip()}")
+                os.replace(tmp, template)
+            finally:
+                sec.unlink(missing_ok=True)
+        self.n += 1
+        p = str(self.scratch / f"s{self.n}.img")
+        shutil.copyfile(template, p)
+        return p
+
     def run(self, text: str) -> str:
         for prefix, uri in _namespaces(text):
             if prefix and not re.fullmatch(r"ns\d+", prefix):
@@ -156,7 +242,10 @@ class Rewriter:
         if cpu is not None and cpu.get("mode") in ("host-passthrough", "host-model"):
             root.remove(cpu)
         self._os(root)
+        self._secrets(root)
         self._blkiotune(root)
+        self._host_files(root)
+        self._nbd(root)
         devices = root.find("devices")
         if devices is None:
             devices = ET.SubElement(root, "devices")
@@ -240,7 +329,7 @@ class Rewriter:
                 p, _ = self._new("loader", loader.text or "", "loader")
                 shutil.copyfile(OVMF_CODE, p)
                 loader.text = p
-            else:
+            elif (loader.text or "").strip():  # a loader without a path stays without one
                 loader.text = OVMF_CODE
         nvram = osel.find("nvram")
         if nvram is not None:
@@ -249,8 +338,55 @@ class Rewriter:
             for src in nvram.findall("source"):
                 if src.get("file"):
                     src.set("file", self._new("nvram", src.get("file", ""), "nvram")[0] + ".fd")
-            if pflash or nvram.get("template"):
+            stateless = loader is not None and loader.get("stateless") == "yes"
+            if nvram.get("template") or (pflash and not stateless and nvram.get("type") != "network"):
                 nvram.set("template", OVMF_VARS)
+
+    def _nbd(self, root: ET.Element) -> None:
+        """NBD disks (and NBD NVRAM) name servers of libvirt's test machine: like file disks
+        become scratch images, each export becomes a scratch image served by a local
+        qemu-storage-daemon, and the disk points at it (TCP hosts at 127.0.0.1, unix sockets at
+        its socket); the guest-side settings stay as written."""
+        sources = [d.find("source") for d in root.findall("devices/disk")
+                   if d.get("type") == "network" and d.find("source") is not None]
+        sources += root.findall("os/nvram/source") if root.find("os/nvram[@type='network']") is not None else []
+        for src in sources:
+            if src is None or src.get("protocol") != "nbd" or src.get("tls") == "yes":
+                continue
+            name = src.get("name") or ""
+            nvram = src in root.findall("os/nvram/source")
+            for host in src.findall("host"):
+                kind = "unix" if host.get("transport") == "unix" else "inet"
+                if (kind, name) not in self.nbd_exports:
+                    self.nbd_exports[(kind, name)] = self.image("raw")
+                    if nvram:
+                        shutil.copyfile(OVMF_VARS, self.nbd_exports[(kind, name)])
+                if kind == "unix":
+                    host.set("socket", self.nbd_socket)
+                    continue
+                if not self.nbd_port:
+                    with socket.socket() as probe_sock:
+                        probe_sock.bind(("127.0.0.1", 0))
+                        self.nbd_port = probe_sock.getsockname()[1]
+                host.set("name", "127.0.0.1")
+                host.set("port", str(self.nbd_port))
+            self.notes.append(f"nbd export {name!r} -> a local qemu-storage-daemon")
+
+    def _host_files(self, root: ET.Element) -> None:
+        """Files on the test machine a domain hands to the guest (an ACPI table, a fw_cfg blob)
+        become scratch files with some content, as disk images do."""
+        for table in root.findall("os/acpi/table"):
+            if (table.text or "").strip():
+                p, new = self._new("acpi", table.text.strip(), "acpi")
+                if new:
+                    Path(p).write_bytes(_acpi_table(b"SLIC"))
+                table.text = p
+        for entry in root.findall("sysinfo/entry"):
+            if entry.get("file"):
+                p, new = self._new("fwcfg", entry.get("file", ""), "fwcfg")
+                if new:
+                    Path(p).write_text("{}\n")
+                entry.set("file", p)
 
     def _blkiotune(self, root: ET.Element) -> None:
         """<blkiotune><device><path> names the host block devices the guest's disks live on; the
@@ -267,6 +403,13 @@ class Rewriter:
 
     def _disk(self, disk: ET.Element) -> None:
         dtype = disk.get("type", "file")
+        if dtype == "dir":  # a host directory shown as a FAT disk: a scratch directory
+            for src in disk.findall("source"):
+                if src.get("dir"):
+                    p, _ = self._new("dir", src.get("dir", ""), "d")
+                    os.makedirs(p, exist_ok=True)
+                    src.set("dir", p)
+            return
         if dtype not in ("file", "block"):
             return
         src = disk.find("source")
@@ -277,7 +420,13 @@ class Rewriter:
             return
         drv = disk.find("driver")
         fmt = (drv.get("type") if drv is not None else None) or "raw"
-        p = self.image(fmt)
+        if fmt == "dir":  # qemud reads <driver type='dir'> as "the source is a directory"
+            p, _ = self._new("dir", original, "d")
+            os.makedirs(p, exist_ok=True)
+        elif self._luks(disk) is not None:
+            p = self.luks_image(fmt)
+        else:
+            p = self.image(fmt)
         if dtype == "block":
             disk.set("type", "file")
             del src.attrib["dev"]
@@ -311,6 +460,38 @@ def _namespaces(text: str) -> list[tuple[str, str]]:
     except ET.ParseError:
         pass
     return out
+
+
+def serve_nbd(rw: Rewriter) -> list[int]:
+    """Start qemu-storage-daemons serving the rewrite's NBD exports: one on TCP, one on the unix
+    socket (a daemon has one NBD server), each with images of its own; their pids."""
+    pids = []
+    for kind in ("inet", "unix"):
+        exports = sorted((name, image) for (k, name), image in rw.nbd_exports.items() if k == kind)
+        if not exports:
+            continue
+        pidfile = rw.scratch / f"qsd-{kind}.pid"
+        addr = (f"addr.type=inet,addr.host=127.0.0.1,addr.port={rw.nbd_port}" if kind == "inet"
+                else f"addr.type=unix,addr.path={rw.nbd_socket}")
+        argv = ["qemu-storage-daemon", "--daemonize", "--pidfile", str(pidfile), "--nbd-server", addr]
+        for i, (name, image) in enumerate(exports):
+            argv += ["--blockdev", f"driver=file,node-name=f{i},filename={image}",
+                     "--blockdev", f"driver=raw,node-name=n{i},file=f{i}",
+                     "--export", f"type=nbd,id=e{i},node-name=n{i},name={name},writable=on"]
+        r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=20)
+        if r.returncode != 0:
+            stop_nbd(pids)
+            raise RuntimeError(f"qemu-storage-daemon: {r.stderr.decode(errors='replace').strip()}")
+        pids.append(int(pidfile.read_text().strip()))
+    return pids
+
+
+def stop_nbd(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _listen(paths: list[str]) -> list[socket.socket]:
@@ -412,6 +593,9 @@ def _run_one(xml_path: str, name: str, scratch: Path, guest: Guest, timeout: flo
         return crashed("parse")
     try:
         caps = probe(emulator_for(domain))
+        if rw.secrets_dir.is_dir():  # the secrets the rewrite made
+            from dataclasses import replace
+            caps = replace(caps, host=replace(caps.host, secrets_dir=str(rw.secrets_dir)))
         paths = GuestPaths(run=scratch / "run", state=scratch / "state")
         cmd = build_argv(domain, caps, paths, paused=True)
     except DomainError as exc:
@@ -442,12 +626,15 @@ def _run_one(xml_path: str, name: str, scratch: Path, guest: Guest, timeout: flo
             sock.close()
         line = str(exc).splitlines()[0]
         return {**out, "outcome": "rejected", "stage": "helpers", "message": line, "reason": _reason(line)}
+    nbd: list[int] = []
     try:
+        nbd = serve_nbd(rw)
         r = realize_sync(domain, cmd.argv, cmd.env, cmd.qmp, timeout=timeout, after_start=after_start)
     finally:
         for sock in listeners:
             sock.close()
         _stop_helpers(helpers)
+        stop_nbd(nbd)
         untune()
     out["queries"] = r.queries
     if r.timed_out and not r.started:
@@ -513,7 +700,7 @@ class Running:
 def run_all(files: list[str], jobs: int, guest: Guest, base: Path, timeout: float,
             hard_timeout: float, keep: bool, progress: bool) -> list[dict[str, Any]]:
     ctx = multiprocessing.get_context("fork")
-    pending = [(i, xml, fixed_ports(xml)) for i, xml in enumerate(files)]
+    pending = [(i, xml, fixed_ports(xml) | _prealloc_token(xml)) for i, xml in enumerate(files)]
     running: list[Running] = []
     results: list[dict[str, Any]] = []
     total = len(files)
@@ -542,14 +729,15 @@ def run_all(files: list[str], jobs: int, guest: Guest, base: Path, timeout: floa
                 scratch = base / str(i)
                 scratch.mkdir(parents=True, exist_ok=True)
                 result_file = scratch / "result.json"
-                p = ctx.Process(target=_child, args=(xml, str(scratch), guest, timeout, str(result_file)),
+                extra = prealloc_seconds(xml)
+                p = ctx.Process(target=_child, args=(xml, str(scratch), guest, timeout + extra, str(result_file)),
                                 name=f"conformance-{i}")
                 p.start()
                 try:
                     os.setpgid(p.pid, p.pid)
                 except OSError:
                     pass  # the child did it already
-                running.append(Running(p, xml, scratch, result_file, time.monotonic() + hard_timeout, ports))
+                running.append(Running(p, xml, scratch, result_file, time.monotonic() + hard_timeout + extra, ports))
             ready = multiprocessing.connection.wait([r.proc.sentinel for r in running], timeout=0.5)
             now = time.monotonic()
             for r in list(running):
@@ -578,6 +766,51 @@ def run_all(files: list[str], jobs: int, guest: Guest, base: Path, timeout: floa
     return results
 
 
+#: QEMU preallocates guest RAM at this rate here (14 GiB: ~75 s), before QMP answers
+PREALLOC_BYTES_PER_S = 128 * 1024 * 1024
+#: inputs preallocating more than this run one at a time (two 14 GiB guests would exhaust the host)
+PREALLOC_ALONE = 1 << 30
+
+
+def prealloc_bytes(xml_path: str) -> int:
+    """Guest RAM an input has QEMU allocate before it starts (<allocation mode='immediate'>,
+    <hugepages>, <locked/>): the sum of the NUMA cells, else <memory>; 0 when it cannot be told."""
+    try:
+        root = ET.parse(xml_path).getroot()
+    except (ET.ParseError, OSError):
+        return 0
+    mb = root.find("memoryBacking")
+    if mb is None:
+        return 0
+    alloc = mb.find("allocation")
+    locked = mb.find("locked") is not None
+    if not ((alloc is not None and alloc.get("mode") == "immediate") or mb.find("hugepages") is not None
+            or locked):
+        return 0
+    from qemud.domain.units import unit_bytes
+
+    def size(value: str | None, unit: str | None) -> int:
+        try:
+            return int(str(value).strip()) * (unit_bytes(unit or "KiB") or 1024)
+        except ValueError:
+            return 0
+    cells = root.findall("cpu/numa/cell")
+    mem = root.find("memory")
+    total = (sum(size(c.get("memory"), c.get("unit")) for c in cells) if cells
+             else size(mem.text, mem.get("unit")) if mem is not None else 0)
+    return total + (1 << 30 if locked else 0)  # mlockall() also faults in TCG's 1 GiB buffer
+
+
+def prealloc_seconds(xml_path: str) -> float:
+    """More time for QEMU to start an input that preallocates its RAM."""
+    return prealloc_bytes(xml_path) / PREALLOC_BYTES_PER_S
+
+
+def _prealloc_token(xml_path: str) -> frozenset[int]:
+    """A pseudo-port (-1) that keeps big preallocating inputs from running at the same time."""
+    return frozenset({-1}) if prealloc_bytes(xml_path) > PREALLOC_ALONE else frozenset()
+
+
 _PORT_ATTR = re.compile(r"""\b(?:service|port|tlsPort|websocket)\s*=\s*['"](\d+)['"]""")
 
 
@@ -601,6 +834,157 @@ def libvirt_rejects(corpus: Path, xml_name: str) -> bool:
     base = glob.escape(xml_name[:-4])
     errs = glob.glob(str(corpus / f"{base}.err")) + glob.glob(str(corpus / f"{base}.x86_64-*.err"))
     return bool(errs) and not libvirt_accepts(corpus, xml_name)
+
+
+# ---- guest-visible PCI addresses: qemud's argv against libvirt's .args --------------------------
+
+#: (bus index, slot, function); slot None where the argv leaves the slot to QEMU
+PciAddr = tuple[int, "int | None", int]
+
+
+def libvirt_args_file(corpus: Path, xml_name: str) -> Path | None:
+    """libvirt's command line for an input: the ``x86_64-latest`` one, else the plain ``.args``,
+    else the newest versioned one."""
+    base = xml_name[:-4]
+    for cand in (corpus / f"{base}.x86_64-latest.args", corpus / f"{base}.args"):
+        if cand.exists():
+            return cand
+    versioned = glob.glob(str(corpus / f"{glob.escape(base)}.x86_64-*.args"))
+
+    def version(p: str) -> tuple[int, ...]:
+        m = re.search(r"\.x86_64-([\d.]+)\.args$", p)
+        return tuple(int(x) for x in m.group(1).strip(".").split(".")) if m else ()
+    return Path(max(versioned, key=version)) if versioned else None
+
+
+def parse_args_file(path: Path) -> list[str]:
+    """An .args file as an argv (its lines end in `` \\``, values are shell-quoted)."""
+    import shlex
+    text = path.read_text(errors="replace").replace("\\\n", " ")
+    try:
+        return shlex.split(text)
+    except ValueError:
+        return text.split()
+
+
+def _device_props(value: str) -> dict[str, Any]:
+    """A ``-device`` value, JSON or QEMU's key=value form, as a dict."""
+    if value.startswith("{"):
+        try:
+            got = json.loads(value)
+            return got if isinstance(got, dict) else {}
+        except ValueError:
+            return {}
+    parts = re.split(r"(?<!,),(?!,)", value)
+    props: dict[str, Any] = {"driver": parts[0]}
+    for part in parts[1:]:
+        k, _, v = part.partition("=")
+        props[k] = v.replace(",,", ",")
+    return props
+
+
+def _bus_index(bus: str) -> int | None:
+    if bus in ("pci.0", "pcie.0"):
+        return 0
+    m = re.fullmatch(r"pci\.(\d+)", bus)
+    return int(m.group(1)) if m else None
+
+
+def _int(v: Any) -> int:
+    return v if isinstance(v, int) else int(str(v), 0)
+
+
+def pci_devices(argv: list[str]) -> list[tuple[str, str, PciAddr]]:
+    """(id, driver, address) of every ``-device`` that names a PCI bus, in argv order. Devices
+    without an id get ``driver#n``; a bus that is not ``pci.N``/``pcie.0`` (usb.0, ide.0, a
+    virtio-serial bus) means the device is not on PCI."""
+    out: list[tuple[str, str, PciAddr]] = []
+    n = 0
+    if "-usb" in argv:  # the PIIX3's own UHCI function
+        out.append(("usb", "piix3-usb-uhci", (0, 1, 2)))
+    for i, a in enumerate(argv[:-1]):
+        if a != "-device":
+            continue
+        props = _device_props(argv[i + 1])
+        bus = props.get("bus")
+        index = _bus_index(str(bus)) if bus is not None else None
+        if index is None:
+            continue
+        addr = props.get("addr")
+        slot: int | None = None
+        fn = 0
+        if addr is not None:
+            s, _, f = str(addr).partition(".")
+            try:
+                slot, fn = _int(s), (_int(f) if f else 0)
+            except ValueError:
+                slot = None
+        n += 1
+        did = props.get("id")
+        if not did and props.get("masterbus"):  # a USB companion: named by its master and ports
+            did = f"{props.get('driver')}@{props['masterbus']}:{props.get('firstport')}"
+        out.append((str(did or f"{props.get('driver')}#{n}"), str(props.get("driver")), (index, slot, fn)))
+    return out
+
+
+def fmt_pci(a: PciAddr | None) -> str:
+    if a is None:
+        return "absent"
+    return f"{a[0]:02x}:{a[1]:02x}.{a[2]}" if a[1] is not None else f"{a[0]:02x}:??.{a[2]}"
+
+
+def compare_pci(qemud_argv: list[str], libvirt_argv: list[str]) -> list[dict[str, Any]]:
+    """Devices whose guest-visible PCI address differs: matched by id where both argvs have it,
+    the rest by driver and order. A device only one side has is listed with ``absent``."""
+    ours = pci_devices(qemud_argv)
+    theirs = pci_devices(libvirt_argv)
+    our_ids = {d[0] for d in ours}
+    their_ids = {d[0] for d in theirs}
+    common = our_ids & their_ids
+    by_id_ours = {d[0]: d for d in ours}
+    diffs: list[dict[str, Any]] = []
+    for did, drv, addr in theirs:
+        if did in common:
+            mine = by_id_ours[did][2]
+            if mine != addr:
+                diffs.append({"device": did, "driver": drv, "libvirt": fmt_pci(addr), "qemud": fmt_pci(mine)})
+    rest_ours = [d for d in ours if d[0] not in common]
+    rest_theirs = [d for d in theirs if d[0] not in common]
+    pool: dict[str, list[tuple[str, str, PciAddr]]] = {}
+    for d in rest_ours:
+        pool.setdefault(d[1], []).append(d)
+    for did, drv, addr in rest_theirs:
+        cands = pool.get(drv)
+        if cands:
+            mid, _, mine = cands.pop(0)
+            if mine != addr:
+                diffs.append({"device": f"{did}/{mid}", "driver": drv, "libvirt": fmt_pci(addr), "qemud": fmt_pci(mine)})
+        else:
+            diffs.append({"device": did, "driver": drv, "libvirt": fmt_pci(addr), "qemud": "absent"})
+    for drv, cands in pool.items():
+        for mid, _, mine in cands:
+            diffs.append({"device": mid, "driver": drv, "libvirt": "absent", "qemud": fmt_pci(mine)})
+    return diffs
+
+
+def pci_comparison(results: list[dict[str, Any]], corpus: Path) -> dict[str, Any]:
+    """Per realized input with a libvirt .args: do the guest-visible PCI addresses all match?"""
+    per: dict[str, list[dict[str, Any]]] = {}
+    old_caps: set[str] = set()
+    for r in results:
+        if r.get("outcome") != "realized" or not r.get("argv"):
+            continue
+        args = libvirt_args_file(corpus, r["file"])
+        if args is None:
+            continue
+        per[r["file"]] = compare_pci(r["argv"], parse_args_file(args))
+        if "latest" not in args.name:
+            old_caps.add(r["file"])
+    return {"compared": len(per), "matching": sum(1 for d in per.values() if not d),
+            "mismatching": {f: d for f, d in sorted(per.items()) if d},
+            # libvirt made these .args with its older mock capabilities (no qemu-xhci, no
+            # pcie-pci-bridge...), so some of their differences are not qemud's
+            "old_caps": sorted(f for f in old_caps if per[f])}
 
 
 def report(results: list[dict[str, Any]], corpus: Path, elapsed: float, jobs: int, top: int) -> str:
@@ -646,6 +1030,14 @@ def report(results: list[dict[str, Any]], corpus: Path, elapsed: float, jobs: in
     w(f"libvirt realized, qemud rejected ({len(lv_rej)}): top reasons")
     for reason, n in reasons2.most_common(top):
         w(f"  {n:4d}  {reason}")
+    w("")
+    pci = pci_comparison(results, corpus)
+    w(f"PCI addresses (realized inputs with a libvirt .args): {pci['matching']} of {pci['compared']} "
+      f"place every device where libvirt does; {len(pci['mismatching'])} differ "
+      f"({len(pci['old_caps'])} of them against an .args of libvirt's older mock capabilities, marked *):")
+    for f, diffs in pci["mismatching"].items():
+        w(f"  {'*' if f in pci['old_caps'] else ''}{f}: " + "; ".join(f"{d['device']} ({d['driver']}) libvirt {d['libvirt']} qemud {d['qemud']}"
+                                  for d in diffs))
     w("")
     for outcome in ("crashed", "mismatch"):
         rs = sorted((r for r in results if r["outcome"] == outcome), key=lambda r: r["file"])
@@ -699,6 +1091,13 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.monotonic() - t0
     results.sort(key=lambda r: r["file"])
     if ns.json:
+        pci = pci_comparison(results, corpus)
+        for r in results:
+            if r["file"] in pci["mismatching"]:
+                r["pci_addresses"] = {"match": False, "differences": pci["mismatching"][r["file"]],
+                                      "old_caps_args": r["file"] in pci["old_caps"]}
+            elif r.get("outcome") == "realized" and libvirt_args_file(corpus, r["file"]) is not None:
+                r["pci_addresses"] = {"match": True}
         ns.json.write_text(json.dumps({r["file"]: r for r in results}, indent=1, default=str))
     print(report(results, corpus, elapsed, ns.jobs, ns.top))
     return 1 if any(r["outcome"] == "crashed" for r in results) else 0

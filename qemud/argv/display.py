@@ -6,6 +6,7 @@ from typing import Any
 
 from qemud.argv.builder import Builder
 from qemud.argv.qemuopts import js, opts
+from qemud.argv.virtio import add_virtio_props, refuse_virtio_options
 
 AUDIO_DRIVERS = {"none": "none", "alsa": "alsa", "pulseaudio": "pa", "sdl": "sdl", "spice": "spice",
                  "file": "wav", "oss": "oss", "jack": "jack", "dbus": "dbus"}
@@ -129,7 +130,30 @@ def add_video(b: Builder) -> None:
                 props["max_outputs"] = m.heads
         if driver != "ramfb":
             props.update(b.pci_props(v.address, path, "video card"))
+            if v.acpi is not None:
+                props["acpi-index"] = v.acpi.index
+        props = _video_driver(b, v, props, path)
         b.device(props)
+
+
+def _video_driver(b: Builder, v, props: dict[str, Any], path: str) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """<video><driver>: the virtio options of a virtio GPU; name='vhostuser' (a GPU rendered by
+    an external vhost-user-gpu process) is served by QEMU's own virtio GPU."""
+    drv = v.driver
+    if drv is None:
+        return props
+    if drv.vgaconf is not None:
+        b.error(f"{path}/driver/@vgaconf", "a bhyve setting; qemud runs QEMU guests")
+    if drv.name == "vhostuser":
+        if not str(props["driver"]).startswith("virtio"):
+            b.error(f"{path}/driver/@name", "a vhost-user GPU is a virtio one; use <model type='virtio'>")
+        else:
+            b.warn(f"{path}/driver/@name", "qemud has no vhost-user-gpu support: QEMU's built-in "
+                   "virtio GPU renders the display instead")
+    if str(props["driver"]).startswith("virtio"):
+        return add_virtio_props(b, props, drv, path)
+    refuse_virtio_options(b, drv, path, f"video model '{v.model.type if v.model else 'vga'}'")
+    return props
 
 
 def add_hubs(b: Builder) -> None:
@@ -165,12 +189,14 @@ def add_inputs(b: Builder) -> None:
                 continue
             driver = {"mouse": "usb-mouse", "keyboard": "usb-kbd", "tablet": "usb-tablet"}[inp.type]
             props: dict[str, Any] = {"driver": driver, "id": iid, "bus": b.usb_bus}
+            refuse_virtio_options(b, inp.driver, path, "a USB input device")
             if inp.address is not None and inp.address.type == "usb" and inp.address.port:
                 props["port"] = inp.address.port
             b.device(props)
         elif bus == "virtio":
             driver = {"mouse": "virtio-mouse-pci", "keyboard": "virtio-keyboard-pci", "tablet": "virtio-tablet-pci"}[inp.type]
-            b.device({"driver": driver, "id": iid, **b.pci_props(inp.address, path, "virtio input device")})
+            props = {"driver": driver, "id": iid, **b.pci_props(inp.address, path, "virtio input device")}
+            b.device(add_virtio_props(b, props, inp.driver, path))
         else:
             b.error(f"{path}/@bus", f"input bus '{bus}' does not exist on x86 QEMU")
 
@@ -190,6 +216,7 @@ def _host_input(b: Builder, inp: Any, iid: str, path: str) -> None:
             b.error(f"{path}/@bus", "an evdev input is the host's device fed to the guest's own keyboard "
                     "and mouse: it has no bus or address")
             return
+        refuse_virtio_options(b, inp.driver, path, "an evdev input")
         props: dict[str, Any] = {"qom-type": "input-linux", "id": iid, "evdev": dev}
         if src.grab == "all":
             props["grab_all"] = True
@@ -205,8 +232,9 @@ def _host_input(b: Builder, inp: Any, iid: str, path: str) -> None:
         if src.grab or src.grabToggle or src.repeat is not None:
             b.error(f"{path}/source", "grab, grabToggle and repeat belong to type='evdev' inputs")
             return
-        b.device({"driver": "virtio-input-host-pci", "id": iid, "evdev": dev,
-                  **b.pci_props(inp.address, path, "virtio input device")})
+        b.device(add_virtio_props(b, {"driver": "virtio-input-host-pci", "id": iid, "evdev": dev,
+                                      **b.pci_props(inp.address, path, "virtio input device")},
+                                  inp.driver, path))
     if not b.caps.host.has(dev):
         b.error(f"{path}/source/@{attr_name}", f"needs {dev}, which this host lacks (no such input event device)")
 

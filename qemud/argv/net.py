@@ -6,6 +6,7 @@ import hashlib
 from typing import Any
 
 from qemud.argv.builder import Builder
+from qemud.argv.virtio import add_virtio_props, refuse_virtio_options
 from qemud.domain.devices.interface import Interface
 
 NIC_MODELS = {
@@ -131,6 +132,12 @@ def _iface(b: Builder, iface: Interface, i: int, path: str) -> None:
         dev["bus"] = b.usb_bus
     else:
         dev.update(b.pci_props(iface.address, path, "NIC"))
+        if iface.acpi is not None:
+            dev["acpi-index"] = iface.acpi.index
+    if driver.startswith("virtio"):
+        dev = add_virtio_props(b, dev, iface.driver, path)
+    else:
+        refuse_virtio_options(b, iface.driver, path, f"NIC model '{model}'")
     bi = b.bootindex.get(id(iface))
     if bi is not None:
         dev["bootindex"] = bi

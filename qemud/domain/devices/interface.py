@@ -8,8 +8,10 @@ from typing import Literal
 from pydantic import field_validator
 
 from qemud.domain.base import Element, Many, Opaque, UInt, YesNo, attr, child, ignored
+from qemud.domain.devices.disk import AcpiIndex
 from qemud.domain.devices.address import Address, Alias, Boot
 from qemud.domain.devices.hostdev import SourceAddress, Teaming
+from qemud.domain.devices.virtio import VirtioOptions
 
 _MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}\Z")
 
@@ -57,7 +59,7 @@ class IfaceTarget(Element):
     managed: YesNo | None = attr()
 
 
-class IfaceDriver(Element):
+class IfaceDriver(VirtioOptions):
     name: Literal["qemu", "vhost", "vfio"] | None = attr()
     queues: UInt | None = attr()
     txmode: Literal["iothread", "timer"] | None = attr()
@@ -102,6 +104,7 @@ class Interface(Element):
     mtu: Mtu | None = None
     rom: Rom | None = None
     script: Script | None = None
+    acpi: AcpiIndex | None = None
     address: Address | None = None
     alias: Alias | None = None
     teaming: Teaming | None = None  # failover pairs (qemud.argv.hostdev)

@@ -7,7 +7,9 @@ from typing import Literal
 
 from qemud.domain.base import Element, Many, Opaque, UInt, YesNo, attr, child, ignored, text
 from qemud.domain.devices.chardev import CharSource, Protocol
+from qemud.domain.devices.disk import AcpiIndex
 from qemud.domain.devices.address import Address, Alias
+from qemud.domain.devices.virtio import VirtioOptions
 
 
 class InputSource(Element):
@@ -28,7 +30,7 @@ class Input(Element):
     address: Address | None = None
     alias: Alias | None = None
     source: InputSource | None = None
-    driver: Opaque | None = ignored("virtio queue tuning of input devices is not applied")
+    driver: VirtioOptions | None = None
 
 
 class Listen(Element):
@@ -85,9 +87,17 @@ class VideoModel(Element):
     resolution: Opaque | None = None
 
 
+class VideoDriver(VirtioOptions):
+    """``<video><driver name= vgaconf=>`` plus the virtio options of a virtio GPU."""
+
+    name: Literal["qemu", "vhostuser"] | None = attr()
+    vgaconf: Literal["io", "on", "off"] | None = attr()
+
+
 class Video(Element):
     model: VideoModel | None = None
-    driver: Opaque | None = ignored("video driver tuning is not applied")
+    acpi: AcpiIndex | None = None
+    driver: VideoDriver | None = None
     address: Address | None = None
     alias: Alias | None = None
 
@@ -109,7 +119,7 @@ class Rng(Element):
     model: Literal["virtio", "virtio-transitional", "virtio-non-transitional"] = attr(...)
     rate: RngRate | None = None
     backend: RngBackend
-    driver: Opaque | None = ignored("virtio queue tuning is not applied")
+    driver: VirtioOptions | None = None
     address: Address | None = None
     alias: Alias | None = None
 
@@ -123,7 +133,7 @@ class MemBalloon(Element):
     autodeflate: YesNo | None = attr()
     freePageReporting: YesNo | None = attr()
     stats: BalloonStats | None = None
-    driver: Opaque | None = ignored("virtio queue tuning is not applied")
+    driver: VirtioOptions | None = None
     address: Address | None = None
     alias: Alias | None = None
 
