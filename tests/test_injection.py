@@ -244,6 +244,15 @@ def _virtiofsd_opts(cmd: Command) -> list[Any]:
     return parse_fuse_opts(h.argv[h.argv.index("-o") + 1])
 
 
+def _cookies(cmd: Command) -> list[Any]:
+    """The Cookie header curl sends (QEMU's block/curl.c: CURLOPT_COOKIE), read as a server
+    would: pairs split on '; ', and a line break is a header of its own."""
+    header = _blockdev(cmd, "drive0-file")["cookie"]
+    if "\r" in header or "\n" in header:
+        return ["<a second header>"]
+    return [tuple(p.split("=", 1)) for p in header.split("; ")]
+
+
 SLOTS = [
     Slot("domain-name", True, lambda v: domain_xml(name=v), _name_carried,
          lambda s: [s, f"/run/qemud/domains/{s}/qmp.sock", f"/run/qemud/domains/{s}"]),
@@ -428,6 +437,16 @@ SLOTS = [
          lambda v: domain_xml(extra="  <cpu><numa><cell id='0' cpus='0' memory='64' unit='MiB' memAccess='shared'/></numa></cpu>\n",
                               devices=f"<filesystem type='mount'><driver type='virtiofs'/><source dir='/srv'/><target dir='{v}'/></filesystem>"),
          lambda c: [_device(c, "vhost-user-fs-pci")["tag"]], host=_with_virtiofsd),
+    Slot("http-cookie-value", True,
+         lambda v: domain_xml(devices="<disk type='network' device='cdrom'><source protocol='https' name='a.iso'>"
+                              f"<host name='h' port='443'/><cookies><cookie name='n'>{v}</cookie></cookies></source>"
+                              "<target dev='hdc' bus='ide'/></disk>"),
+         _cookies, lambda s: [("n", s)], empty_ok=True),
+    Slot("http-cookie-name", False,
+         lambda v: domain_xml(devices="<disk type='network' device='cdrom'><source protocol='https' name='a.iso'>"
+                              f"<host name='h' port='443'/><cookies><cookie name='{v}'>v</cookie></cookies></source>"
+                              "<target dev='hdc' bus='ide'/></disk>"),
+         _cookies, lambda s: [(s, "v")]),
     # ---- host device nodes (on a host that has whatever node is named)
     Slot("tpm-passthrough-path", False,
          lambda v: domain_xml(devices=f"<tpm model='tpm-tis'><backend type='passthrough'><device path='{v}'/></backend></tpm>"),

@@ -148,6 +148,8 @@ def _storage(b: Builder, d: Disk, path: str, node: str) -> dict[str, Any] | None
     return props
 
 
+_COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_COOKIE_VALUE = re.compile(r'"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*"|[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*')
 _HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?")
 
 
@@ -228,6 +230,14 @@ def _network(b: Builder, d: Disk, path: str, proto: str, props: dict[str, Any]) 
             if proto not in ("http", "https"):
                 b.error(f"{path}/source/cookies", f"cookies apply to http and https, not {proto}")
                 return False
+            for j, c in enumerate(src.cookies.cookie):
+                # RFC 6265, as libvirt checks them: QEMU hands the list to curl as the Cookie
+                # header, where ';' adds a cookie and a newline a header
+                if not _COOKIE_NAME.fullmatch(c.name) or not _COOKIE_VALUE.fullmatch(c.value):
+                    b.error(f"{path}/source/cookies/cookie[{j + 1}]", f"{c.name!r}={c.value!r} is not a valid "
+                            "cookie (RFC 6265: a token for the name; no ';', ',', '\\', spaces or quotes inside "
+                            "the value)")
+                    return False
             props["cookie"] = "; ".join(f"{c.name}={c.value}" for c in src.cookies.cookie)
         if auth is not None:
             sid = secret_object(b, auth.secret, f"{auth_path}/secret", f"{props['node-name']}-auth-secret")
