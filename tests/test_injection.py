@@ -447,6 +447,18 @@ SLOTS = [
                               f"<host name='h' port='443'/><cookies><cookie name='{v}'>v</cookie></cookies></source>"
                               "<target dev='hdc' bus='ide'/></disk>"),
          _cookies, lambda s: [(s, "v")]),
+    Slot("nfs-path", False,
+         lambda v: domain_xml(devices=f"<disk type='network'><source protocol='nfs' name='{v}'><host name='h'/></source>"
+                              "<target dev='vda' bus='virtio'/></disk>"),
+         lambda c: [_blockdev(c, "drive0-file")["path"]], benign="/export/a.img"),
+    Slot("gluster-path", False,
+         lambda v: domain_xml(devices=f"<disk type='network'><source protocol='gluster' name='vol/{v}'><host name='h'/></source>"
+                              "<target dev='vda' bus='virtio'/></disk>"),
+         lambda c: [_blockdev(c, "drive0-file")["path"]]),
+    Slot("nbd-unix-socket", False,
+         lambda v: domain_xml(devices="<disk type='network'><source protocol='nbd' name='e'>"
+                              f"<host transport='unix' socket='{v}'/></source><target dev='vda' bus='virtio'/></disk>"),
+         lambda c: [_blockdev(c, "drive0-file")["server"]["path"]]),
     # ---- host device nodes (on a host that has whatever node is named)
     Slot("tpm-passthrough-path", False,
          lambda v: domain_xml(devices=f"<tpm model='tpm-tis'><backend type='passthrough'><device path='{v}'/></backend></tpm>"),
