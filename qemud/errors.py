@@ -101,5 +101,20 @@ class DomainError(QemudError):
         return DomainError([p.with_file(file, line_of(p.path)) for p in self.problems])
 
 
+#: problems logged for one file at most: a file with 40,000 bad devices must not flood the journal
+MAX_REPORTED = 20
+
+
+def report_lines(error: DomainError, limit: int = MAX_REPORTED) -> list[str]:
+    """The one-line forms of ``error``'s problems to log: the first ``limit``, then how many more."""
+    problems = error.problems
+    lines = [p.format() for p in problems[:limit]]
+    if len(problems) > limit:
+        first = problems[0]
+        where = printable(first.file) if first.file else "<input>"
+        lines.append(f"{where}: {len(problems) - limit} more problems (qemuctl validate lists them all)")
+    return lines
+
+
 class HostError(QemudError):
     """The host cannot do what was asked (QEMU missing, probing failed, ...)."""

@@ -26,7 +26,7 @@ from qemud.argv import Command, build_argv, emulator_for
 from qemud.argv.tune import plan_tuning
 from qemud.caps import HostCaps
 from qemud.domain import Domain
-from qemud.errors import DomainError, QemudError
+from qemud.errors import DomainError, QemudError, report_lines
 from qemud.events import ERR, INFO, NOTICE, WARNING, EventLog
 from qemud.host import HostFacts
 from qemud.helpers import Helper
@@ -652,7 +652,9 @@ class Guest:
         self.sm.set(State.STARTING, cause)
         try:
             caps = await self.env.caps_for(emulator_for(self.domain))
-            cmd = build_argv(self.domain, caps, self.paths, paused=True)
+            # in a thread: a large definition takes a while to translate, and the other guests'
+            # events must not wait for it
+            cmd = await asyncio.to_thread(build_argv, self.domain, caps, self.paths, paused=True)
             self._host = caps.host
             # in a thread: a first start may run swtpm_setup, which must not stall other guests
             await asyncio.to_thread(prepare, cmd)
@@ -722,9 +724,8 @@ class Guest:
         if self._translation_reported == self.definition:
             return
         self._translation_reported = self.definition
-        for p in exc.with_file(self.file).problems:
-            self.env.log.emit("invalid-definition", p.format(), ERR, file=self.file, domain=self.name,
-                              uuid=self.uuid)
+        for line in report_lines(exc.with_file(self.file)):
+            self.env.log.emit("invalid-definition", line, ERR, file=self.file, domain=self.name, uuid=self.uuid)
 
     def _cannot_start(self, why: str) -> None:
         """A start that failed before QEMU ran counts as a failed start."""

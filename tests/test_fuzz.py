@@ -399,3 +399,29 @@ def test_initrd_path_with_a_comma_is_refused() -> None:
         _translate(xml)
     (p,) = exc.value.problems
     assert p.path == "/domain/os/initrd" and "','" in p.message
+
+
+def test_40000_devices_are_refused_before_planning() -> None:
+    """The PCI planner's work grows with the square of the device count: 40,000 NICs took 8
+    minutes of the daemon's time. More than MAX_DEVICES are refused at once."""
+    import time
+
+    from qemud.argv import MAX_DEVICES
+    xml = ("<domain type='qemu'><name>x</name><memory unit='MiB'>64</memory><os><type>hvm</type></os><devices>"
+           + "<interface type='user'/>" * 40_000 + "</devices></domain>")
+    d = parse_domain(xml, "n.xml")
+    t0 = time.monotonic()
+    with pytest.raises(DomainError) as exc:
+        build_argv(d, CAPS, guest_paths(d.name))
+    assert time.monotonic() - t0 < 1.0
+    (p,) = exc.value.problems
+    assert p.path == "/domain/devices" and f"at most {MAX_DEVICES}" in p.message
+
+
+def test_problem_reports_are_bounded() -> None:
+    from qemud.errors import MAX_REPORTED, Problem, report_lines
+    err = DomainError([Problem(f"/domain/devices/serial[{i}]", "bad", file="f.xml") for i in range(1, 1001)])
+    lines = report_lines(err)
+    assert len(lines) == MAX_REPORTED + 1
+    assert lines[-1] == f"f.xml: {1000 - MAX_REPORTED} more problems (qemuctl validate lists them all)"
+    assert report_lines(DomainError(err.problems[:3])) == [p.format() for p in err.problems[:3]]

@@ -81,7 +81,8 @@ class Run:
                 timeout: float = 10.0) -> Event:
         """The error event about ``path``; its message names the file and holds each needle."""
         shown = _shown(path)
-        ev = self.d.wait_for(event, timeout=timeout, after=0, pred=lambda e: e.get("file") == shown)
+        ev = self.d.wait_for(event, timeout=timeout, after=0,
+                             pred=lambda e: e.get("file") == shown and all(n in e.message for n in needles))
         assert ev.level == "error", ev.raw
         assert shown in ev.message, ev.raw
         for n in needles:
@@ -360,6 +361,34 @@ def test_two_files_with_one_name(run: Run) -> None:
                                                          memory_mib=128).encode())
     run.invalid(path, "domain name 'healthy' is already defined by", str(run.d.domains / "healthy.xml"),
                 event="duplicate-definition")
+
+
+# ---- files that are large but under the size limit ---------------------------------------------
+
+def test_many_bad_devices_are_reported_in_a_bounded_number_of_lines(run: Run) -> None:
+    """30,000 bad <serial> elements (900 KB): 20 lines and a count, not 30,000 journal entries."""
+    body = "<serial type='nonsense'/>" * 30_000
+    xml = run.xml("floody").replace("<memballoon model='none'/>", body)
+    path = run.drop_bytes("floody.xml", xml.encode())
+    last = run.invalid(path, "more problems (qemuctl validate lists them all)")
+    assert "29980 more problems" in last.message
+    assert len(run.d.events("invalid-definition", pred=lambda e: e.get("file") == str(path))) == 21
+
+
+def test_40000_nics_are_refused_at_once_and_the_daemon_stays_responsive(run: Run) -> None:
+    """Translating 40,000 NICs took 8 minutes in the PCI planner, on the daemon's event loop: no
+    other guest was supervised meanwhile. Now the count is refused before any planning (and the
+    translation runs off the event loop anyway)."""
+    d = run.d
+    mark = d.mark()
+    xml = domain_xml(run.guest, "nics").replace("<memballoon model='none'/>",
+                                                "<interface type='user'/>" * 40_000 + "<memballoon model='none'/>")
+    t0 = time.monotonic()
+    path = run.drop_bytes("nics.xml", xml.encode())
+    ev = run.invalid(path, "/domain/devices", "40000 devices; qemud takes at most 1024", timeout=20)
+    assert ev.received - t0 < 10
+    run.still_reacts()
+    assert not d.events("spawned", "nics", after=mark)
 
 
 # ---- last: the daemon still works ---------------------------------------------------------------
