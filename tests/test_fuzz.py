@@ -425,3 +425,14 @@ def test_problem_reports_are_bounded() -> None:
     assert len(lines) == MAX_REPORTED + 1
     assert lines[-1] == f"f.xml: {1000 - MAX_REPORTED} more problems (qemuctl validate lists them all)"
     assert report_lines(DomainError(err.problems[:3])) == [p.format() for p in err.problems[:3]]
+
+
+def test_two_usb_controllers_of_model_none() -> None:
+    """Found by the mutation fuzzer: a duplicated <controller type='usb' model='none'/> raised
+    StopIteration out of the USB checks."""
+    xml = ("<domain type='qemu'><name>x</name><memory unit='MiB'>64</memory><os><type machine='q35'>hvm</type></os>"
+           "<devices><controller type='usb' model='none'/><controller type='usb' model='none'/></devices></domain>")
+    with pytest.raises(DomainError) as exc:
+        _translate(xml)
+    assert any(p.path == "/domain/devices/controller[2]" and "USB is disabled" in p.message
+               for p in exc.value.problems), exc.value
