@@ -37,7 +37,7 @@ test: venv
 
 # A long fuzzing run of the parser and translator (about 10 minutes; not part of `make test`,
 # whose run of the same tests is short and derandomized). New random examples each time.
-FUZZ_EXAMPLES ?= 8000
+FUZZ_EXAMPLES ?= 40000
 fuzz: venv
 	QEMUD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/test_fuzz.py -q -x -k fuzz_ -p no:cacheprovider
 
