@@ -10,7 +10,7 @@ CORPUS ?= ../shared/libvirt-corpus
 DEB_PACKAGES := qemu-system-x86 qemu-utils ovmf busybox-static cpio zstd xz-utils swtpm swtpm-tools \
 	libsystemd-dev pkg-config gcc python3-dev python3-venv systemd systemd-container passt dbus-daemon dbus-session-bus-common openssl
 
-.PHONY: all deps venv test conformance bench run install verify-units clean
+.PHONY: all deps venv test fuzz conformance bench run install verify-units clean
 
 all: venv
 
@@ -34,6 +34,12 @@ venv: deps $(VENV)/.installed
 # The test suite: real QEMU, a real tiny Linux guest (built once from Debian packages and cached).
 test: venv
 	$(PY) -m pytest tests -q
+
+# A long fuzzing run of the parser and translator (about 10 minutes; not part of `make test`,
+# whose run of the same tests is short and derandomized). New random examples each time.
+FUZZ_EXAMPLES ?= 40000
+fuzz: venv
+	QEMUD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/test_fuzz.py -q -x -k fuzz_ -p no:cacheprovider
 
 # validate + argv + start in QEMU for every domain of libvirt's own test suite; prints counts.
 # --hugepages: inputs refused only for an empty hugepage pool run again with the pool grown for
