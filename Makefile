@@ -42,7 +42,8 @@ fuzz: venv
 	QEMUD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/test_fuzz.py -q -x -k fuzz_ -p no:cacheprovider
 
 # validate + argv + start in QEMU for every domain of libvirt's own test suite; prints counts.
-# --hugepages: inputs refused only for an empty hugepage pool run again with the pool grown for
+# --hugepages: inputs refused only for an empty hugepage pool (or a disk without BFQ for per-device
+# I/O weights) run again with the pool grown (BFQ switched on) for
 # them (and put back); the report names them.  CONFORMANCE_FLAGS= runs on the host as it is.
 CONFORMANCE_FLAGS ?= --hugepages
 conformance: venv
