@@ -6,7 +6,8 @@ For every ``*.xml`` of the corpus (libvirt 9.0's qemuxml2argv inputs, see its RE
 1. applies the rewrite libvirt's own measurement (``libvirt-realized.json``) used, so both see
    the same host: domain type kvm -> qemu, a host-passthrough/host-model ``<cpu>`` dropped, a
    missing or absent emulator -> /usr/bin/qemu-system-x86_64, file and block disk sources -> fresh
-   1 MiB scratch images of the same format (block disks become file images), kernel/initrd -> the
+   1 MiB scratch images of the same format (block disks become file images; a format QEMU
+   removed, 'cow', a raw image), kernel/initrd -> the
    tiny test guest's, pflash loaders -> OVMF_CODE_4M.fd with the OVMF_VARS_4M.fd template (NVRAM
    into scratch), non-user interfaces -> type='user' keeping MAC and model (and other guest-side
    settings; the host side -- source, target, script, virtualport, backend -- is dropped;
@@ -84,6 +85,8 @@ OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 SCRATCH_BASE = "/tmp/qc"
 OUTCOMES = ("realized", "rejected", "mismatch", "crashed")
 #: qemu-img can make an empty image in these formats; anything else becomes a raw image.
+#: image formats QEMU 7.2 cannot open at all (removed): their scratch stand-in is raw
+GONE_FORMATS = {"cow"}
 CREATABLE = {"qcow2", "qed", "vmdk", "vdi", "vpc", "vhdx", "qcow", "parallels"}
 CHARDEV_TAGS = ("serial", "parallel", "console", "channel", "smartcard", "redirdev")
 #: interface types that stay as they are (they have no user-mode equivalent to become)
@@ -487,6 +490,12 @@ class Rewriter:
             p = self.luks_image(fmt)
         else:
             p = self.image(fmt)
+            if fmt in GONE_FORMATS and drv is not None:
+                # the measurement's scratch images were raw or qcow2 ("of the same format" where
+                # one can be made): a format no QEMU of today opens became a raw image, which is
+                # how libvirt, which refuses 'cow' itself, realized the input
+                drv.set("type", "raw")
+                self.notes.append(f"disk format {fmt!r} (gone from QEMU) -> a raw scratch image")
         if dtype == "block":
             disk.set("type", "file")
             del src.attrib["dev"]
