@@ -1,0 +1,341 @@
+"""Faults, each through the real daemon and real QEMU (TCG, the tiny guest): the runtime
+directory full or read-only, the QEMU binary missing or replaced, a QEMU that never answers QMP
+or exits while negotiating it, the QMP socket deleted, the daemon SIGKILLed during a start, a
+stop and a restart, the journal gone. Each ends with the same checks: no guest lost, never two
+QEMUs for one guest, no QEMU left behind, and every state reported truthfully.
+
+A QEMU's end is read as the kernel tells it (zombie or gone), never by waiting for its pid to
+vanish: this machine's PID 1 reaps others' children only every second or two.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.daemon import Daemon, DaemonError, domain_xml, pid_alive
+from tests.support.tinyguest import TinyGuest, ensure_guest
+
+pytestmark = pytest.mark.qemu
+
+QEMU = "/usr/bin/qemu-system-x86_64"
+QEMUCTL = Path(sys.executable).with_name("qemuctl")
+RUN_TIMEOUT = 60.0  # the machine is shared: starts are slow, never hung
+#: qemud's QMP connect timeout (qemud.guest.QMP_CONNECT_TIMEOUT) plus slack for a loaded host
+QMP_TIMEOUT = 30.0 + 30.0
+
+
+@pytest.fixture(scope="module")
+def guest() -> TinyGuest:
+    return ensure_guest()
+
+
+@pytest.fixture
+def daemon() -> Iterator[Daemon]:
+    d = Daemon()
+    try:
+        yield d
+    finally:
+        print(d.log_text())
+        d.close()
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+def qemus(d: Daemon) -> dict[str, list[int]]:
+    """Live QEMUs per guest name, from /proc (the -pidfile under this daemon's directory); a
+    zombie has ended."""
+    out: dict[str, list[int]] = {}
+    prefix = str(d.state / "domains") + "/"
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            stat = Path(f"/proc/{entry}/stat").read_bytes()
+        except OSError:
+            continue
+        if stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] in (b"Z", b"X"):
+            continue
+        args = [a.decode(errors="replace") for a in argv]
+        for i, a in enumerate(args[:-1]):
+            if a == "-pidfile" and args[i + 1].startswith(prefix):
+                out.setdefault(args[i + 1][len(prefix):].split("/")[0], []).append(int(entry))
+    return out
+
+
+def wait_ended(pid: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid):
+        assert time.monotonic() < deadline, f"pid {pid} still runs after {timeout:g} s"
+        time.sleep(0.05)
+
+
+def with_emulator(xml: str, emulator: Path | str) -> str:
+    return xml.replace("<devices>\n", f"<devices>\n    <emulator>{emulator}</emulator>\n", 1)
+
+
+def start(d: Daemon, guest: TinyGuest, name: str, **kw: object) -> int:
+    """Drop NAME.xml and wait until it runs; returns QEMU's pid (checked: the only one)."""
+    after = d.mark()
+    emulator = kw.pop("emulator", None)
+    xml = domain_xml(guest, name, memory_mib=96, **kw)  # type: ignore[arg-type]
+    d.drop(f"{name}.xml", with_emulator(xml, emulator) if emulator else xml)
+    running = d.wait_for("running", name, timeout=RUN_TIMEOUT, after=after)
+    assert running.pid is not None
+    assert qemus(d).get(name) == [running.pid]
+    return running.pid
+
+
+def qemuctl(d: Daemon, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(QEMUCTL), "--state-dir", str(d.state), *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def status(d: Daemon, name: str) -> dict[str, object]:
+    import json
+    r = qemuctl(d, "status", name, "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: str) -> Iterator[Path]:
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Fill the file system of ``directory`` up: a file grown until ENOSPC."""
+    f = directory / "filler"
+    with open(f, "wb") as fh:
+        chunk = b"\0" * 65536
+        with contextlib.suppress(OSError):
+            while True:
+                fh.write(chunk)
+                fh.flush()
+    # the last partial pages too
+    with contextlib.suppress(OSError), open(f, "ab", buffering=0) as fh:
+        while True:
+            fh.write(b"\0")
+    return f
+
+
+# ---- the runtime directory ----------------------------------------------------------------------
+
+def test_runtime_dir_full(daemon: Daemon, guest: TinyGuest) -> None:
+    """A full runtime directory: a running guest keeps running and can be stopped; a guest
+    cannot start (no record could be written, so no unadoptable QEMU may run): that is
+    reported, retried by its policy up to failed, and it runs once there is room again."""
+    d = daemon
+    with tmpfs(d.state, "2m"):
+        d.start()
+        keep = start(d, guest, "keep", shutdown_timeout=5)
+        filler = fill(d.state)
+        mark = d.mark()
+        d.drop("victim.xml", domain_xml(guest, "victim", memory_mib=96, restart={"max-retries": 3, "backoff": 1}))
+        failed = d.wait_for("failed", "victim", timeout=RUN_TIMEOUT, after=mark)
+        failures = [e for e in d.events(domain="victim", after=mark) if e.event in ("crashed", "record-error")]
+        assert any("No space left on device" in e.message for e in failures), [e.raw for e in failures]
+        assert [e.event for e in d.events(domain="victim", after=mark) if e.event in ("crashed", "backoff")] == \
+            ["crashed", "crashed", "backoff", "crashed"]
+        for e in d.events("spawned", "victim", after=mark):
+            wait_ended(e.pid)  # type: ignore[arg-type]
+        assert "victim" not in qemus(d), "a QEMU without a record must not be left running"
+        assert d.events("running", "victim", after=mark) == []
+        assert status(d, "victim")["state"] == "failed"
+        # the other guest: untouched, and it can still be stopped while the directory is full
+        assert qemus(d).get("keep") == [keep]
+        mark = d.mark()
+        assert qemuctl(d, "destroy", "keep").returncode == 0
+        d.wait_for("stopped", "keep", timeout=RUN_TIMEOUT, after=mark)
+        wait_ended(keep)
+        # room again: it starts, with one QEMU, and it is adoptable (its record was written)
+        filler.unlink()
+        mark = d.mark()
+        assert qemuctl(d, "start", "victim").returncode == 0
+        running = d.wait_for("running", "victim", timeout=RUN_TIMEOUT, after=mark)
+        assert qemus(d) == {"victim": [running.pid]}
+        d.kill9()
+        mark = d.mark()
+        d.start(timeout=RUN_TIMEOUT)
+        adopted = d.wait_for("adopted", "victim", timeout=RUN_TIMEOUT, after=mark)
+        assert adopted.pid == running.pid and adopted.level == ""
+        d.close()
+
+
+# ---- the QEMU binary ------------------------------------------------------------------------------
+
+@pytest.fixture
+def bindir() -> Iterator[Path]:
+    p = Path(tempfile.mkdtemp(prefix="qb", dir="/tmp"))
+    try:
+        yield p
+    finally:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def install_qemu(path: Path) -> None:
+    """QEMU at ``path``: a symlink (a copy would look for its firmware and modules relative to
+    itself; through a symlink QEMU runs as the real binary, and the path is what qemud knows)."""
+    os.symlink(QEMU, path)
+
+
+def test_qemu_binary_missing(daemon: Daemon, guest: TinyGuest, bindir: Path) -> None:
+    """<emulator> deleted under a running guest: the guest runs on, a daemon restart adopts it
+    (the same process, its binary gone), a crash cannot restart it: reported, then failed;
+    the binary back, `qemuctl start` runs it."""
+    d = daemon
+    d.start()
+    emu = bindir / "qemu-system-x86_64"
+    install_qemu(emu)
+    pid = start(d, guest, "g", emulator=emu, restart={"max-retries": 2, "backoff": 1})
+    emu.unlink()
+    d.kill9()
+    mark = d.mark()
+    d.start(timeout=RUN_TIMEOUT)
+    assert d.wait_for("adopted", "g", timeout=RUN_TIMEOUT, after=mark).pid == pid
+    assert qemus(d) == {"g": [pid]}
+    mark = d.mark()
+    os.kill(pid, signal.SIGKILL)
+    failed = d.wait_for("failed", "g", timeout=RUN_TIMEOUT, after=mark)
+    assert str(emu) in failed.message and "does not exist" in failed.message, failed.raw
+    assert d.events("spawned", "g", after=mark) == []
+    assert qemus(d) == {}
+    install_qemu(emu)
+    mark = d.mark()
+    r = qemuctl(d, "start", "g")
+    assert r.returncode == 0, r.stderr
+    running = d.wait_for("running", "g", timeout=RUN_TIMEOUT, after=mark)
+    assert qemus(d) == {"g": [running.pid]}
+
+
+# ---- QMP ---------------------------------------------------------------------------------------------
+
+def _wrapper(bindir: Path, body: str) -> Path:
+    """An <emulator> that is the real QEMU when probed (no -pidfile) and ``body`` when it runs a guest."""
+    w = bindir / "qemu-wrapper"
+    w.write_text(body.replace("@QEMU@", QEMU))
+    w.chmod(0o755)
+    return w
+
+
+def test_qemu_that_never_answers_qmp(daemon: Daemon, guest: TinyGuest, bindir: Path) -> None:
+    """QEMU that stops itself before it greets on QMP: the start times out, QEMU is killed
+    (never left behind, stopped or not), the policy retries once at once, then fails."""
+    d = daemon
+    d.start()
+    w = _wrapper(bindir, '#!/bin/sh\ncase " $* " in *" -pidfile "*) kill -STOP $$ ;; esac\nexec @QEMU@ "$@"\n')
+    mark = d.mark()
+    d.drop("mute.xml", with_emulator(domain_xml(guest, "mute", memory_mib=96,
+                                                restart={"max-retries": 2, "backoff": 1}), w))
+    first = d.wait_for("spawned", "mute", timeout=RUN_TIMEOUT, after=mark)
+    crashed = d.wait_for("crashed", "mute", timeout=QMP_TIMEOUT, after=mark)
+    assert "QMP did not come up" in crashed.message and crashed.pid == first.pid, crashed.raw
+    wait_ended(first.pid)  # type: ignore[arg-type]
+    second = d.wait_for("spawned", "mute", timeout=RUN_TIMEOUT, after=crashed.index)
+    assert second.pid != first.pid
+    failed = d.wait_for("failed", "mute", timeout=QMP_TIMEOUT, after=second.index)
+    assert failed.level == "error"
+    wait_ended(second.pid)  # type: ignore[arg-type]
+    assert qemus(d) == {} and d.events("running", "mute", after=mark) == []
+    d.assert_no("spawned", "mute", within=2, after=failed.index)
+    assert status(d, "mute")["state"] == "failed"
+
+
+FAKE_QMP = r'''#!/usr/bin/python3
+import os, socket, sys
+args = sys.argv[1:]
+if "-pidfile" not in args:
+    os.execv("@QEMU@", ["@QEMU@"] + args)
+spec = next(a for a in args if a.startswith("socket,id=qmp,fd="))
+listener = socket.socket(fileno=int(spec.split("fd=")[1].split(",")[0]))
+conn, _ = listener.accept()
+conn.sendall(b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, '
+             b'"capabilities": []}}\r\n')
+conn.recv(4096)  # qmp_capabilities: never answered
+sys.stderr.write("fake QEMU: exiting in the middle of QMP negotiation\n")
+sys.exit(3)
+'''
+
+
+def test_qemu_exiting_during_qmp_negotiation(daemon: Daemon, guest: TinyGuest, bindir: Path) -> None:
+    d = daemon
+    d.start()
+    w = _wrapper(bindir, FAKE_QMP)
+    mark = d.mark()
+    d.drop("quitter.xml", with_emulator(domain_xml(guest, "quitter", memory_mib=96,
+                                                   restart={"max-retries": 3, "backoff": 1}), w))
+    failed = d.wait_for("failed", "quitter", timeout=RUN_TIMEOUT * 2, after=mark)
+    spawned = d.events("spawned", "quitter", after=mark)
+    crashed = d.events("crashed", "quitter", after=mark)
+    assert len(spawned) == 3 and len(crashed) == 3
+    assert [e.event for e in d.events(domain="quitter", after=mark)
+            if e.event in ("crashed", "backoff", "failed")] == ["crashed", "crashed", "backoff", "crashed", "failed"]
+    for c in crashed:
+        assert "exited with status 3" in c.message and "in the middle of QMP negotiation" in c.message, c.raw
+    for s in spawned:
+        wait_ended(s.pid)  # type: ignore[arg-type]
+    assert d.events("running", "quitter", after=mark) == []
+    assert status(d, "quitter")["state"] == "failed"
+    d.assert_no("spawned", "quitter", within=2, after=failed.index)
+
+
+# ---- the daemon killed in the middle of things ------------------------------------------------------
+
+
+def _held_in_stop(d: Daemon, guest: TinyGuest, name: str, how: list[str]) -> tuple[int, subprocess.Popen[str]]:
+    """A guest without ACPI (it ignores the power button) being stopped: the stop is under way
+    for its timeout, when the daemon is SIGKILLed."""
+    pid = start(d, guest, name, acpi=False, shutdown_timeout=4)
+    mark = d.mark()
+    client = subprocess.Popen([str(QEMUCTL), "--state-dir", str(d.state), *how, name], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    d.wait_for("shutdown-requested", name, timeout=20, after=mark)
+    d.kill9()
+    client.communicate(timeout=20)
+    assert pid_alive(pid)
+    return pid, client
+
+
+def test_daemon_killed_during_a_stop(daemon: Daemon, guest: TinyGuest) -> None:
+    d = daemon
+    d.start()
+    pid, _ = _held_in_stop(d, guest, "g", ["shutdown"])
+    mark = d.mark()
+    d.start(timeout=RUN_TIMEOUT)
+    assert d.wait_for("adopted", "g", timeout=RUN_TIMEOUT, after=mark).pid == pid
+    d.wait_for("stopping", "g", timeout=20, after=mark)
+    d.wait_for("shutdown-timeout", "g", timeout=30, after=mark)
+    stopped = d.wait_for("stopped", "g", timeout=RUN_TIMEOUT, after=mark)
+    wait_ended(pid)
+    assert qemus(d) == {}
+    d.assert_no("spawned", "g", within=3, after=mark)
+    assert stopped.run == 2 and status(d, "g")["state"] == "stopped"
+
+
+# ---- the journal --------------------------------------------------------------------------------------
+
+BROKEN = """<domain type='qemu'>
+  <name>{name}</name>
+  <metadata><qemud:settings xmlns:qemud="http://qemud.org/xmlns/domain/1.0">
+    <qemud:restart policy="always" max-retries="2" backoff="1"/></qemud:settings></metadata>
+  <memory unit='MiB'>64</memory>
+  <os><type arch='x86_64' machine='pc'>hvm</type><kernel>/nonexistent/vmlinuz</kernel></os>
+  <devices><memballoon model='none'/></devices>
+</domain>"""
+
+
