@@ -320,18 +320,27 @@ class Daemon:
     _started = False
 
     async def run(self) -> int:
-        self.dirs.runtime.mkdir(parents=True, exist_ok=True, mode=0o755)
-        (self.dirs.runtime / "domains").mkdir(exist_ok=True, mode=0o700)
-        self.dirs.state.mkdir(parents=True, exist_ok=True, mode=0o700)
-        lock = open(self.dirs.runtime / PIDFILE, "a+")
+        try:
+            self.dirs.runtime.mkdir(parents=True, exist_ok=True, mode=0o755)
+            (self.dirs.runtime / "domains").mkdir(exist_ok=True, mode=0o700)
+            self.dirs.state.mkdir(parents=True, exist_ok=True, mode=0o700)
+            lock = open(self.dirs.runtime / PIDFILE, "a+")
+        except OSError as exc:
+            # read-only, full, or not ours: without its lock and records qemud cannot supervise
+            # (a second daemon could not be kept out, a restart could not adopt): say so and exit
+            raise HostError(f"cannot use the runtime directory {self.dirs.runtime}: "
+                            f"{exc.strerror or exc} ({exc.filename or self.dirs.runtime})") from exc
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self.log.emit("already-running", f"another qemud already runs with {self.dirs.runtime}", ERR)
             return 1
-        lock.truncate(0)
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
+        try:
+            lock.truncate(0)
+            lock.write(f"{os.getpid()}\n")
+            lock.flush()
+        except OSError:
+            pass  # the lock is what matters; the pid in it is for people
         if not self.dirs.domains.is_dir():
             self.log.emit("directory-error", f"the domains directory {self.dirs.domains} does not exist", ERR)
             return 1

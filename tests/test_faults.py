@@ -177,6 +177,35 @@ def test_runtime_dir_full(daemon: Daemon, guest: TinyGuest) -> None:
         d.close()
 
 
+def test_runtime_dir_read_only(daemon: Daemon, guest: TinyGuest) -> None:
+    """A read-only runtime directory: qemud started on it says why it cannot run (no lock, no
+    records: it could neither keep a second daemon out nor adopt), in words, no traceback; once
+    writable, the guests run as the files say.
+
+    (The kernel refuses to remount a file system read-only while a file on it is open for
+    writing, and QEMU's log and the daemon's lock always are: with guests or a daemon running
+    the directory cannot become read-only short of a forced error remount.)"""
+    d = daemon
+    with tmpfs(d.state, "16m"):
+        d.drop("g.xml", domain_xml(guest, "g", memory_mib=96))
+        subprocess.run(["mount", "-o", "remount,ro", str(d.state)], check=True)
+        mark = d.mark()
+        d.start(wait_ready=False)
+        assert d.proc is not None
+        assert d.proc.wait(30) == 1
+        err = d.wait_for("host-error", timeout=10, after=mark)
+        assert "Read-only file system" in err.message and str(d.state) in err.message
+        assert err.level == "error"
+        assert "Traceback" not in d.log_text()
+        assert qemus(d) == {}
+        subprocess.run(["mount", "-o", "remount,rw", str(d.state)], check=True)
+        mark = d.mark()
+        d.start(timeout=RUN_TIMEOUT)
+        running = d.wait_for("running", "g", timeout=RUN_TIMEOUT, after=mark)
+        assert qemus(d) == {"g": [running.pid]}
+        d.close()
+
+
 # ---- the QEMU binary ------------------------------------------------------------------------------
 
 @pytest.fixture
