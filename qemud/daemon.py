@@ -105,7 +105,7 @@ class Daemon:
         self.guests: dict[str, Guest] = {}  # by domain name
         self._parsed: dict[str, Parsed] = {}  # by file path, reread only when the file changes
         self._reported: dict[str, tuple[int, int, int]] = {}  # file -> version whose error was logged
-        self._caps: dict[str, HostCaps] = {}
+        self._caps: dict[str, tuple[tuple[int, int, int], HostCaps]] = {}
         self._apply_config(config)
         self._stop = asyncio.Event()
         self._rescan = asyncio.Event()
@@ -137,10 +137,19 @@ class Daemon:
     async def _caps_for(self, emulator: str) -> HostCaps:
         """A QEMU binary's capabilities: probed once (in a worker thread: a slow or hung probe
         never stalls the daemon), then from memory; the disk cache makes restarts cheap."""
-        caps = self._caps.get(emulator)
-        if caps is None:
-            caps = (await asyncio.to_thread(probe, emulator)).with_networks(self._networks)
-            self._caps[emulator] = caps
+        # keyed by the binary's identity too: a QEMU replaced (an upgrade, or anything else put
+        # at that path) is probed again, never started with what the old one could do
+        try:
+            st = os.stat(emulator)
+            key: tuple[int, int, int] | None = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            key = None  # gone: probe says so, in its words
+        cached = self._caps.get(emulator)
+        if cached is not None and key is not None and cached[0] == key:
+            return cached[1]
+        caps = (await asyncio.to_thread(probe, emulator)).with_networks(self._networks)
+        if key is not None:
+            self._caps[emulator] = (key, caps)
         return caps
 
     # ---- the reconcile path --------------------------------------------------------------

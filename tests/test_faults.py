@@ -252,6 +252,40 @@ def test_qemu_binary_missing(daemon: Daemon, guest: TinyGuest, bindir: Path) -> 
     assert qemus(d) == {"g": [running.pid]}
 
 
+def test_qemu_binary_replaced(daemon: Daemon, guest: TinyGuest, bindir: Path) -> None:
+    """<emulator> replaced by something else under a running guest: adoption still finds the
+    very process it recorded (pid, start time, command line), and a restart uses what is at
+    the path now, probed again: here not a QEMU, so reported and failed, never a stale start."""
+    d = daemon
+    d.start()
+    emu = bindir / "qemu-system-x86_64"
+    install_qemu(emu)
+    pid = start(d, guest, "g", emulator=emu, restart={"max-retries": 2, "backoff": 1})
+    fake = bindir / "fake"
+    fake.write_text("#!/bin/sh\necho 'this is not QEMU' >&2\nexit 7\n")
+    fake.chmod(0o755)
+    os.replace(fake, emu)
+    d.kill9()
+    mark = d.mark()
+    d.start(timeout=RUN_TIMEOUT)
+    adopted = d.wait_for("adopted", "g", timeout=RUN_TIMEOUT, after=mark)
+    assert adopted.pid == pid and d.events("spawned", "g", after=mark) == []
+    assert qemus(d) == {"g": [pid]}
+    mark = d.mark()
+    os.kill(pid, signal.SIGKILL)
+    failed = d.wait_for("failed", "g", timeout=RUN_TIMEOUT, after=mark)
+    assert "probing" in failed.message and "this is not QEMU" in failed.message, failed.raw
+    assert d.events("spawned", "g", after=mark) == []
+    # replaced by a QEMU again while the daemon runs (it had probed the fake): probed anew, runs
+    tmp = bindir / "new"
+    install_qemu(tmp)
+    os.replace(tmp, emu)
+    mark = d.mark()
+    assert qemuctl(d, "start", "g").returncode == 0
+    running = d.wait_for("running", "g", timeout=RUN_TIMEOUT, after=mark)
+    assert qemus(d) == {"g": [running.pid]}
+
+
 # ---- QMP ---------------------------------------------------------------------------------------------
 
 def _wrapper(bindir: Path, body: str) -> Path:
