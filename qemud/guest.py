@@ -387,8 +387,12 @@ class Guest:
             self.sm.set(State.RUNNING, f"adopted pid {proc.pid}")
         else:
             self.sm.set(State.PAUSED, f"adopted pid {proc.pid} ({run})")
-        if rec.asked == "stop" and self.state in ALIVE and self.state != State.STOPPING:
-            await self._stop("a stop was under way when the daemon restarted")
+        if rec.asked in ("stop", "restart") and self.state in ALIVE and self.state != State.STOPPING:
+            if rec.asked == "restart":  # a restart (qemuctl, a redefinition) is finished, not lost
+                self._after_exit = "start"
+                await self._stop("a restart was under way when the daemon restarted")
+            else:
+                await self._stop("a stop was under way when the daemon restarted")
         lost, self._lost_helpers = self._lost_helpers, []
         if lost and self.proc is proc and self.state in ALIVE and self.state != State.STOPPING:
             self._helper_gone(proc, ", ".join(lost), "gone when qemud restarted")
@@ -738,7 +742,9 @@ class Guest:
             proc.kill(signal.SIGKILL)  # not even booted yet
             return
         self.sm.set(State.STOPPING, cause)
-        self._mark_asked("stop")
+        # a restart (qemuctl restart, a redefinition) is noted as such: a daemon killed before
+        # QEMU ended finishes it, with a start, instead of leaving the guest stopped
+        self._mark_asked("restart" if self._after_exit == "start" else "stop")
         if self._shutdown_seen is not None:
             await self._quit()
             return

@@ -390,6 +390,22 @@ def test_daemon_killed_during_a_stop(daemon: Daemon, guest: TinyGuest) -> None:
     assert stopped.run == 2 and status(d, "g")["state"] == "stopped"
 
 
+def test_daemon_killed_during_a_restart(daemon: Daemon, guest: TinyGuest) -> None:
+    d = daemon
+    d.start()
+    pid, _ = _held_in_stop(d, guest, "g", ["restart"])
+    mark = d.mark()
+    d.start(timeout=RUN_TIMEOUT)
+    assert d.wait_for("adopted", "g", timeout=RUN_TIMEOUT, after=mark).pid == pid
+    stopped = d.wait_for("stopped", "g", timeout=RUN_TIMEOUT, after=mark)
+    running = d.wait_for("running", "g", timeout=RUN_TIMEOUT, after=stopped.index)
+    assert running.pid != pid
+    wait_ended(pid)
+    assert qemus(d) == {"g": [running.pid]}
+    assert len(d.events("spawned", "g", after=mark)) == 1
+    d.assert_no("stopping", "g", within=2, after=running.index)
+
+
 # ---- the journal --------------------------------------------------------------------------------------
 
 BROKEN = """<domain type='qemu'>
