@@ -75,6 +75,9 @@ _KINDS = [
               "not restarted again until its file changes or it is started by hand."),
     EventKind("adopted", "A running guest was adopted", "qemud found QEMU pid @QEMUD_PID@ of guest "
               "@QEMUD_DOMAIN@ running from before its own start and took it over without restarting it."),
+    EventKind("orphan", "A QEMU without a record was taken over", "QEMU pid @QEMUD_PID@ ran guest @QEMUD_DOMAIN@ "
+              "without a runtime record: qemud was killed between starting it and recording it. qemud took it "
+              "over (a start it had not finished is begun again) rather than start a second QEMU."),
     EventKind("ended-while-down", "A guest ended while qemud was down", "QEMU of guest @QEMUD_DOMAIN@ ended "
               "while qemud was not running; its restart policy applies."),
     EventKind("helper-started", "A guest's helper process was started", "Helper @QEMUD_HELPER@ (swtpm for an "

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from qemud import records, tuning
 from qemud import helpers as helper_procs
 from qemud import records
@@ -379,6 +381,15 @@ class Guest:
         self.env.log.emit("adopted", f"{self.name}: adopted QEMU pid {proc.pid} ({status['status']})", NOTICE,
                           domain=self.name, uuid=self.uuid, pid=proc.pid)
         run = status.get("status")
+        if run == "prelaunch":
+            # the daemon died between spawning QEMU and letting its vCPUs run (-S): the start was
+            # never finished and the guest never ran an instruction; it is begun again from the
+            # top (what QMP setup the start needed is not in the record), not left paused forever
+            self.sm.set(State.PAUSED, f"adopted pid {proc.pid}, a start the previous qemud did not finish")
+            self._after_exit = "start" if self.want_running else None
+            self._mark_asked("restart" if self.want_running else "stop")
+            await self._quit()
+            return
         if run == "shutdown":
             # it powered off (or panicked) while the daemon was down: its policy decides
             self.sm.set(State.PAUSED, "adopted after the guest shut down")
@@ -657,6 +668,8 @@ class Guest:
             # in a thread: a first start may run swtpm_setup, which must not stall other guests
             await asyncio.to_thread(prepare, cmd)
             holder = pidfile_holder(self.paths.pidfile)
+            if holder is not None and self._adopt_orphan(holder):
+                return
             if holder is not None:
                 raise QemudError(f"a QEMU (pid {holder}) already runs this guest without a record; "
                                  "qemud will not start a second one")
@@ -705,6 +718,31 @@ class Guest:
         self.env.log.emit("spawned", f"{self.name}: QEMU started, pid {proc.pid}", INFO, domain=self.name,
                           uuid=self.uuid, pid=proc.pid)
         self._spawn_task(self._connect(proc, cmd.qmp))
+
+    def _adopt_orphan(self, pid: int) -> bool:
+        """A QEMU of this guest (it holds the guest's pid file lock and names that pid file) that
+        has no record: a previous qemud was killed between spawning it and writing the record.
+        It is taken over like any recorded QEMU (a start it never finished is begun again), so
+        the guest neither gets a second QEMU nor is refused for ever."""
+        try:
+            p = psutil.Process(pid)
+            argv, ctime = p.cmdline(), p.create_time()
+        except (psutil.Error, OSError):
+            return False
+        if not any(a == "-pidfile" and b == str(self.paths.pidfile) for a, b in zip(argv, argv[1:])):
+            return False
+        rec = records.Record(
+            name=self.name, uuid=self.uuid, file=self.file, definition=self.definition, pid=pid, create_time=ctime,
+            argv=argv, qmp=str(self.paths.qmp), log=str(self.paths.run / "qemu.log"), started_at=time.time(),
+            domain=self.domain.model_dump(by_alias=True, exclude_unset=True))
+        if not self.adopt(rec):
+            return False
+        self.env.log.emit("orphan", f"{self.name}: QEMU pid {pid} runs this guest without a record (qemud was "
+                          "killed while starting it); taking it over", WARNING, domain=self.name, uuid=self.uuid,
+                          pid=pid)
+        with contextlib.suppress(OSError):
+            records.write(self.paths.run, rec)
+        return True
 
     def _write_record(self, proc: QemuProcess, argv: list[str], cmd: Command) -> None:
         records.write(self.paths.run, records.Record(

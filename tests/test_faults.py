@@ -359,6 +359,68 @@ def test_qemu_exiting_during_qmp_negotiation(daemon: Daemon, guest: TinyGuest, b
 
 # ---- the daemon killed in the middle of things ------------------------------------------------------
 
+@pytest.mark.parametrize("record", ["kept", "lost"])
+def test_daemon_killed_during_a_start(daemon: Daemon, guest: TinyGuest, record: str) -> None:
+    """SIGKILL between spawning QEMU and its QMP setup (QEMU is held stopped until the daemon is
+    dead, so the window is certain). The restarted daemon finds a QEMU that never ran the guest
+    (-S, no `cont`): it ends it and starts again: one QEMU, running, not left paused.
+    `lost`: killed before the record was written (the record removed to get there): the QEMU is
+    found by the pid file it locks and taken over the same way, never a second one beside it."""
+    d = daemon
+    d.start()
+    mark = d.mark()
+    d.drop("g.xml", domain_xml(guest, "g", memory_mib=96))
+    pidfile = d.run_dir("g") / "qemu.pid"
+    deadline = time.monotonic() + RUN_TIMEOUT
+    pid = None
+    while pid is None:
+        assert time.monotonic() < deadline, "QEMU did not write its pid file"
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pidfile.read_text().split()[0])
+        time.sleep(0.001)
+    os.kill(pid, signal.SIGSTOP)  # QEMU writes its pid file before it can greet on QMP
+    try:
+        assert d.wait_for("spawned", "g", timeout=RUN_TIMEOUT, after=mark).pid == pid
+        assert d.events("running", "g", after=mark) == []
+        d.kill9()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    if record == "lost":
+        (d.run_dir("g") / "record.json").unlink()
+    mark = d.mark()
+    d.start(timeout=RUN_TIMEOUT)
+    if record == "lost":
+        assert d.wait_for("orphan", "g", timeout=RUN_TIMEOUT, after=mark).pid == pid
+    adopted = d.wait_for("adopted", "g", timeout=RUN_TIMEOUT, after=mark)
+    assert adopted.pid == pid and "prelaunch" in adopted.message
+    running = d.wait_for("running", "g", timeout=RUN_TIMEOUT, after=mark)
+    assert running.pid != pid
+    wait_ended(pid)
+    assert qemus(d) == {"g": [running.pid]}
+    assert status(d, "g")["state"] == "running"
+
+
+def test_running_guest_whose_record_was_lost_is_taken_over(daemon: Daemon, guest: TinyGuest) -> None:
+    """A running QEMU without its record (removed while the daemon was down): found by the pid
+    file it locks, taken over as it is, running; no second QEMU, no refusal."""
+    d = daemon
+    d.start()
+    pid = start(d, guest, "g")
+    d.kill9()
+    (d.run_dir("g") / "record.json").unlink()
+    mark = d.mark()
+    d.start(timeout=RUN_TIMEOUT)
+    assert d.wait_for("orphan", "g", timeout=RUN_TIMEOUT, after=mark).pid == pid
+    assert d.wait_for("adopted", "g", timeout=RUN_TIMEOUT, after=mark).pid == pid
+    assert d.wait_for("running", "g", timeout=RUN_TIMEOUT, after=mark).pid == pid
+    d.assert_no("spawned", "g", within=2, after=mark)
+    assert qemus(d) == {"g": [pid]} and d.record("g") is not None
+    # and it is supervised: a crash is restarted
+    mark = d.mark()
+    os.kill(pid, signal.SIGKILL)
+    running = d.wait_for("running", "g", timeout=RUN_TIMEOUT, after=mark)
+    assert qemus(d) == {"g": [running.pid]} and running.pid != pid
+
 
 def _held_in_stop(d: Daemon, guest: TinyGuest, name: str, how: list[str]) -> tuple[int, subprocess.Popen[str]]:
     """A guest without ACPI (it ignores the power button) being stopped: the stop is under way
