@@ -374,7 +374,8 @@ class Guest:
             await qmp.connect(rec.qmp, QMP_CONNECT_TIMEOUT)
             status = await qmp.execute("query-status", timeout=QMP_TIMEOUT)
         except QmpError as exc:
-            self.sm.set(State.RUNNING, f"adopted pid {proc.pid}, but QMP does not answer: {exc}")
+            await qmp.close()
+            self._adopted_blind(proc, rec, str(exc))
             return
         self._attach_qmp(proc, qmp)
         await self._retune(proc, qmp)
@@ -410,6 +411,24 @@ class Guest:
         for h in self.helpers:
             self.env.log.emit("helper-adopted", f"{self.name}: adopted helper {h.name}, pid {h.proc.pid}", INFO,
                               domain=self.name, uuid=self.uuid, pid=h.proc.pid, helper=h.name)
+
+    def _adopted_blind(self, proc: QemuProcess, rec: records.Record, why: str) -> None:
+        """A live QEMU of this guest whose QMP cannot be reached (its socket was deleted, or it
+        does not answer). It is taken over, so no second QEMU is ever started beside it, but it
+        cannot be supervised truthfully: without QMP its pauses, poweroffs and reboots are
+        invisible and the power button cannot be pressed. So it is ended (SIGTERM, then SIGKILL:
+        the only ways left) and, when its guest is wanted, started afresh, as libvirt does with
+        a QEMU whose monitor it cannot reconnect to."""
+        self.env.log.emit("adopted", f"{self.name}: adopted QEMU pid {proc.pid}, but its QMP is unreachable "
+                          f"({why}); ending it" + (" and starting it afresh" if self.want_running else ""),
+                          WARNING, domain=self.name, uuid=self.uuid, pid=proc.pid)
+        self.sm.set(State.RUNNING, f"adopted pid {proc.pid}, QMP unreachable")
+        self._after_exit = "start" if self.want_running else None
+        self._note = f"its QMP was unreachable ({why})"
+        self.sm.set(State.STOPPING, "QMP unreachable: only signals can end it")
+        self._mark_asked("restart" if self.want_running else "stop")
+        proc.kill(signal.SIGTERM)
+        self._escalation = self._spawn_task(self._escalate_later(ESCALATE_STEP, 3))
 
     async def _retune(self, proc: QemuProcess, qmp: Qmp) -> None:
         """An adopted QEMU gets its pinning and cgroup again (a host reboot of the daemon, or a

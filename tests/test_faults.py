@@ -357,6 +357,42 @@ def test_qemu_exiting_during_qmp_negotiation(daemon: Daemon, guest: TinyGuest, b
     d.assert_no("spawned", "quitter", within=2, after=failed.index)
 
 
+def test_qmp_socket_deleted_under_a_running_guest(daemon: Daemon, guest: TinyGuest) -> None:
+    """The daemon keeps its QMP connection: the guest stays supervised and a stop is an ACPI
+    shutdown as usual. A restarted daemon cannot reach such a QEMU: it takes it over (no second
+    QEMU), reports it, ends it and starts the guest afresh, fully supervised again."""
+    d = daemon
+    d.start()
+    old = start(d, guest, "g", serial_path=d.scratch / "g.console")
+    (d.run_dir("g") / "qmp.sock").unlink()
+    st = status(d, "g")
+    assert st["state"] == "running" and st["pid"] == old
+    d.kill9()
+    mark = d.mark()
+    d.start(timeout=RUN_TIMEOUT)
+    adopted = d.wait_for("adopted", "g", timeout=RUN_TIMEOUT, after=mark)
+    assert adopted.pid == old and adopted.level == "warning" and "QMP is unreachable" in adopted.message
+    stopped = d.wait_for("stopped", "g", timeout=RUN_TIMEOUT, after=mark)
+    assert stopped.pid == old
+    running = d.wait_for("running", "g", timeout=RUN_TIMEOUT, after=stopped.index)
+    new = running.pid
+    assert new is not None and new != old
+    wait_ended(old)
+    assert qemus(d) == {"g": [new]}
+    assert (d.run_dir("g") / "qmp.sock").exists()
+    # the new QEMU's socket deleted too: the live connection still powers it down
+    from tests.support.daemon import wait_file_contains
+    wait_file_contains(d.scratch / "g.console", guest.marker, timeout=120)
+    (d.run_dir("g") / "qmp.sock").unlink()
+    mark = d.mark()
+    d.remove("g.xml")
+    d.wait_for("shutdown-requested", "g", timeout=20, after=mark)
+    d.wait_for("stopped", "g", timeout=RUN_TIMEOUT, after=mark)
+    assert d.events("shutdown-timeout", "g", after=mark) == []
+    wait_ended(new)
+    assert qemus(d) == {}
+
+
 # ---- the daemon killed in the middle of things ------------------------------------------------------
 
 @pytest.mark.parametrize("record", ["kept", "lost"])
