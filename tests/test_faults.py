@@ -516,3 +516,117 @@ BROKEN = """<domain type='qemu'>
 </domain>"""
 
 
+def test_journal_gone_and_back() -> None:
+    """journald killed and its socket deleted while the daemon runs: events go to stderr, none
+    lost, nothing crashes; a journald started again gets the events from then on."""
+    from tests.support.journald import JOURNALD, Namespace
+    ns = Namespace()
+    base = Path(tempfile.mkdtemp(prefix="qj", dir="/tmp"))
+    (base / "domains").mkdir()
+    p = subprocess.Popen(ns.cmd([str(QEMUCTL.with_name("qemud")), "--domains-dir", str(base / "domains"),
+                                 "--state-dir", str(base / "s")]),
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    journald2: subprocess.Popen[bytes] | None = None
+    err = ""
+    try:
+        ns.wait_for(30, "SYSLOG_IDENTIFIER=qemud", "QEMUD_EVENT=ready")
+        ns.kill_journald()
+        assert ns.run(["rm", "-f", "/run/systemd/journal/socket"]).returncode == 0
+        (base / "domains" / "j1.xml").write_text(BROKEN.format(name="j1"))
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not (base / "s" / "domains" / "j1" / "qemu.log").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(4)  # j1 fails (2 starts, 1 s apart) while there is no journal
+        assert p.poll() is None, "qemud died without its journal"
+        journald2 = subprocess.Popen(ns.cmd([JOURNALD]), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 30
+        while ns.run(["test", "-S", "/run/systemd/journal/socket"]).returncode != 0:
+            assert time.monotonic() < deadline, "journald did not come back"
+            time.sleep(0.1)
+        (base / "domains" / "j2.xml").write_text(BROKEN.format(name="j2"))
+        failed = ns.wait_for(RUN_TIMEOUT, "QEMUD_DOMAIN=j2", "QEMUD_EVENT=failed")
+        assert failed and failed[-1]["PRIORITY"] == "3"
+        assert ns.journal("QEMUD_DOMAIN=j1", "QEMUD_EVENT=failed") == []  # told on stderr instead
+    finally:
+        p.terminate()
+        try:
+            err = p.communicate(timeout=30)[1].decode(errors="replace")
+        except subprocess.TimeoutExpired:
+            p.kill()
+            err = p.communicate()[1].decode(errors="replace")
+        if journald2 is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(journald2.pid, signal.SIGKILL)
+            journald2.wait()
+        ns.close()
+        shutil.rmtree(base, ignore_errors=True)
+    print(err)
+    assert "Traceback" not in err
+    # every event of j1 is on stderr, in order, and none of j2's (they went to the journal)
+    j1 = [ln.split("QEMUD_EVENT=")[1].split()[0] for ln in err.splitlines() if "QEMUD_DOMAIN=j1" in ln
+          and "QEMUD_EVENT=" in ln]
+    assert j1[:4] == ["defined", "starting", "spawned", "crashed"] and j1[-1] == "failed", j1
+    assert not any("QEMUD_DOMAIN=j2" in ln and "QEMUD_EVENT=" in ln for ln in err.splitlines())
+
+
+def test_journal_not_reading_never_stalls_the_daemon() -> None:
+    """journald alive but not reading (stopped: hung, or busy): its queue full, a blocking
+    sender would hang the daemon and with it every guest's supervision. Events go to stderr,
+    the daemon keeps supervising and answering; once journald reads again, events go to it."""
+    from tests.support.journald import Namespace
+    ns = Namespace()
+    base = Path(tempfile.mkdtemp(prefix="qj", dir="/tmp"))
+    (base / "domains").mkdir()
+    p = subprocess.Popen(ns.cmd([str(QEMUCTL.with_name("qemud")), "--domains-dir", str(base / "domains"),
+                                 "--state-dir", str(base / "s")]),
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = ""
+    stopped = False
+    try:
+        ns.wait_for(30, "SYSLOG_IDENTIFIER=qemud", "QEMUD_EVENT=ready")
+        os.kill(ns.journald_pid, signal.SIGSTOP)
+        stopped = True
+        # fill journald's queue, as a burst of messages from anything on the host would
+        import socket as socketlib
+        flood = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM | socketlib.SOCK_NONBLOCK)
+        sent = 0
+        with contextlib.suppress(BlockingIOError):
+            while sent < 100000:
+                flood.sendto(b"MESSAGE=flood\nSYSLOG_IDENTIFIER=flood\n",
+                             f"/proc/{ns.pid}/root/run/systemd/journal/socket")
+                sent += 1
+        flood.close()
+        assert sent < 100000, "journald's queue never filled"
+        (base / "domains" / "j1.xml").write_text(BROKEN.format(name="j1"))
+        t0 = time.monotonic()
+        # the daemon supervises (j1 is tried twice and fails) and answers, journald still stopped
+        while True:
+            r = subprocess.run([str(QEMUCTL), "--state-dir", str(base / "s"), "list", "--json"],
+                               capture_output=True, text=True, timeout=30)
+            assert r.returncode == 0, r.stderr
+            if '"failed"' in r.stdout:
+                break
+            assert time.monotonic() - t0 < RUN_TIMEOUT, r.stdout
+            time.sleep(0.2)
+        os.kill(ns.journald_pid, signal.SIGCONT)
+        stopped = False
+        (base / "domains" / "j2.xml").write_text(BROKEN.format(name="j2"))
+        ns.wait_for(RUN_TIMEOUT, "QEMUD_DOMAIN=j2", "QEMUD_EVENT=failed")
+    finally:
+        if stopped:
+            os.kill(ns.journald_pid, signal.SIGCONT)
+        p.terminate()
+        try:
+            err = p.communicate(timeout=30)[1].decode(errors="replace")
+        except subprocess.TimeoutExpired:
+            p.kill()
+            err = p.communicate()[1].decode(errors="replace")
+        ns.close()
+        shutil.rmtree(base, ignore_errors=True)
+    print(err)
+    assert "Traceback" not in err
+    j1 = [ln.split("QEMUD_EVENT=")[1].split()[0] for ln in err.splitlines() if "QEMUD_DOMAIN=j1" in ln
+          and "QEMUD_EVENT=" in ln]
+    assert "failed" in j1, j1
