@@ -331,7 +331,8 @@ conn.sendall(b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}
              b'"capabilities": []}}\r\n')
 conn.recv(4096)  # qmp_capabilities: never answered
 sys.stderr.write("fake QEMU: exiting in the middle of QMP negotiation\n")
-sys.exit(3)
+sys.stderr.flush()
+os._exit(3)  # at once: the connection closes as the process ends (no interpreter teardown first)
 '''
 
 
