@@ -28,6 +28,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -65,6 +66,7 @@ class Chaos:
         self.violations: list[str] = []
         self._seen_dups: set[tuple[str, tuple[int, ...]]] = set()
         self.daemon_down_until: float | None = None  # a killed daemon is started again then
+        self._done = threading.Event()
 
     # ---- files -------------------------------------------------------------------------------
     def xml(self, name: str) -> str:
@@ -139,13 +141,26 @@ class Chaos:
         self.violations.append(what)
         print(f"VIOLATION {time.strftime('%H:%M:%S')}: {what}", flush=True)
 
-    def check_always(self) -> None:
+    def check_duplicates(self) -> None:
         for name, pids in self.qemus().items():
             if len(pids) > 1:
                 key = (name, tuple(sorted(pids)))
                 if key not in self._seen_dups:
                     self._seen_dups.add(key)
                     self.violation(f"{len(pids)} QEMU processes for {name}: {sorted(pids)}")
+        self.counts["process scans"] += 1
+
+    def watch_duplicates(self) -> None:
+        """A thread: the /proc scan several times a second, so a short-lived second QEMU is seen."""
+        while not self._done.wait(0.2):
+            try:
+                self.check_duplicates()
+            except Exception as exc:  # noqa: BLE001 - a broken check is a failed run
+                self.violation(f"the duplicate check failed: {type(exc).__name__}: {exc}")
+                return
+
+    def check_always(self) -> None:
+        self.check_duplicates()
         for f in sorted(os.listdir(self.d.domains)):
             want = self.sha.get(f)
             try:
@@ -267,6 +282,7 @@ class Chaos:
         print(f"chaos: {len(self.names)} guests, {self.seconds / 60:g} min, seed {self.seed}, "
               f"directory {self.d.base}", flush=True)
         self.start_daemon()
+        threading.Thread(target=self.watch_duplicates, daemon=True, name="duplicates").start()
         for name in self.names:
             self.write(name)
         self.settle()
@@ -287,7 +303,7 @@ class Chaos:
         c = self.counts
         print("chaos results:")
         for k in ("QEMU kills", "daemon kills", "daemon restarts", "edits", "removals", "re-additions",
-                  "settles", "checks"):  # daemon restarts: SIGTERM and start (a kill is followed by a start too)
+                  "settles", "checks", "process scans"):  # daemon restarts: SIGTERM and start (a kill is followed by a start too)
             print(f"  {k:16} {c[k]}")
         print(f"  {'violations':16} {len(self.violations)}")
         for v in self.violations:
@@ -323,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:  # noqa: BLE001
             pass
     finally:
+        chaos._done.set()
         if chaos.violations:
             log = Path(f"/tmp/chaos-{seed}.log")
             log.write_text(chaos.d.log_text())
