@@ -8,7 +8,7 @@ CORPUS ?= ../shared/libvirt-corpus
 # Debian packages qemud and its tests need: QEMU (and its image tool and UEFI firmware), the
 # pieces of the test guest (busybox, cpio), systemd-python's build deps, journald for the tests.
 DEB_PACKAGES := qemu-system-x86 qemu-utils ovmf busybox-static cpio zstd xz-utils swtpm swtpm-tools \
-	libsystemd-dev pkg-config gcc python3-dev python3-venv systemd systemd-container
+	libsystemd-dev pkg-config gcc python3-dev python3-venv systemd systemd-container passt dbus-daemon dbus-session-bus-common
 
 .PHONY: all deps venv test conformance bench run install verify-units chaos chaos-short clean
 

@@ -19,7 +19,8 @@ from typing import Any
 from qemud.errors import HostError
 from qemud.host import HostFacts, read_host
 
-CAPS_FORMAT = 1
+#: bumped whenever the probe learns something new, so caches made by an older probe are redone
+CAPS_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,12 @@ class HostCaps:
     firmware: tuple[dict[str, Any], ...] = ()
     #: facts about the host beyond the binary (qemud.host), read at every probe
     host: HostFacts = field(default_factory=HostFacts)
+    #: TLS enabled in qemud.conf, by service ("spice", "vnc", "chardev") -> x509 certificate dir
+    tls_dirs: dict[str, str] = field(default_factory=dict)
+    #: the properties of QEMU's ``max`` x86 CPU type: every CPU feature name this QEMU knows
+    #: (all x86 models share one property set; ``max`` adds host-cache-info).  Empty when not
+    #: probed (an old recording): then feature names are not checked.
+    cpu_props: frozenset[str] = frozenset()
 
     def machine(self, name: str) -> Machine | None:
         """A machine type by name or alias ('pc' -> pc-i440fx-7.2)."""
@@ -72,7 +79,7 @@ class HostCaps:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["format"] = CAPS_FORMAT
-        for k in ("devices", "objects", "cpu_models", "chardevs"):
+        for k in ("devices", "objects", "cpu_models", "chardevs", "cpu_props"):
             d[k] = sorted(d[k])
         d["firmware"] = list(self.firmware)
         d["host"] = self.host.to_json()
@@ -88,11 +95,18 @@ class HostCaps:
             cpu_models=frozenset(d["cpu_models"]), chardevs=frozenset(d["chardevs"]),
             kvm=d["kvm"], kvm_reason=d.get("kvm_reason", ""), networks=dict(d.get("networks", {})),
             bridge_helper=d.get("bridge_helper", "/usr/lib/qemu/qemu-bridge-helper"),
-            firmware=tuple(d.get("firmware", ())), host=HostFacts.from_json(d.get("host", {})))
+            firmware=tuple(d.get("firmware", ())), host=HostFacts.from_json(d.get("host", {})),
+            cpu_props=frozenset(d.get("cpu_props", ())),
+            tls_dirs=dict(d.get("tls_dirs", {})))
 
     def with_networks(self, networks: dict[str, str]) -> HostCaps:
         from dataclasses import replace
         return replace(self, networks=dict(networks))
+
+    def with_tls(self, tls_dirs: dict[str, str]) -> HostCaps:
+        """These caps with qemud.conf's TLS settings (Config.tls_dirs)."""
+        from dataclasses import replace
+        return replace(self, tls_dirs=dict(tls_dirs))
 
 
 FIRMWARE_DIRS = ("/usr/share/qemu/firmware", "/etc/qemu/firmware")
@@ -210,6 +224,10 @@ async def _probe(emulator: str, timeout: float) -> HostCaps:
         cpus = await qmp.execute("query-cpu-definitions", timeout=timeout)
         chardevs = await qmp.execute("query-chardev-backends", timeout=timeout)
         kvm_info = await qmp.execute("query-kvm", timeout=timeout)
+        max_type = next((c.get("typename") for c in cpus if c.get("name") == "max" and c.get("typename")), None)
+        cpu_props: list[dict[str, Any]] = []
+        if max_type:
+            cpu_props = await qmp.execute("qom-list-properties", {"typename": max_type}, timeout)
         try:
             await qmp.execute("quit", timeout=timeout)
         except QmpError:
@@ -240,4 +258,5 @@ async def _probe(emulator: str, timeout: float) -> HostCaps:
                     devices=frozenset(d["name"] for d in devices),
                     objects=frozenset(d["name"] for d in objects),
                     cpu_models=frozenset(c["name"] for c in cpus),
-                    chardevs=frozenset(c["name"] for c in chardevs), kvm=ok, kvm_reason=why)
+                    chardevs=frozenset(c["name"] for c in chardevs), kvm=ok, kvm_reason=why,
+                    cpu_props=frozenset(p["name"] for p in cpu_props))

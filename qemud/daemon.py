@@ -20,7 +20,7 @@ from pathlib import Path
 
 from qemud import __version__, notify, records
 from qemud.caps import HostCaps, probe
-from qemud.config import Config, load_config
+from qemud.config import Config, load_config, with_storage_config
 from qemud.domain import Domain, load_domain
 from qemud.errors import DomainError, HostError, QemudError
 from qemud.events import ERR, INFO, NOTICE, WARNING, EventLog
@@ -148,6 +148,8 @@ class Daemon:
         if cached is not None and key is not None and cached[0] == key:
             return cached[1]
         caps = (await asyncio.to_thread(probe, emulator)).with_networks(self._networks)
+        caps = with_storage_config(caps, self.config)
+        caps = caps.with_tls(self.config.tls_dirs)
         if key is not None:
             self._caps[emulator] = (key, caps)
         return caps

@@ -24,7 +24,6 @@ import psutil
 
 from qemud import records, tuning
 from qemud import helpers as helper_procs
-from qemud import records
 from qemud.argv import Command, build_argv, emulator_for
 from qemud.argv.tune import plan_tuning
 from qemud.caps import HostCaps
@@ -33,7 +32,7 @@ from qemud.errors import DomainError, QemudError
 from qemud.events import ERR, INFO, NOTICE, WARNING, EventLog
 from qemud.host import HostFacts
 from qemud.helpers import Helper
-from qemud.launch import prepare
+from qemud.launch import discard, prepare
 from qemud.paths import GuestPaths
 from qemud.policy import Backoff, RestartPolicy
 from qemud.proc import (ExitInfo, QemuProcess, adopt, log_tail, pidfile_holder, qmp_fd_argv, qmp_listener,
@@ -44,6 +43,8 @@ from qemud.tail import Follower
 
 _CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")
 QMP_CONNECT_TIMEOUT = 30.0
+#: how fast QEMU preallocates guest RAM, at worst (14 GiB took 75 s on a nested-virtualization host)
+PREALLOC_BYTES_PER_S = 128 * 1024 * 1024
 #: QMP calls while QEMU starts: a host busy starting many guests answers slowly, not never
 QMP_START_TIMEOUT = 30.0
 #: after `qemuctl reset`, how long guest resets stay in place before reboots relaunch QEMU again
@@ -560,6 +561,7 @@ class Guest:
         self.last_stderr = log_tail(self.paths.run / "qemu.log")
         await self._stop_helpers()
         records.remove(self.paths.run)
+        discard(self.paths)  # transient disks' overlays end with their QEMU
         if self._host is not None:
             with contextlib.suppress(QemudError):
                 tuning.release(self._host, self.name)
@@ -736,7 +738,7 @@ class Guest:
             return
         self.env.log.emit("spawned", f"{self.name}: QEMU started, pid {proc.pid}", INFO, domain=self.name,
                           uuid=self.uuid, pid=proc.pid)
-        self._spawn_task(self._connect(proc, cmd.qmp))
+        self._spawn_task(self._connect(proc, cmd.qmp, cmd.prealloc_bytes))
 
     def _adopt_orphan(self, pid: int) -> bool:
         """A QEMU of this guest (it holds the guest's pid file lock and names that pid file) that
@@ -909,12 +911,13 @@ class Guest:
         info = await h.proc.wait()
         self.inbox.put_nowait(("helper-exited", h, info))
 
-    async def _connect(self, proc: QemuProcess, path: Path) -> None:
+    async def _connect(self, proc: QemuProcess, path: Path, prealloc_bytes: int = 0) -> None:
         """Connect to a fresh QEMU's QMP. The socket listens before QEMU starts (qemud made it),
-        so this waits only for QEMU's greeting, bounded."""
+        so this waits only for QEMU's greeting, bounded (longer for a guest whose RAM QEMU
+        preallocates first)."""
         qmp = Qmp(self.name)
         try:
-            await qmp.connect(str(path), timeout=QMP_CONNECT_TIMEOUT)
+            await qmp.connect(str(path), timeout=QMP_CONNECT_TIMEOUT + prealloc_bytes / PREALLOC_BYTES_PER_S)
         except QmpError as exc:
             self.inbox.put_nowait(("qmp-failed", proc, f"QMP did not come up: {exc}"))
             return

@@ -66,6 +66,21 @@ class HostFacts:
     mdev_devices: frozenset[str] = frozenset()
     #: SCSI generic nodes by SCSI address "host:bus:target:unit" -> "/dev/sgN"
     scsi_generic: dict[str, str] = field(default_factory=dict)
+    #: hugepage pools: page size in KiB -> (nr_hugepages, free_hugepages), from
+    #: /sys/kernel/mm/hugepages/hugepages-<size>kB
+    hugepages: dict[int, tuple[int, int]] = field(default_factory=dict)
+    #: the kernel's default hugepage size in KiB (Hugepagesize in /proc/meminfo)
+    hugepage_default_kib: int = 2048
+    #: hugetlbfs mounts: page size in KiB -> mount point (qemud backs guests with hugetlb memfds,
+    #: which need none; kept for reporting and for file-backed guests)
+    hugetlbfs: dict[int, str] = field(default_factory=dict)
+    #: the locked memory QEMU may have (RLIMIT_MEMLOCK of the daemon) in bytes; None when it is
+    #: unlimited or the daemon has CAP_IPC_LOCK (root), which <memoryBacking><locked/> needs
+    memlock_bytes: int | None = None
+    #: where secrets are kept, one file per secret (qemud.secrets); "" for the default
+    secrets_dir: str = ""
+    #: the x509 certificate directory for TLS network disks ("" when none is configured)
+    tls_x509_dir: str = ""
 
     def has(self, path: str) -> bool:
         return path in self.present
@@ -77,6 +92,8 @@ class HostFacts:
         d["cpus"] = sorted(self.cpus)
         d["usb_devices"] = [asdict(u) for u in self.usb_devices]
         d["mdev_devices"] = sorted(self.mdev_devices)
+        d["hugepages"] = {str(k): list(v) for k, v in self.hugepages.items()}
+        d["hugetlbfs"] = {str(k): v for k, v in self.hugetlbfs.items()}
         return d
 
     @classmethod
@@ -88,13 +105,29 @@ class HostFacts:
                    pci_devices={k: PciHostDevice(**v) for k, v in d.get("pci_devices", {}).items()},
                    usb_devices=tuple(UsbHostDevice(**u) for u in d.get("usb_devices", ())),
                    mdev_devices=frozenset(d.get("mdev_devices", ())),
-                   scsi_generic=dict(d.get("scsi_generic", {})))
+                   scsi_generic=dict(d.get("scsi_generic", {})),
+                   hugepages={int(k): (int(v[0]), int(v[1])) for k, v in d.get("hugepages", {}).items()},
+                   hugepage_default_kib=int(d.get("hugepage_default_kib", 2048)),
+                   hugetlbfs={int(k): str(v) for k, v in d.get("hugetlbfs", {}).items()},
+                   memlock_bytes=d.get("memlock_bytes"),
+                   secrets_dir=str(d.get("secrets_dir", "")), tls_x509_dir=str(d.get("tls_x509_dir", "")))
+
+    @property
+    def secrets(self) -> str:
+        """The secrets directory in force."""
+        if self.secrets_dir:
+            return self.secrets_dir
+        from qemud.secrets import default_secrets_dir
+        return str(default_secrets_dir())
 
 
 #: device nodes and directories whose presence decides what a guest can have
 WATCHED_PATHS: tuple[str, ...] = (
     "/dev/vhost-vsock", "/dev/sev", "/etc/pki/nssdb", "/dev/tpm0", "/dev/tpmrm0",
     "/dev/vfio/vfio", "/sys/bus/usb/devices", "/dev/vhost-scsi",  # device assignment (hostdev)
+    "/dev/sgx_vepc",  # SGX EPC memory devices
+    "/dev/dri",  # DRM render nodes: OpenGL displays (egl-headless, <gl enable='yes'>)
+    "/usr/share/dbus-1/session.conf",  # the private bus of a D-Bus display (dbus-daemon)
 )
 #: device nodes that come numbered (glob patterns): every match is added to ``present``
 WATCHED_GLOBS: tuple[str, ...] = ("/dev/input/event*", "/dev/vhost-vdpa-*")
@@ -105,6 +138,10 @@ HELPER_CANDIDATES: dict[str, tuple[str, ...]] = {
     "virtiofsd": ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"),
     "swtpm": ("/usr/bin/swtpm",),
     "swtpm_setup": ("/usr/bin/swtpm_setup",),
+    "qemu-img": ("/usr/bin/qemu-img", "/usr/local/bin/qemu-img"),  # transient disks' overlays
+    "qemu-pr-helper": ("/usr/bin/qemu-pr-helper", "/usr/local/bin/qemu-pr-helper"),
+    "passt": ("/usr/bin/passt",),  # <interface type='user'><backend type='passt'>
+    "dbus-daemon": ("/usr/bin/dbus-daemon",),  # <graphics type='dbus'> on a private bus
 }
 
 
@@ -115,6 +152,70 @@ def _numa_nodes() -> tuple[int, ...]:
     except OSError:
         nodes = []
     return tuple(nodes) or (0,)
+
+
+def _read_int(path: str) -> int:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return 0
+
+
+def _hugepages() -> dict[int, tuple[int, int]]:
+    base = "/sys/kernel/mm/hugepages"
+    pools: dict[int, tuple[int, int]] = {}
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return pools
+    for n in names:
+        if n.startswith("hugepages-") and n.endswith("kB") and n[10:-2].isdigit():
+            pools[int(n[10:-2])] = (_read_int(f"{base}/{n}/nr_hugepages"),
+                                    _read_int(f"{base}/{n}/free_hugepages"))
+    return pools
+
+
+def _hugepage_default_kib() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("Hugepagesize:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 2048
+
+
+def _hugetlbfs(default_kib: int) -> dict[int, str]:
+    """hugetlbfs mounts by page size (``pagesize=`` mount option, else the default size)."""
+    mounts: dict[int, str] = {}
+    try:
+        with open("/proc/mounts") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return mounts
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 4 or parts[2] != "hugetlbfs":
+            continue
+        kib = default_kib
+        for o in parts[3].split(","):
+            if o.startswith("pagesize="):
+                from qemud.domain.units import unit_bytes
+                v = o[9:]
+                num = v.rstrip("KMGkmg")
+                kib = int(num) * (unit_bytes(v[len(num):] or "b") or 1) // 1024 if num.isdigit() else kib
+        mounts.setdefault(kib, parts[1].replace("\\040", " "))
+    return mounts
+
+
+def _memlock_bytes() -> int | None:
+    import resource
+    if os.geteuid() == 0:
+        return None  # root has CAP_IPC_LOCK: mlockall ignores the limit
+    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def _cpus() -> frozenset[int]:
@@ -169,6 +270,10 @@ def _cgroups(mounts: str, self_cgroup: str) -> tuple[str, str, dict[str, str]]:
                         "(run it from qemud.service, which has Delegate=yes)"), {}
         if not os.access(os.path.join(base, "cgroup.subtree_control"), os.W_OK):
             return "", f"qemud's cgroup {base} is not writable by it (not delegated: Delegate=yes in qemud.service)", {}
+        if _systemd_unit(base) and not _delegated(base):
+            # root may write any cgroup, but one systemd manages without delegation is not ours
+            return "", (f"qemud's cgroup {base} belongs to systemd and is not delegated to qemud "
+                        "(Delegate=yes in qemud.service)"), {}
         return "v2", "", {c: base for c in V2_CONTROLLERS}
     roots = {}
     for c in V1_CONTROLLERS:
@@ -179,6 +284,21 @@ def _cgroups(mounts: str, self_cgroup: str) -> tuple[str, str, dict[str, str]]:
             return "", f"the {c} cgroup {path} is not writable by qemud (run it as root)", {}
         roots[c] = path
     return "v1", "", roots
+
+
+def _systemd_unit(path: str) -> bool:
+    return path.rstrip("/").endswith((".service", ".scope"))
+
+
+def _delegated(path: str) -> bool:
+    """systemd marks a cgroup it delegates with the trusted.delegate (or user.delegate) xattr."""
+    for name in ("trusted.delegate", "user.delegate"):
+        try:
+            if os.getxattr(path, name) in (b"1", b"1\n"):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def read_cgroups() -> tuple[str, str, dict[str, str]]:
@@ -198,12 +318,15 @@ def read_host() -> HostFacts:
                 helpers[role] = c
                 break
     present = frozenset(p for p in WATCHED_PATHS if os.path.exists(p))
+    default_kib = _hugepage_default_kib()
     present |= frozenset(p for g in WATCHED_GLOBS for p in glob.glob(g))
     version, reason, roots = read_cgroups()
     return HostFacts(numa_nodes=_numa_nodes(), helpers=helpers, present=present, cpus=_cpus(),
                      cgroup=version, cgroup_reason=reason, cgroup_roots=roots,
                      pci_devices=_pci_devices(), usb_devices=_usb_devices(),
-                     mdev_devices=_listdir_set("/sys/bus/mdev/devices"), scsi_generic=_scsi_generic())
+                     mdev_devices=_listdir_set("/sys/bus/mdev/devices"), scsi_generic=_scsi_generic(),
+                     hugepages=_hugepages(), hugepage_default_kib=default_kib,
+                     hugetlbfs=_hugetlbfs(default_kib), memlock_bytes=_memlock_bytes())
 
 
 # ---- readers for device assignment (<hostdev>) ------------------------------------------------

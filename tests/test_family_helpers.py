@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import os
 import signal
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,8 +138,8 @@ def test_tpm_backends(caps: HostCaps) -> None:
     # refused, each with its reason
     assert "missing TPM device backend" in problems(xml("<tpm model='tpm-tis'/>"), caps)[0]
     assert "pSeries" in problems(xml("<tpm model='tpm-spapr'><backend type='emulator'/></tpm>"), caps)[0]
-    assert "secret" in problems(xml("<tpm><backend type='emulator'><encryption secret='32ee7e76-2178-47a1-ab7b-"
-                                    "269e6e348015'/></backend></tpm>"), caps)[0]
+    assert "is not a secret's UUID" in problems(xml("<tpm><backend type='emulator'><encryption secret='nope'/>"
+                                                    "</backend></tpm>"), caps)[0]
     assert "CRB" in problems(xml("<tpm model='tpm-crb'><backend type='emulator' version='1.2'/></tpm>"), caps)[0]
     bare = dataclasses.replace(caps, host=dataclasses.replace(caps.host, helpers={}))
     out = problems(xml("<tpm><backend type='emulator'/></tpm>"), bare)
@@ -204,6 +205,32 @@ def test_tpm_emulator_is_realized(caps: HostCaps) -> None:
         assert tpm["id"] == "tpm-tpm0" and tpm["model"] == "tpm-tis" and tpm["options"]["type"] == "emulator"
         [pid] = out["helper_pids"]
         assert not pid_alive(pid), "swtpm must end with its guest"
+
+
+def test_tpm_state_encrypted_with_a_secret_is_realized_and_unreadable_without_it(caps: HostCaps) -> None:
+    uuid = "32ee7e76-2178-47a1-ab7b-269e6e348015"
+    with tempfile.TemporaryDirectory(prefix="qh", dir="/tmp") as tmp:
+        root = Path(tmp)
+        secrets = root / "secrets"
+        secrets.mkdir(mode=0o700)
+        (secrets / uuid).write_text("a passphrase for the TPM state")
+        (secrets / uuid).chmod(0o600)
+        with_secrets = dataclasses.replace(caps, host=dataclasses.replace(caps.host, secrets_dir=str(secrets)))
+        cmd = translate(xml(f"<tpm model='tpm-crb'><backend type='emulator' version='2.0'>"
+                            f"<encryption secret='{uuid}'/></backend></tpm>"), with_secrets, root)
+        [helper] = cmd.helpers
+        assert f"pwdfile={secrets / uuid},mode=aes-256-cbc" in helper.argv
+        prepare(cmd)
+        state = root / "state/tpm/tpm2/tpm2-00.permall"
+        out = asyncio.run(_qmp_session(cmd, [("query-tpm", None)]))
+        assert out["query-tpm"][0]["model"] == "tpm-crb"
+        # swtpm without the key cannot read the state it wrote
+        r = subprocess.run(["swtpm", "socket", "--tpmstate", f"dir={state.parent}", "--tpm2", "--flags",
+                            "not-need-init,startup-clear", "--ctrl", f"type=unixio,path={root}/c.sock",
+                            "--server", f"type=unixio,path={root}/s.sock", "--log", "level=1"],
+                           capture_output=True, timeout=10, stdin=subprocess.DEVNULL)
+        assert r.returncode != 0, "the encrypted state must not open without its key"
+        assert b"GetDecryptedData" in r.stdout + r.stderr
 
 
 # ---- through the daemon ---------------------------------------------------------------------

@@ -437,6 +437,27 @@ def check_scsi_lsilogic(d: Domain, cmd: Command) -> None:
     assert [b["driver"] for b in json_options(a, "-blockdev") if b["node-name"] == hds[1]["drive"]] == ["vmdk"]
 
 
+def check_storage_tuned(d: Domain, cmd: Command) -> None:
+    a = cmd.argv
+    objs = json_options(a, "-object")
+    assert [o["id"] for o in objs if o["qom-type"] == "iothread"] == ["iothread3", "iothread1"]
+    (group,) = [o for o in objs if o["qom-type"] == "throttle-group"]
+    assert group["limits"] == {"bps-total": 104857600, "iops-total": 2000, "iops-total-max": 4000,
+                               "iops-total-max-length": 10}
+    nodes = {b["node-name"]: b for b in json_options(a, "-blockdev")}
+    vda, vdb = _dev(a, "virtio-blk-pci")
+    for dev, thread in ((vda, "iothread3"), (vdb, "iothread1")):
+        assert dev["iothread"] == thread
+        top = nodes[dev["drive"]]
+        assert top["driver"] == "throttle" and top["throttle-group"] == group["id"]
+    assert vda["acpi-index"] == 1
+    assert nodes[nodes[vda["drive"]]["file"]]["cache-size"] == 1024 * 1024
+    (lsi,) = _dev(a, "lsi53c895a")  # added for the SCSI disk, as libvirt does
+    (sda,) = _dev(a, "scsi-hd")
+    assert sda["bus"] == f"{lsi['id']}.0"
+    assert (nodes[sda["drive"]]["offset"], nodes[sda["drive"]]["size"]) == (0, 524288)
+
+
 def check_usb_disk(d: Domain, cmd: Command) -> None:
     a = cmd.argv
     (xhci,) = _dev(a, "qemu-xhci")

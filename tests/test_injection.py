@@ -156,7 +156,7 @@ def _vnc_expect(s: str) -> list[Any]:
 
 
 def _guestfwd(cmd: Command) -> list[Any]:
-    (nd,) = json_options(cmd.argv, "-netdev")
+    (nd,) = [n for n in json_options(cmd.argv, "-netdev") if "guestfwd" in n]
     fwd = nd["guestfwd"][0]["str"]
     return [_parse_guestfwd(fwd)]
 
@@ -244,11 +244,12 @@ SLOTS = [
          lambda c: [_device(c, "rtl8139")["romfile"]]),
     Slot("loader-path", True,
          lambda v: domain_xml(os=f"<loader type='pflash' readonly='yes'>{v}</loader>"
-                              "<nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'/>", machine="q35"),
+                              "<nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'/>", machine="q35",
+                              extra="  <features><acpi/></features>\n"),
          lambda c: [_blockdev(c, "pflash0-file")["filename"]]),
     Slot("nvram-path", True,
          lambda v: domain_xml(os="<loader type='pflash' readonly='yes'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>"
-                              f"<nvram>{v}</nvram>", machine="q35"),
+                              f"<nvram>{v}</nvram>", machine="q35", extra="  <features><acpi/></features>\n"),
          lambda c: [_blockdev(c, "pflash1-file")["filename"]],
          lambda s: [str(Path(s))]),  # a path, so '//' and a trailing '/' may be normalised
     Slot("audio-file-path", False,

@@ -11,9 +11,15 @@ For every ``*.xml`` of the corpus (libvirt 9.0's qemuxml2argv inputs, see its RE
    into scratch), non-user interfaces -> type='user' keeping MAC and model (and other guest-side
    settings; the host side -- source, target, script, virtualport, backend -- is dropped;
    vhostuser, hostdev and vdpa interfaces stay as they are, as they did for libvirt),
-   char-device, VNC/SPICE-socket and filesystem paths -> a scratch folder.  A unix char device in
-   mode='connect' finds a listening socket at its scratch path: libvirt realized such inputs
-   (serial-unix-chardev, channel-unix-guestfwd, ...), so the measurement's had a peer too;
+   char-device, VNC/SPICE-socket and filesystem paths -> a scratch folder, files handed to the
+   guest (ACPI tables, fw_cfg blobs) -> scratch files, <blkiotune> devices -> the block device
+   holding the scratch folder, NBD disks -> scratch images exported by a local
+   qemu-storage-daemon (TCP on 127.0.0.1, with TLS from a scratch CA where the disk asks for
+   it, or a unix socket).  A unix char device that
+   connects (mode='connect', or no mode) finds a listening socket at its scratch path: libvirt
+   realized such inputs (serial-unix-chardev, channel-unix-guestfwd, ...), so the measurement's
+   had a peer too; so does a TCP char device connecting to a local address, a pipe char device
+   finds its two FIFOs, and a host serial port (type='dev') is a pseudo-terminal;
 2. parses it (``parse_domain``), translates it (``build_argv(paused=True)``) with a per-file
    runtime directory under a short scratch path, and
 3. starts it in QEMU and checks it over QMP (``tests/support/realize.py``).
@@ -70,6 +76,7 @@ from qemud.launch import prepare  # noqa: E402
 from qemud.paths import GuestPaths  # noqa: E402
 from tests.support.realize import first_error_line, realize_sync  # noqa: E402
 from tests.support.tinyguest import ensure_guest  # noqa: E402
+from tests.support.vhost_user_stub import VhostUserStub  # noqa: E402
 
 DEFAULT_EMULATOR = "/usr/bin/qemu-system-x86_64"
 OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
@@ -91,6 +98,45 @@ HOST_SIDE_IFACE = {"source", "target", "script", "downscript", "virtualport", "b
 class Guest:
     kernel: str
     initrd: str
+
+
+def make_x509_dir(d: Path, names: tuple[str, ...] = ()) -> str:
+    """A scratch CA and a server certificate signed by it: ca-cert.pem, server-cert.pem,
+    server-key.pem (the files QEMU's x509-dir and tls-creds-x509 read), and a client certificate
+    (client-cert.pem, client-key.pem) for QEMU as a TLS client; the server's names are
+    localhost, 127.0.0.1 and ``names``."""
+    d.mkdir(parents=True, exist_ok=True)
+
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, cwd=d, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", "ca-key.pem", "-out", "ca-cert.pem", "-days", "2", "-subj", "/CN=qemud test CA",
+        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    ssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", "server-key.pem", "-out", "server.csr", "-subj", "/CN=localhost")
+    (d / "server.ext").write_text("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+                                  "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1"
+                                  + "".join(f",DNS:{n}" for n in names) + "\n")
+    ssl("x509", "-req", "-in", "server.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
+        "-CAcreateserial", "-out", "server-cert.pem", "-days", "2", "-extfile", "server.ext")
+    ssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", "client-key.pem", "-out", "client.csr", "-subj", "/CN=qemud test client")
+    (d / "client.ext").write_text("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+                                  "extendedKeyUsage=clientAuth\n")
+    ssl("x509", "-req", "-in", "client.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
+        "-CAcreateserial", "-out", "client-cert.pem", "-days", "2", "-extfile", "client.ext")
+    return str(d)
+
+
+def _acpi_table(sig: bytes, body: bytes = b"qemud conformance scratch table") -> bytes:
+    """A well-formed ACPI table (36-byte header, length, checksum) with ``body``."""
+    import struct
+    length = 36 + len(body)
+    head = struct.pack("<4sIBB6s8sI4sI", sig, length, 1, 0, b"QEMUD ", b"SCRATCH ", 1, b"QEMD", 1)
+    table = bytearray(head + body)
+    table[9] = (-sum(table)) & 0xFF
+    return bytes(table)
 
 
 def scratch_block_device(folder: Path) -> str | None:
@@ -115,6 +161,20 @@ class Rewriter:
         self.notes: list[str] = []
         #: scratch paths of unix sockets the domain connects to (mode='connect'): listened on
         self.peers: list[str] = []
+        #: local (host, port)s a TCP chardev connects to: listened on
+        self.tcp_peers: list[tuple[str, int]] = []
+        #: pseudo-terminals standing in for host serial ports (master fds, kept open meanwhile)
+        self.ptys: list[int] = []
+        #: qemud.conf TLS settings the input needs (service -> scratch x509 dir)
+        self.tls: dict[str, str] = {}
+        #: vhost-user sockets (path, QEMU's mode) a stub backend must serve
+        self.vhost_users: list[tuple[str, str]] = []
+        #: NBD exports the domain's network disks read: (export name, image) served by a local
+        #: qemu-storage-daemon on ``nbd_ports`` (TCP; with TLS on its own port) and ``nbd_socket`` (unix)
+        self.nbd_exports: dict[tuple[str, str], str] = {}  # (inet|unix, export) -> image
+        self.nbd_ports: dict[str, int] = {}  # inet|tls -> its TCP port
+        self.nbd_tls_dir: str | None = None  # the x509 dir of the TLS server and of QEMU
+        self.nbd_socket = str(scratch / "nbd.sock")
         #: (socket, directory) of virtiofs shares served by a virtiofsd the domain does not run
         self.virtiofs_peers: list[tuple[str, str]] = []
         #: (socket, state directory) of external TPMs: an swtpm the domain does not run
@@ -143,6 +203,74 @@ class Rewriter:
                 f.truncate(1024 * 1024)
         return p
 
+    # ---- secrets and encrypted images (qemud.secrets) ----------------------------------------
+
+    #: the value of every secret the rewrite provides: base64 text, as one usage name may serve
+    #: both a passphrase and a Ceph key (which QEMU reads as base64)
+    SECRET = "cWVtdWQtY29uZm9ybWFuY2Utc2VjcmV0"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.scratch / "secrets"
+
+    def _secrets(self, root: ET.Element) -> None:
+        """A file holding SECRET for every <secret uuid|usage> the domain names, in a secrets
+        directory of the scratch folder (the translation is pointed at it)."""
+        from qemud.secrets import secret_file_name
+        refs = [(sec.get("uuid"), sec.get("usage")) for sec in root.iter("secret")]
+        # a TPM's <encryption secret='UUID'> names its secret by an attribute
+        refs += [(e.get("secret"), None) for e in root.findall("devices/tpm/backend/encryption")]
+        for uuid, usage in refs:
+            name = secret_file_name(uuid, usage)
+            if not name:
+                continue
+            self.secrets_dir.mkdir(mode=0o700, exist_ok=True)
+            f = self.secrets_dir / name
+            if not f.exists():
+                value = self.SECRET
+                fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(value)
+
+    @staticmethod
+    def _luks(disk: ET.Element) -> ET.Element | None:
+        """The disk's LUKS <encryption> (on the disk or in its source), if any."""
+        for enc in (disk.find("encryption"), disk.find("source/encryption")):
+            if enc is not None and enc.get("format") == "luks":
+                return enc
+        return None
+
+    def luks_image(self, fmt: str) -> str:
+        """A fresh 1 MiB LUKS image (raw driver: a LUKS container; qcow2: qcow2 with LUKS
+        encryption) opened by SECRET: a copy of a template made once per host (qemu-img spends
+        seconds calibrating LUKS key derivation)."""
+        kind = "qcow2" if fmt == "qcow2" else "luks"
+        template = Path(SCRATCH_BASE) / f"luks-template-{self.SECRET[:8]}.{kind}"
+        if not template.exists():
+            sec = Path(SCRATCH_BASE) / f".luks-secret{os.getpid()}"
+            tmp = Path(SCRATCH_BASE) / f".luks-template{os.getpid()}.{kind}"
+            sec.write_text(self.SECRET)
+            opts = ("encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=100" if kind == "qcow2"
+                    else "key-secret=sec0,iter-time=100")
+            try:
+                # qemu-img's PBKDF calibration fails now and then on a loaded host ("Unable to
+                # get accurate CPU usage"): try again
+                for attempt in range(5):
+                    r = subprocess.run(["qemu-img", "create", "-q", "--object", f"secret,id=sec0,file={sec}",
+                                        "-f", kind, "-o", opts, str(tmp), "1M"], stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                    if r.returncode == 0:
+                        break
+                else:
+                    raise RuntimeError(f"qemu-img cannot make a LUKS image: {r.stderr.strip()}")
+                os.replace(tmp, template)
+            finally:
+                sec.unlink(missing_ok=True)
+        self.n += 1
+        p = str(self.scratch / f"s{self.n}.img")
+        shutil.copyfile(template, p)
+        return p
+
     def run(self, text: str) -> str:
         for prefix, uri in _namespaces(text):
             if prefix and not re.fullmatch(r"ns\d+", prefix):
@@ -156,7 +284,11 @@ class Rewriter:
         if cpu is not None and cpu.get("mode") in ("host-passthrough", "host-model"):
             root.remove(cpu)
         self._os(root)
+        self.tls = self.tls_dirs(root)
+        self._secrets(root)
         self._blkiotune(root)
+        self._host_files(root)
+        self._nbd(root)
         devices = root.find("devices")
         if devices is None:
             devices = ET.SubElement(root, "devices")
@@ -172,6 +304,8 @@ class Rewriter:
             self._disk(disk)
         for iface in devices.findall("interface"):
             self._iface(iface)
+            self._vhostuser(iface)
+            self._passt_log(iface)
         for tag in CHARDEV_TAGS:
             for dev in devices.findall(tag):
                 self._chardev(dev, tag)
@@ -199,6 +333,16 @@ class Rewriter:
             self._swtpm_peer(tpm)
         return ET.tostring(root, encoding="unicode")
 
+    def tls_dirs(self, root: ET.Element) -> dict[str, str]:
+        """qemud.conf TLS settings this input needs: a scratch x509 dir (CA + server cert, as
+        libvirt expects in spice_tls_x509_cert_dir) when a SPICE display asks for TLS."""
+        devices = root.find("devices")
+        spice = [g for g in (devices.findall("graphics") if devices is not None else [])
+                 if g.get("type") == "spice"]
+        if not any(g.get("tlsPort") or g.get("defaultMode") == "secure"
+                   or any(c.get("mode") == "secure" for c in g.findall("channel")) for g in spice):
+            return {}
+        return {"spice": make_x509_dir(self.scratch / "pki")}
     def _swtpm_peer(self, tpm: ET.Element) -> None:
         """A TPM backed by an swtpm its user runs (type='external'): the measurement runs one."""
         for be in tpm.findall("backend"):
@@ -240,7 +384,7 @@ class Rewriter:
                 p, _ = self._new("loader", loader.text or "", "loader")
                 shutil.copyfile(OVMF_CODE, p)
                 loader.text = p
-            else:
+            elif (loader.text or "").strip():  # a loader without a path stays without one
                 loader.text = OVMF_CODE
         nvram = osel.find("nvram")
         if nvram is not None:
@@ -249,8 +393,60 @@ class Rewriter:
             for src in nvram.findall("source"):
                 if src.get("file"):
                     src.set("file", self._new("nvram", src.get("file", ""), "nvram")[0] + ".fd")
-            if pflash or nvram.get("template"):
+            stateless = loader is not None and loader.get("stateless") == "yes"
+            if nvram.get("template") or (pflash and not stateless and nvram.get("type") != "network"):
                 nvram.set("template", OVMF_VARS)
+
+    def _nbd(self, root: ET.Element) -> None:
+        """NBD disks (and NBD NVRAM) name servers of libvirt's test machine: like file disks
+        become scratch images, each export becomes a scratch image served by a local
+        qemu-storage-daemon, and the disk points at it (TCP hosts at 127.0.0.1, unix sockets at
+        its socket); the guest-side settings stay as written."""
+        sources = [d.find("source") for d in root.findall("devices/disk")
+                   if d.get("type") == "network" and d.find("source") is not None]
+        sources += root.findall("os/nvram/source") if root.find("os/nvram[@type='network']") is not None else []
+        for src in sources:
+            if src is None or src.get("protocol") != "nbd":
+                continue
+            tls = src.get("tls") == "yes"
+            if tls and self.nbd_tls_dir is None:  # a CA, the server's certificate (for the name
+                # QEMU checks: tlsHostname, else the host) and QEMU's client certificate
+                self.nbd_tls_dir = make_x509_dir(self.scratch / "nbd-pki", tuple(
+                    n for n in (src.get("tlsHostname"),) if n))
+            name = src.get("name") or ""
+            nvram = src in root.findall("os/nvram/source")
+            for host in src.findall("host"):
+                kind = "unix" if host.get("transport") == "unix" else "tls" if tls else "inet"
+                if (kind, name) not in self.nbd_exports:
+                    self.nbd_exports[(kind, name)] = self.image("raw")
+                    if nvram:
+                        shutil.copyfile(OVMF_VARS, self.nbd_exports[(kind, name)])
+                if kind == "unix":
+                    host.set("socket", self.nbd_socket)
+                    continue
+                if kind not in self.nbd_ports:
+                    with socket.socket() as probe_sock:
+                        probe_sock.bind(("127.0.0.1", 0))
+                        self.nbd_ports[kind] = probe_sock.getsockname()[1]
+                host.set("name", "127.0.0.1")
+                host.set("port", str(self.nbd_ports[kind]))
+            self.notes.append(f"nbd export {name!r} -> a local qemu-storage-daemon")
+
+    def _host_files(self, root: ET.Element) -> None:
+        """Files on the test machine a domain hands to the guest (an ACPI table, a fw_cfg blob)
+        become scratch files with some content, as disk images do."""
+        for table in root.findall("os/acpi/table"):
+            if (table.text or "").strip():
+                p, new = self._new("acpi", table.text.strip(), "acpi")
+                if new:
+                    Path(p).write_bytes(_acpi_table(b"SLIC"))
+                table.text = p
+        for entry in root.findall("sysinfo/entry"):
+            if entry.get("file"):
+                p, new = self._new("fwcfg", entry.get("file", ""), "fwcfg")
+                if new:
+                    Path(p).write_text("{}\n")
+                entry.set("file", p)
 
     def _blkiotune(self, root: ET.Element) -> None:
         """<blkiotune><device><path> names the host block devices the guest's disks live on; the
@@ -267,6 +463,13 @@ class Rewriter:
 
     def _disk(self, disk: ET.Element) -> None:
         dtype = disk.get("type", "file")
+        if dtype == "dir":  # a host directory shown as a FAT disk: a scratch directory
+            for src in disk.findall("source"):
+                if src.get("dir"):
+                    p, _ = self._new("dir", src.get("dir", ""), "d")
+                    os.makedirs(p, exist_ok=True)
+                    src.set("dir", p)
+            return
         if dtype not in ("file", "block"):
             return
         src = disk.find("source")
@@ -277,7 +480,13 @@ class Rewriter:
             return
         drv = disk.find("driver")
         fmt = (drv.get("type") if drv is not None else None) or "raw"
-        p = self.image(fmt)
+        if fmt == "dir":  # qemud reads <driver type='dir'> as "the source is a directory"
+            p, _ = self._new("dir", original, "d")
+            os.makedirs(p, exist_ok=True)
+        elif self._luks(disk) is not None:
+            p = self.luks_image(fmt)
+        else:
+            p = self.image(fmt)
         if dtype == "block":
             disk.set("type", "file")
             del src.attrib["dev"]
@@ -291,13 +500,56 @@ class Rewriter:
             if child.tag in HOST_SIDE_IFACE:
                 iface.remove(child)
 
+    def _passt_log(self, iface: ET.Element) -> None:
+        """A passt backend's host side: its log file moves to scratch, the host interface it
+        names (<source dev>, absent here) is dropped."""
+        for be in iface.findall("backend"):
+            if be.get("type") != "passt":
+                continue
+            if be.get("logFile"):
+                be.set("logFile", self._new("log", be.get("logFile", ""), "passt")[0] + ".log")
+            for src in iface.findall("source"):
+                iface.remove(src)
+
+    def _vhostuser(self, iface: ET.Element) -> None:
+        """A vhost-user NIC's socket moves to scratch, where a stub backend serves it (QEMU does
+        not start without a backend answering; libvirt's measurement had none and hung)."""
+        if iface.get("type") != "vhostuser":
+            return
+        for src in iface.findall("source"):
+            if src.get("path"):
+                p = self._new("sock", src.get("path", ""), "vu")[0]
+                src.set("path", p)
+                self.vhost_users.append((p, src.get("mode", "")))
+
+    def _pty(self) -> str:
+        master, slave = os.openpty()
+        name = os.ttyname(slave)
+        os.close(slave)
+        self.ptys.append(master)
+        return name
+
     def _chardev(self, dev: ET.Element, tag: str) -> None:
+        kind = dev.get("type")
         for src in dev.findall("source"):
             if src.get("path"):
                 p = self._new("char", src.get("path", ""), tag)[0]
                 src.set("path", p)
-                if dev.get("type") == "unix" and src.get("mode") == "connect" and p not in self.peers:
+                # qemud connects when no mode is given, as libvirt does for a path it did not
+                # generate itself
+                if kind == "unix" and src.get("mode", "connect") == "connect" and p not in self.peers:
                     self.peers.append(p)
+                if kind == "pipe":  # QEMU opens PATH.in and PATH.out (or PATH): two FIFOs here
+                    for suffix in (".in", ".out"):
+                        if not os.path.exists(p + suffix):
+                            os.mkfifo(p + suffix, 0o600)
+                if kind == "dev" and tag in ("serial", "console"):
+                    # a host serial port: a pseudo-terminal stands in for it (a tty all the same)
+                    src.set("path", self._pty())
+            if kind == "tcp" and src.get("mode", "connect") == "connect" and \
+                    src.get("host", "") in ("127.0.0.1", "localhost", "::1") and (src.get("service") or "").isdigit():
+                # a local TCP server the guest's chardev connects to: one listens here
+                self.tcp_peers.append((src.get("host", ""), int(src.get("service", "0"))))
         for log in dev.findall("log"):
             if log.get("file"):
                 log.set("file", self._new("log", log.get("file", ""), "log")[0])
@@ -310,6 +562,60 @@ def _namespaces(text: str) -> list[tuple[str, str]]:
             out.append((prefix, uri))
     except ET.ParseError:
         pass
+    return out
+
+
+def serve_nbd(rw: Rewriter) -> list[int]:
+    """Start qemu-storage-daemons serving the rewrite's NBD exports: one on TCP, one on the unix
+    socket (a daemon has one NBD server), each with images of its own; their pids."""
+    pids = []
+    for kind in ("inet", "tls", "unix"):
+        exports = sorted((name, image) for (k, name), image in rw.nbd_exports.items() if k == kind)
+        if not exports:
+            continue
+        pidfile = rw.scratch / f"qsd-{kind}.pid"
+        addr = (f"addr.type=unix,addr.path={rw.nbd_socket}" if kind == "unix"
+                else f"addr.type=inet,addr.host=127.0.0.1,addr.port={rw.nbd_ports[kind]}")
+        argv = ["qemu-storage-daemon", "--daemonize", "--pidfile", str(pidfile)]
+        if kind == "tls":
+            argv += ["--object", f"tls-creds-x509,id=tls0,endpoint=server,dir={rw.nbd_tls_dir},verify-peer=on"]
+            addr += ",tls-creds=tls0"
+        argv += ["--nbd-server", addr]
+        for i, (name, image) in enumerate(exports):
+            argv += ["--blockdev", f"driver=file,node-name=f{i},filename={image}",
+                     "--blockdev", f"driver=raw,node-name=n{i},file=f{i}",
+                     "--export", f"type=nbd,id=e{i},node-name=n{i},name={name},writable=on"]
+        r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=20)
+        if r.returncode != 0:
+            stop_nbd(pids)
+            raise RuntimeError(f"qemu-storage-daemon: {r.stderr.decode(errors='replace').strip()}")
+        pids.append(int(pidfile.read_text().strip()))
+    return pids
+
+
+def stop_nbd(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _listen_tcp(addrs: list[tuple[str, int]]) -> list[socket.socket]:
+    """A listening TCP socket on each local address (fixed_ports keeps inputs naming the same
+    port apart)."""
+    out = []
+    for host, port in addrs:
+        family = socket.AF_INET6 if host == "::1" else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1" if host == "localhost" else host, port))
+            s.listen(16)
+        except OSError:
+            s.close()
+            continue
+        out.append(s)
     return out
 
 
@@ -411,7 +717,13 @@ def _run_one(xml_path: str, name: str, scratch: Path, guest: Guest, timeout: flo
     except Exception:  # noqa: BLE001
         return crashed("parse")
     try:
-        caps = probe(emulator_for(domain))
+        caps = probe(emulator_for(domain)).with_tls(rw.tls)
+        if rw.secrets_dir.is_dir():  # the secrets the rewrite made
+            from dataclasses import replace
+            caps = replace(caps, host=replace(caps.host, secrets_dir=str(rw.secrets_dir)))
+        if rw.nbd_tls_dir is not None:  # [tls] x509_dir: QEMU's client certificate for NBD
+            from dataclasses import replace
+            caps = replace(caps, host=replace(caps.host, tls_x509_dir=rw.nbd_tls_dir))
         paths = GuestPaths(run=scratch / "run", state=scratch / "state")
         cmd = build_argv(domain, caps, paths, paused=True)
     except DomainError as exc:
@@ -433,7 +745,7 @@ def _run_one(xml_path: str, name: str, scratch: Path, guest: Guest, timeout: flo
         return {**out, "outcome": "rejected", "stage": "prepare", "message": line, "reason": _reason(line)}
     except Exception:  # noqa: BLE001
         return crashed("prepare")
-    listeners = _listen(rw.peers)
+    listeners = _listen(rw.peers) + _listen_tcp(rw.tcp_peers)
     after_start, untune = tuner(cmd, caps, f"conformance-{Path(xml_path).stem}")
     try:
         helpers = _start_helpers(cmd, rw, caps.host.helpers.get("virtiofsd"))
@@ -442,13 +754,21 @@ def _run_one(xml_path: str, name: str, scratch: Path, guest: Guest, timeout: flo
             sock.close()
         line = str(exc).splitlines()[0]
         return {**out, "outcome": "rejected", "stage": "helpers", "message": line, "reason": _reason(line)}
+    stub = VhostUserStub(rw.vhost_users) if rw.vhost_users else None
+    nbd: list[int] = []
     try:
+        nbd = serve_nbd(rw)
         r = realize_sync(domain, cmd.argv, cmd.env, cmd.qmp, timeout=timeout, after_start=after_start)
     finally:
         for sock in listeners:
             sock.close()
+        if stub is not None:
+            stub.close()
         _stop_helpers(helpers)
+        stop_nbd(nbd)
         untune()
+        for fd in rw.ptys:
+            os.close(fd)
     out["queries"] = r.queries
     if r.timed_out and not r.started:
         return {**out, "outcome": "crashed", "stage": "qemu", "message": f"hang: {r.error}",
@@ -510,10 +830,50 @@ class Running:
     ports: frozenset[int] = frozenset()
 
 
+_HUGEPAGES_WANTED = re.compile(r"needs (\d+) free (\d+) KiB hugepages, the host has (\d+)")
+
+
+def with_hugepages(results: list[dict[str, Any]], files: list[str], guest: Guest, base: Path,
+                   ns: argparse.Namespace, progress: bool) -> list[dict[str, Any]]:
+    """Run again, one by one, the inputs refused only for want of hugepages, each with the host's
+    pool of that page size grown by what it lacks (and put back after)."""
+    by_name = {os.path.basename(f): f for f in files}
+    out = []
+    for r in results:
+        m = _HUGEPAGES_WANTED.search(r.get("message", "")) if r["outcome"] == "rejected" else None
+        if m is None or len(r.get("problems", [])) > 1:
+            out.append(r)
+            continue
+        need, size, have = (int(x) for x in m.groups())
+        pool = Path(f"/sys/kernel/mm/hugepages/hugepages-{size}kB/nr_hugepages")
+        try:
+            before = int(pool.read_text())
+            pool.write_text(str(before + need - have))
+            got = int(pool.read_text())
+        except OSError as exc:
+            r["hugepages"] = f"could not grow the pool: {exc.strerror}"
+            out.append(r)
+            continue
+        try:
+            if got - before < need - have:
+                r["hugepages"] = f"the kernel gave {got - before} of {need - have} {size} KiB pages"
+                out.append(r)
+                continue
+            [again] = run_all([by_name[r["file"]]], 1, guest, base, ns.timeout, ns.hard_timeout, ns.keep, False)
+            again["hugepages"] = f"{need - have} x {size} KiB pages added to the host's pool for this input"
+            if progress:
+                print(f"  {r['file']}: with {need - have} more {size} KiB hugepages: {again['outcome']}",
+                      file=sys.stderr)
+            out.append(again)
+        finally:
+            pool.write_text(str(before))
+    return out
+
+
 def run_all(files: list[str], jobs: int, guest: Guest, base: Path, timeout: float,
             hard_timeout: float, keep: bool, progress: bool) -> list[dict[str, Any]]:
     ctx = multiprocessing.get_context("fork")
-    pending = [(i, xml, fixed_ports(xml)) for i, xml in enumerate(files)]
+    pending = [(i, xml, fixed_ports(xml) | _prealloc_token(xml)) for i, xml in enumerate(files)]
     running: list[Running] = []
     results: list[dict[str, Any]] = []
     total = len(files)
@@ -542,14 +902,15 @@ def run_all(files: list[str], jobs: int, guest: Guest, base: Path, timeout: floa
                 scratch = base / str(i)
                 scratch.mkdir(parents=True, exist_ok=True)
                 result_file = scratch / "result.json"
-                p = ctx.Process(target=_child, args=(xml, str(scratch), guest, timeout, str(result_file)),
+                extra = prealloc_seconds(xml)
+                p = ctx.Process(target=_child, args=(xml, str(scratch), guest, timeout + extra, str(result_file)),
                                 name=f"conformance-{i}")
                 p.start()
                 try:
                     os.setpgid(p.pid, p.pid)
                 except OSError:
                     pass  # the child did it already
-                running.append(Running(p, xml, scratch, result_file, time.monotonic() + hard_timeout, ports))
+                running.append(Running(p, xml, scratch, result_file, time.monotonic() + hard_timeout + extra, ports))
             ready = multiprocessing.connection.wait([r.proc.sentinel for r in running], timeout=0.5)
             now = time.monotonic()
             for r in list(running):
@@ -578,6 +939,51 @@ def run_all(files: list[str], jobs: int, guest: Guest, base: Path, timeout: floa
     return results
 
 
+#: QEMU preallocates guest RAM at this rate here (14 GiB: ~75 s), before QMP answers
+PREALLOC_BYTES_PER_S = 128 * 1024 * 1024
+#: inputs preallocating more than this run one at a time (two 14 GiB guests would exhaust the host)
+PREALLOC_ALONE = 1 << 30
+
+
+def prealloc_bytes(xml_path: str) -> int:
+    """Guest RAM an input has QEMU allocate before it starts (<allocation mode='immediate'>,
+    <hugepages>, <locked/>): the sum of the NUMA cells, else <memory>; 0 when it cannot be told."""
+    try:
+        root = ET.parse(xml_path).getroot()
+    except (ET.ParseError, OSError):
+        return 0
+    mb = root.find("memoryBacking")
+    if mb is None:
+        return 0
+    alloc = mb.find("allocation")
+    locked = mb.find("locked") is not None
+    if not ((alloc is not None and alloc.get("mode") == "immediate") or mb.find("hugepages") is not None
+            or locked):
+        return 0
+    from qemud.domain.units import unit_bytes
+
+    def size(value: str | None, unit: str | None) -> int:
+        try:
+            return int(str(value).strip()) * (unit_bytes(unit or "KiB") or 1024)
+        except ValueError:
+            return 0
+    cells = root.findall("cpu/numa/cell")
+    mem = root.find("memory")
+    total = (sum(size(c.get("memory"), c.get("unit")) for c in cells) if cells
+             else size(mem.text, mem.get("unit")) if mem is not None else 0)
+    return total + (1 << 30 if locked else 0)  # mlockall() also faults in TCG's 1 GiB buffer
+
+
+def prealloc_seconds(xml_path: str) -> float:
+    """More time for QEMU to start an input that preallocates its RAM."""
+    return prealloc_bytes(xml_path) / PREALLOC_BYTES_PER_S
+
+
+def _prealloc_token(xml_path: str) -> frozenset[int]:
+    """A pseudo-port (-1) that keeps big preallocating inputs from running at the same time."""
+    return frozenset({-1}) if prealloc_bytes(xml_path) > PREALLOC_ALONE else frozenset()
+
+
 _PORT_ATTR = re.compile(r"""\b(?:service|port|tlsPort|websocket)\s*=\s*['"](\d+)['"]""")
 
 
@@ -603,6 +1009,157 @@ def libvirt_rejects(corpus: Path, xml_name: str) -> bool:
     return bool(errs) and not libvirt_accepts(corpus, xml_name)
 
 
+# ---- guest-visible PCI addresses: qemud's argv against libvirt's .args --------------------------
+
+#: (bus index, slot, function); slot None where the argv leaves the slot to QEMU
+PciAddr = tuple[int, "int | None", int]
+
+
+def libvirt_args_file(corpus: Path, xml_name: str) -> Path | None:
+    """libvirt's command line for an input: the ``x86_64-latest`` one, else the plain ``.args``,
+    else the newest versioned one."""
+    base = xml_name[:-4]
+    for cand in (corpus / f"{base}.x86_64-latest.args", corpus / f"{base}.args"):
+        if cand.exists():
+            return cand
+    versioned = glob.glob(str(corpus / f"{glob.escape(base)}.x86_64-*.args"))
+
+    def version(p: str) -> tuple[int, ...]:
+        m = re.search(r"\.x86_64-([\d.]+)\.args$", p)
+        return tuple(int(x) for x in m.group(1).strip(".").split(".")) if m else ()
+    return Path(max(versioned, key=version)) if versioned else None
+
+
+def parse_args_file(path: Path) -> list[str]:
+    """An .args file as an argv (its lines end in `` \\``, values are shell-quoted)."""
+    import shlex
+    text = path.read_text(errors="replace").replace("\\\n", " ")
+    try:
+        return shlex.split(text)
+    except ValueError:
+        return text.split()
+
+
+def _device_props(value: str) -> dict[str, Any]:
+    """A ``-device`` value, JSON or QEMU's key=value form, as a dict."""
+    if value.startswith("{"):
+        try:
+            got = json.loads(value)
+            return got if isinstance(got, dict) else {}
+        except ValueError:
+            return {}
+    parts = re.split(r"(?<!,),(?!,)", value)
+    props: dict[str, Any] = {"driver": parts[0]}
+    for part in parts[1:]:
+        k, _, v = part.partition("=")
+        props[k] = v.replace(",,", ",")
+    return props
+
+
+def _bus_index(bus: str) -> int | None:
+    if bus in ("pci.0", "pcie.0"):
+        return 0
+    m = re.fullmatch(r"pci\.(\d+)", bus)
+    return int(m.group(1)) if m else None
+
+
+def _int(v: Any) -> int:
+    return v if isinstance(v, int) else int(str(v), 0)
+
+
+def pci_devices(argv: list[str]) -> list[tuple[str, str, PciAddr]]:
+    """(id, driver, address) of every ``-device`` that names a PCI bus, in argv order. Devices
+    without an id get ``driver#n``; a bus that is not ``pci.N``/``pcie.0`` (usb.0, ide.0, a
+    virtio-serial bus) means the device is not on PCI."""
+    out: list[tuple[str, str, PciAddr]] = []
+    n = 0
+    if "-usb" in argv:  # the PIIX3's own UHCI function
+        out.append(("usb", "piix3-usb-uhci", (0, 1, 2)))
+    for i, a in enumerate(argv[:-1]):
+        if a != "-device":
+            continue
+        props = _device_props(argv[i + 1])
+        bus = props.get("bus")
+        index = _bus_index(str(bus)) if bus is not None else None
+        if index is None:
+            continue
+        addr = props.get("addr")
+        slot: int | None = None
+        fn = 0
+        if addr is not None:
+            s, _, f = str(addr).partition(".")
+            try:
+                slot, fn = _int(s), (_int(f) if f else 0)
+            except ValueError:
+                slot = None
+        n += 1
+        did = props.get("id")
+        if not did and props.get("masterbus"):  # a USB companion: named by its master and ports
+            did = f"{props.get('driver')}@{props['masterbus']}:{props.get('firstport')}"
+        out.append((str(did or f"{props.get('driver')}#{n}"), str(props.get("driver")), (index, slot, fn)))
+    return out
+
+
+def fmt_pci(a: PciAddr | None) -> str:
+    if a is None:
+        return "absent"
+    return f"{a[0]:02x}:{a[1]:02x}.{a[2]}" if a[1] is not None else f"{a[0]:02x}:??.{a[2]}"
+
+
+def compare_pci(qemud_argv: list[str], libvirt_argv: list[str]) -> list[dict[str, Any]]:
+    """Devices whose guest-visible PCI address differs: matched by id where both argvs have it,
+    the rest by driver and order. A device only one side has is listed with ``absent``."""
+    ours = pci_devices(qemud_argv)
+    theirs = pci_devices(libvirt_argv)
+    our_ids = {d[0] for d in ours}
+    their_ids = {d[0] for d in theirs}
+    common = our_ids & their_ids
+    by_id_ours = {d[0]: d for d in ours}
+    diffs: list[dict[str, Any]] = []
+    for did, drv, addr in theirs:
+        if did in common:
+            mine = by_id_ours[did][2]
+            if mine != addr:
+                diffs.append({"device": did, "driver": drv, "libvirt": fmt_pci(addr), "qemud": fmt_pci(mine)})
+    rest_ours = [d for d in ours if d[0] not in common]
+    rest_theirs = [d for d in theirs if d[0] not in common]
+    pool: dict[str, list[tuple[str, str, PciAddr]]] = {}
+    for d in rest_ours:
+        pool.setdefault(d[1], []).append(d)
+    for did, drv, addr in rest_theirs:
+        cands = pool.get(drv)
+        if cands:
+            mid, _, mine = cands.pop(0)
+            if mine != addr:
+                diffs.append({"device": f"{did}/{mid}", "driver": drv, "libvirt": fmt_pci(addr), "qemud": fmt_pci(mine)})
+        else:
+            diffs.append({"device": did, "driver": drv, "libvirt": fmt_pci(addr), "qemud": "absent"})
+    for drv, cands in pool.items():
+        for mid, _, mine in cands:
+            diffs.append({"device": mid, "driver": drv, "libvirt": "absent", "qemud": fmt_pci(mine)})
+    return diffs
+
+
+def pci_comparison(results: list[dict[str, Any]], corpus: Path) -> dict[str, Any]:
+    """Per realized input with a libvirt .args: do the guest-visible PCI addresses all match?"""
+    per: dict[str, list[dict[str, Any]]] = {}
+    old_caps: set[str] = set()
+    for r in results:
+        if r.get("outcome") != "realized" or not r.get("argv"):
+            continue
+        args = libvirt_args_file(corpus, r["file"])
+        if args is None:
+            continue
+        per[r["file"]] = compare_pci(r["argv"], parse_args_file(args))
+        if "latest" not in args.name:
+            old_caps.add(r["file"])
+    return {"compared": len(per), "matching": sum(1 for d in per.values() if not d),
+            "mismatching": {f: d for f, d in sorted(per.items()) if d},
+            # libvirt made these .args with its older mock capabilities (no qemu-xhci, no
+            # pcie-pci-bridge...), so some of their differences are not qemud's
+            "old_caps": sorted(f for f in old_caps if per[f])}
+
+
 def report(results: list[dict[str, Any]], corpus: Path, elapsed: float, jobs: int, top: int) -> str:
     lines: list[str] = []
     w = lines.append
@@ -617,6 +1174,10 @@ def report(results: list[dict[str, Any]], corpus: Path, elapsed: float, jobs: in
         return "  ".join(f"{o} {c.get(o, 0)}" for o in OUTCOMES)
 
     w(f"qemud conformance over {corpus} ({len(results)} inputs, {jobs} jobs, {elapsed:.0f} s)")
+    given = [r for r in results if "hugepages" in r and r["outcome"] == "realized"]
+    if given:
+        w(f"(--hugepages: {len(given)} inputs realized once the host's hugepage pool was grown for them: "
+          f"{', '.join(r['file'] for r in given)})")
     w("")
     w(f"all inputs ({len(results)}):              {counts(results)}")
     accepted = [r for r in results if libvirt_accepts(corpus, r["file"])]
@@ -647,6 +1208,14 @@ def report(results: list[dict[str, Any]], corpus: Path, elapsed: float, jobs: in
     for reason, n in reasons2.most_common(top):
         w(f"  {n:4d}  {reason}")
     w("")
+    pci = pci_comparison(results, corpus)
+    w(f"PCI addresses (realized inputs with a libvirt .args): {pci['matching']} of {pci['compared']} "
+      f"place every device where libvirt does; {len(pci['mismatching'])} differ "
+      f"({len(pci['old_caps'])} of them against an .args of libvirt's older mock capabilities, marked *):")
+    for f, diffs in pci["mismatching"].items():
+        w(f"  {'*' if f in pci['old_caps'] else ''}{f}: " + "; ".join(f"{d['device']} ({d['driver']}) libvirt {d['libvirt']} qemud {d['qemud']}"
+                                  for d in diffs))
+    w("")
     for outcome in ("crashed", "mismatch"):
         rs = sorted((r for r in results if r["outcome"] == outcome), key=lambda r: r["file"])
         w(f"{outcome} ({len(rs)}):")
@@ -673,6 +1242,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the scratch folders")
     ap.add_argument("--top", type=int, default=25, help="how many rejection reasons to list")
     ap.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    ap.add_argument("--hugepages", action="store_true",
+                    help="give the host the hugepages an input lacks (root): inputs refused only because "
+                         "the host's hugepage pool is empty run again, one at a time, with the pool grown "
+                         "to what they need, which is put back after each")
     ns = ap.parse_args(argv)
 
     corpus = ns.corpus.resolve()
@@ -693,12 +1266,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = run_all(files, max(1, ns.jobs), guest, base, ns.timeout, ns.hard_timeout, ns.keep,
                           not ns.quiet)
+        if ns.hugepages:
+            results = with_hugepages(results, files, guest, base, ns, not ns.quiet)
     finally:
         if not ns.keep:
             shutil.rmtree(base, ignore_errors=True)
     elapsed = time.monotonic() - t0
     results.sort(key=lambda r: r["file"])
     if ns.json:
+        pci = pci_comparison(results, corpus)
+        for r in results:
+            if r["file"] in pci["mismatching"]:
+                r["pci_addresses"] = {"match": False, "differences": pci["mismatching"][r["file"]],
+                                      "old_caps_args": r["file"] in pci["old_caps"]}
+            elif r.get("outcome") == "realized" and libvirt_args_file(corpus, r["file"]) is not None:
+                r["pci_addresses"] = {"match": True}
         ns.json.write_text(json.dumps({r["file"]: r for r in results}, indent=1, default=str))
     print(report(results, corpus, elapsed, ns.jobs, ns.top))
     return 1 if any(r["outcome"] == "crashed" for r in results) else 0

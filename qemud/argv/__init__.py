@@ -20,7 +20,8 @@ from qemud.argv.tpm import add_tpms
 from qemud.argv.display import add_audio, add_graphics, add_hubs, add_inputs, add_sound, add_video
 from qemud.argv.hostdev import add_hostdevs
 from qemud.argv.machine import (add_boot, add_clock, add_cpu, add_identity, add_lifecycle,
-                                add_machine, add_memory, add_smp)
+                                add_machine, add_smp)
+from qemud.argv.memory import PREALLOC, add_memory, add_memory_devices
 from qemud.argv.iommu import add_iommu
 from qemud.argv.launchsec import add_launch_security
 from qemud.argv.misc import add_balloon, add_panics, add_rngs, add_watchdogs
@@ -54,6 +55,9 @@ class Command:
     qmp_setup: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     #: processes started before QEMU and stopped after it (swtpm, virtiofsd)
     helpers: list[HelperSpec] = field(default_factory=list)
+    #: guest RAM QEMU preallocates before it answers QMP (<allocation mode='immediate'>, hugepages):
+    #: it takes seconds per GiB, so whoever waits for QMP must wait longer
+    prealloc_bytes: int = 0
 
 
 def emulator_for(domain: Domain) -> str:
@@ -129,6 +133,7 @@ def build_argv(domain: Domain, caps: HostCaps, paths: GuestPaths, *, paused: boo
     add_panics(b)
     add_shmems(b)
     add_vsock(b)
+    add_memory_devices(b)
     _passthrough(b)
     tuning, tune_problems = plan_tuning(domain, caps)
     b.problems += [p for p in tune_problems if p.severity != "warning"]
@@ -140,7 +145,8 @@ def build_argv(domain: Domain, caps: HostCaps, paths: GuestPaths, *, paused: boo
     prepare = [Prepare("dir", paths.run), *b.prepare]
     return Command(argv=b.args, env=b.env, qmp=paths.qmp, prepare=prepare,
                    warnings=ignored_warnings(domain) + b.warnings, console_log=b.console_log,
-                   tuning=tuning, qmp_setup=b.qmp_setup, helpers=list(b.helpers))
+                   tuning=tuning, qmp_setup=b.qmp_setup, helpers=list(b.helpers),
+                   prealloc_bytes=b.counters.get(PREALLOC, 0))
 
 
 def add_interfaces_and_chardevs(b: Builder) -> None:

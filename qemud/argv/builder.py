@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qemud.argv.pci import PciSpace
+from qemud.argv.pci import PciPlan
 from qemud.argv.qemuopts import js
 from qemud.caps import HostCaps, Machine
 from qemud.domain import Domain
@@ -22,13 +22,16 @@ _ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,127}\Z")
 class Prepare:
     """A file the launcher must create before QEMU starts (never by the pure translator)."""
 
-    kind: str  # "dir" | "copy" | "write" | "run"
+    kind: str  # "dir" | "copy" | "write" | "run" | "secret" (check it exists) | "overlay" (qemu-img create)
     dest: Path
     source: Path | None = None
     content: str | None = None  # "write": the file's text (mode 0600, rewritten at every start)
     #: "run": a program that creates ``dest`` (e.g. swtpm_setup making a TPM's state); run only
     #: while ``dest`` does not exist, so what it made is never made again
     argv: list[str] | None = None
+    fmt: str | None = None  # overlay: the backing image's format
+    helper: str | None = None  # overlay: the qemu-img to run
+    element: str = ""  # secret, overlay: the XML element the file is for (named in errors)
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ class Builder:
     warnings: list[Problem] = field(default_factory=list)
     prepare: list[Prepare] = field(default_factory=list)
     helpers: list[HelperSpec] = field(default_factory=list)
-    pci: PciSpace = field(init=False)
+    pci_plan: PciPlan = field(init=False)  # every PCI device's place (qemud.argv.pci)
     ids: set[str] = field(default_factory=set)
     bootindex: dict[int, int] = field(default_factory=dict)  # id(device model) -> bootindex
     usb_bus: str | None = None  # id of the first USB bus ("usb.0"), None if no USB
@@ -69,11 +72,13 @@ class Builder:
     console_log: Path | None = None
     secure_boot: bool = False  # the file holding the guest console's output
     usb_slots: dict[int, tuple[str, str]] = field(default_factory=dict)  # USB index -> (bus, slot)
+    throttle_groups: dict[str, dict[str, int]] = field(default_factory=dict)  # id -> limits
+    cpu_model: str = "qemu64"  # the -cpu model, for hot-pluggable vCPU devices (<model>-x86_64-cpu)
     #: QMP commands for the paused QEMU before its vCPUs run (settings QEMU takes no option for)
     qmp_setup: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.pci = PciSpace(self.q35)
+        self.pci_plan = PciPlan(self.q35, buses={0: 'pcie-root' if self.q35 else 'pci-root'})
 
     # ---- output -------------------------------------------------------------------------
     def add(self, *args: str) -> None:
@@ -131,18 +136,20 @@ class Builder:
         return str(p)
 
     # ---- PCI ------------------------------------------------------------------------------
-    def pci_props(self, address: Address | None, path: str, what: str) -> dict[str, Any]:
-        """bus/addr for a PCI device: its explicit address, or a free slot."""
-        if address is not None and address.type == "pci" and address.slot is None:
-            address = None  # <address type='pci'/>: "place it for me"
-        if address is not None:
-            if address.type != "pci":
-                self.error(f"{path}/address/@type", f"a {what} sits on PCI; address type '{address.type}' cannot place it")
-                return {}
-            got = self.pci.props(address)
-        else:
-            got = self.pci.auto(what)
-        if isinstance(got, str):
-            self.error(f"{path}/address" if address is not None else path, got)
+    def pci_props(self, address: Address | None, path: str, what: str, key: str | None = None) -> dict[str, Any]:
+        """bus/addr for a PCI device: the place libvirt's rules give it (explicit or assigned,
+        see qemud.argv.pci), looked up by ``key`` (default: the device's XML path)."""
+        if address is not None and address.type != "pci":
+            self.error(f"{path}/address/@type", f"a {what} sits on PCI; address type '{address.type}' cannot place it")
             return {}
+        got = self.pci_plan.props(key or path)
+        if got is None and self.pci_plan.problems:
+            return {}  # the placement failed; its problems are reported already
+        if got is None:
+            # a device the plan does not list: the first free slot
+            fb = self.pci_plan.fallback(key or path)
+            if isinstance(fb, str):
+                self.error(path, fb)
+                return {}
+            return fb
         return got

@@ -231,7 +231,7 @@ def _vlan_tag(b: Builder, it: _Item) -> str | None:
     tags = extra.get("tag") or []
     tags = tags if isinstance(tags, list) else [tags]
     if len(tags) != 1 or str(extra.get("@trunk", "no")) == "yes" or not isinstance(tags[0], dict) \
-            or not str(tags[0].get("@id", "")).isdigit():
+            or not (str(tags[0].get("@id", "")).isascii() and str(tags[0].get("@id", "")).isdigit()):
         b.error(f"{it.path}/vlan", "an SR-IOV VF takes exactly one VLAN <tag id='N'/>; VLAN trunking is "
                 "not supported by SR-IOV network devices")
         return None

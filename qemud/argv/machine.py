@@ -6,9 +6,9 @@ import re
 from pathlib import Path
 
 from qemud.argv.builder import Builder, Prepare
+from qemud.argv.memory import memory_machine_props
 from qemud.argv.qemuopts import js, opts
 from qemud.domain.cpu import MAX_VCPUS
-from qemud.domain.units import size_in_range
 
 # QEMU's names for libvirt's CPU feature names where they differ
 _FEATURE_ALIASES = {"pclmuldq": "pclmulqdq", "sse4.1": "sse4_1", "sse4.2": "sse4_2", "ds_cpl": "ds-cpl",
@@ -19,15 +19,27 @@ def add_machine(b: Builder) -> None:
     d = b.domain
     props: list[tuple[str, object]] = [("type", b.machine.name)]
     props.append(("usb", False))
-    props.append(("dump-guest-core", False))
+    props += memory_machine_props(b)
     f = d.features
     if f is not None and f.vmport is not None:
         props.append(("vmport", f.vmport.state))
     if f is not None and f.smm is not None:
         props.append(("smm", f.smm.state))
+        _tseg(b)
+    if f is not None and f.ps2 is not None:
+        # the i8042 controller that PS/2 mouse and keyboard sit on
+        props.append(("i8042", f.ps2.state))
+        if not f.ps2.state:
+            for i, inp in enumerate(d.devices.input):
+                if inp.bus == "ps2" or (inp.bus is None and inp.type in ("mouse", "keyboard")):
+                    b.error(f"/domain/devices/input[{i + 1}]/@bus", "sits on PS/2, which <features><ps2 "
+                            "state='off'/> removes; use bus='usb' or 'virtio'")
     if f is not None and f.ioapic is not None:
-        # libvirt: driver='qemu' emulates the I/O APIC in QEMU (split irqchip), which an IOMMU's
-        # interrupt remapping needs; driver='kvm' keeps it in the kernel
+        # libvirt: the IOAPIC in QEMU (split irqchip, what an emulated IOMMU's interrupt
+        # remapping needs) or in the KVM kernel module
+        if f.ioapic.driver == "kvm" and not d.kvm:
+            b.error("/domain/features/ioapic/@driver", "driver='kvm' puts the IOAPIC in KVM and needs "
+                    "type='kvm'; under emulation use driver='qemu'")
         props.append(("kernel_irqchip", "split" if f.ioapic.driver == "qemu" else "on"))
     # ACPI: libvirt turns it off when <features><acpi/> is absent
     if f is None or f.acpi is None:
@@ -46,7 +58,59 @@ def add_machine(b: Builder) -> None:
     if b.secure_boot and not any(k == "smm" for k, _ in props):
         props.append(("smm", True))  # secure boot needs SMM: the firmware's variables live there
     b.add("-machine", opts(*props))
-    b.add("-accel", "kvm" if d.kvm else "tcg")
+    b.add("-accel", _accel(b))
+
+
+def _accel(b: Builder) -> str:
+    """-accel: kvm (with its dirty ring size) or tcg (with its translation cache size)."""
+    d = b.domain
+    f = d.features
+    accel: list[tuple[str, object]] = []
+    ring = f.kvm.dirty_ring if f is not None and f.kvm is not None else None
+    if ring is not None and ring.state:
+        if ring.size is None:
+            b.error("/domain/features/kvm/dirty-ring/@size", "state='on' needs a size (a power of 2 "
+                    "between 1024 and 65536 entries)")
+        elif ring.size < 1024 or ring.size > 65536 or ring.size & (ring.size - 1):
+            b.error("/domain/features/kvm/dirty-ring/@size", f"{ring.size} is not a power of 2 between "
+                    "1024 and 65536")
+        elif d.kvm:
+            accel.append(("dirty-ring-size", ring.size))
+        else:
+            # libvirt sets it on the KVM accelerator only; TCG tracks dirty pages itself
+            b.warn("/domain/features/kvm/dirty-ring", "applies to type='kvm' only; ignored under emulation")
+    tcg = f.tcg if f is not None else None
+    if tcg is not None and tcg.tb_cache is not None:
+        mib, rest = divmod(tcg.tb_cache.bytes, 1024 * 1024)
+        if d.kvm:
+            b.error("/domain/features/tcg", "TCG settings need type='qemu' (this guest runs under KVM)")
+        elif rest or mib < 1:
+            b.error("/domain/features/tcg/tb-cache", "must be a whole number of MiB (QEMU's tb-size unit), "
+                    "at least 1 MiB")
+        else:
+            accel.append(("tb-size", mib))
+    name = "kvm" if d.kvm else "tcg"
+    return name + ("," + opts(*accel) if accel else "")
+
+
+def _tseg(b: Builder) -> None:
+    """<smm><tseg>: q35's extended TSEG size, in MiB (libvirt's checks)."""
+    f = b.domain.features
+    assert f is not None and f.smm is not None
+    tseg = f.smm.tseg
+    if tseg is None:
+        return
+    path = "/domain/features/smm/tseg"
+    if not f.smm.state:
+        b.error(path, "a TSEG size needs SMM on (state='on')")
+    elif not b.q35:
+        b.error(path, f"SMM TSEG is only supported with q35 machine types, not {b.machine.name}")
+    elif tseg.bytes % (1024 * 1024):
+        b.error(path, f"{tseg.value} {tseg.unit} is not a whole number of MiB (QEMU sets the TSEG in MiB)")
+    elif tseg.bytes // (1024 * 1024) > 0xFFFF:
+        b.error(path, f"{tseg.value} {tseg.unit} is more than the 65535 MiB QEMU takes")
+    else:
+        b.add("-global", f"mch.extended-tseg-mbytes={tseg.bytes // (1024 * 1024)}")
 
 
 def select_firmware(b: Builder) -> dict | str | None:  # type: ignore[type-arg]
@@ -92,23 +156,69 @@ def select_firmware(b: Builder) -> dict | str | None:  # type: ignore[type-arg]
             "install ovmf, or name the loader and NVRAM template in <loader> and <nvram>")
 
 
+def _firmware_checks(b: Builder) -> bool:
+    """What libvirt refuses about <os> firmware before choosing any (qemuValidateDomainDefBoot,
+    virDomainDefOSValidate)."""
+    d = b.domain
+    o = d.os
+    loader = o.loader
+    ok = True
+    pflash = (o.firmware == "efi" or (loader is not None and loader.type == "pflash"))
+    if loader is not None and loader.stateless is False and not pflash:
+        if o.firmware == "bios":
+            b.error("/domain/os/loader/@stateless", "only EFI firmware keeps NVRAM; BIOS is always stateless")
+        else:
+            b.error("/domain/os/loader/@stateless", "only a pflash loader keeps NVRAM; a ROM loader is always stateless")
+        ok = False
+    if o.firmware == "efi" and loader is not None and loader.secure is False:
+        b.error("/domain/os/loader/@secure", "secure='no' cannot be given when the firmware is chosen automatically "
+                "(firmware='efi'); say <firmware><feature enabled='no' name='secure-boot'/></firmware> instead")
+        ok = False
+    if o.firmware is None and o.firmware_features is not None and o.firmware_features.feature:
+        b.error("/domain/os/firmware", "firmware features choose among firmwares, which needs <os firmware='efi'>; "
+                "with a loader named by hand they mean nothing")
+        ok = False
+    if o.firmware is None and loader is not None and loader.type == "pflash" and not loader.path:
+        b.error("/domain/os/loader", "a pflash loader needs its path (or use <os firmware='efi'> to have one chosen)")
+        ok = False
+    if loader is not None and loader.stateless:
+        nv = o.nvram
+        if nv is not None and nv.template:
+            b.error("/domain/os/nvram/@template", "a stateless loader has no NVRAM, so no NVRAM template")
+            ok = False
+        elif nv is not None:
+            b.error("/domain/os/nvram", "a stateless loader keeps no NVRAM; drop <nvram> or stateless='yes'")
+            ok = False
+    return ok
+
+
 def _firmware(b: Builder) -> list[tuple[str, object]]:
     """-bios for ROM loaders; pflash drives for UEFI (read-only code + per-domain NVRAM)."""
     d = b.domain
     loader = d.os.loader
+    if not _firmware_checks(b):
+        return []
     auto = select_firmware(b)
     if isinstance(auto, str):
         b.error("/domain/os/@firmware", auto)
+        return []
+    pflash = auto is not None or (loader is not None and loader.type == "pflash")
+    if pflash and (d.features is None or d.features.acpi is None):
+        # libvirt: "UEFI requires ACPI on this architecture"; OVMF boots nothing without it
+        b.error("/domain/features", "UEFI firmware needs ACPI on x86: add <features><acpi/></features>")
         return []
     if auto is not None:
         # the selection fills in what the file leaves out: libvirt's behaviour
         from qemud.domain.osxml import Loader, Nvram
         loader = Loader.model_validate({"@type": "pflash", "@readonly": "yes", "@format": auto["format"],
-                                        **({"@secure": "yes"} if auto["smm"] else {}), "#text": auto["code"]})
+                                        **({"@secure": "yes"} if auto["smm"] else {}),
+                                        **({"@stateless": "yes"} if loader is not None and loader.stateless else {}),
+                                        "#text": auto["code"]})
         nv = d.os.nvram
-        if auto["vars"] and (nv is None or not nv.template):
-            nv = Nvram.model_validate({**({"#text": nv.path} if nv is not None and nv.path else {}),
-                                       "@template": auto["vars"]})
+        if auto["vars"] and (nv is None or not nv.template) and not loader.stateless:
+            nv = (Nvram.model_validate({**({"#text": nv.path} if nv is not None and nv.path else {}),
+                                        "@template": auto["vars"]})
+                  if nv is None or nv.source is None else nv.model_copy(update={"template": auto["vars"]}))
         return _pflash(b, loader, nv)
     if loader is None or not loader.path:
         if d.os.nvram is not None:
@@ -124,8 +234,6 @@ def _firmware(b: Builder) -> list[tuple[str, object]]:
 
 
 def _pflash(b: Builder, loader, nv) -> list[tuple[str, object]]:  # type: ignore[no-untyped-def]
-    if loader.stateless:
-        b.error("/domain/os/loader/@stateless", "stateless firmware is not supported yet")
     readonly = loader.readonly if loader.readonly is not None else True
     fmt = loader.format or "raw"
     b.add("-blockdev", js({"driver": "file", "filename": loader.path, "node-name": "pflash0-file",
@@ -136,13 +244,23 @@ def _pflash(b: Builder, loader, nv) -> list[tuple[str, object]]:  # type: ignore
     if loader.secure:
         b.secure_boot = True
         b.add("-global", "driver=cfi.pflash01,property=secure,value=on")
+    if loader.stateless:
+        # no variable store at all: the firmware runs with its built-in defaults, and nothing
+        # the guest sets survives (libvirt's stateless='yes')
+        return out
     if not readonly:
         if nv is not None:
             b.error("/domain/os/nvram", "a writable loader keeps its own variables; <nvram> needs readonly='yes'")
         return out
-    nv_path = Path(nv.path) if nv is not None and nv.path else b.paths.nvram(nv.template if nv else None)
+    if nv is not None and nv.type == "network":
+        return out + _nvram_network(b, nv)
+    if nv is not None and nv.source is not None and not nv.file:
+        b.error("/domain/os/nvram/source", "an NVRAM <source> of type='file' needs file='...' (type='block': dev='...')")
+        return out
+    nv_file = nv.file if nv is not None else None
+    nv_path = Path(nv_file) if nv_file else b.paths.nvram(nv.template if nv else None)
     template = nv.template if nv is not None else None
-    if template is None and nv is not None and nv.path:
+    if template is None and nv_file:
         pass  # an existing NVRAM file named by the user
     elif template is None:
         template = _default_vars(loader.path)
@@ -153,12 +271,40 @@ def _pflash(b: Builder, loader, nv) -> list[tuple[str, object]]:  # type: ignore
     if template is not None:
         b.prepare.append(Prepare("copy", nv_path, Path(template)))
     nv_fmt = (nv.format if nv is not None else None) or ("qcow2" if str(nv_path).endswith(".qcow2") else "raw")
-    b.add("-blockdev", js({"driver": "file", "filename": str(nv_path), "node-name": "pflash1-file",
+    driver = "host_device" if nv is not None and nv.type == "block" else "file"
+    b.add("-blockdev", js({"driver": driver, "filename": str(nv_path), "node-name": "pflash1-file",
                            "auto-read-only": True, "discard": "unmap"}))
     b.add("-blockdev", js({"node-name": "pflash1", "read-only": False, "driver": nv_fmt,
                            "file": "pflash1-file"}))
     out.append(("pflash1", "pflash1"))
     return out
+
+
+def _nvram_network(b: Builder, nv) -> list[tuple[str, object]]:  # type: ignore[no-untyped-def]
+    """<nvram type='network'>: the variable store on an NBD/iSCSI/... server, as a disk's.
+    No template is copied there: the store must exist on the server."""
+    from types import SimpleNamespace
+
+    from qemud.argv.disks import _network
+    if nv.template:
+        b.error("/domain/os/nvram/@template", "a network NVRAM is not created from a template; "
+                "it must already exist on the server")
+        return []
+    src = nv.source
+    if src is None or not src.protocol:
+        b.error("/domain/os/nvram/source", "a network NVRAM needs <source protocol='...'>")
+        return []
+    props: dict[str, object] = {"node-name": "pflash1-file"}
+    fake = SimpleNamespace(source=src, auth=None)
+    n = len(b.problems)
+    ok = _network(b, fake, "/domain/os/nvram", src.protocol, props)  # type: ignore[arg-type]
+    if not ok or len(b.problems) > n:
+        return []
+    props.update({"auto-read-only": True, "discard": "unmap"})
+    b.add("-blockdev", js(props))
+    b.add("-blockdev", js({"node-name": "pflash1", "read-only": False, "driver": nv.format or "raw",
+                           "file": "pflash1-file"}))
+    return [("pflash1", "pflash1")]
 
 
 def _default_vars(code: str) -> str | None:
@@ -177,6 +323,7 @@ def add_cpu(b: Builder) -> None:
     features: list[str] = []
     model: str | None = None
     if cpu is not None:
+        _check_cpu(b)
         if cpu.mode == "host-passthrough" or cpu.mode == "host-model":
             if not d.kvm:
                 b.error("/domain/cpu/@mode", f"mode '{cpu.mode}' needs type='kvm'; "
@@ -187,14 +334,8 @@ def add_cpu(b: Builder) -> None:
         elif cpu.model is not None and cpu.model.name:
             model = cpu.model.name
             if model not in b.caps.cpu_models:
-                if cpu.model.fallback == "forbid" or True:
-                    b.error("/domain/cpu/model", f"CPU model '{model}' is not known to {b.caps.emulator}")
-        for i, feat in enumerate(cpu.feature):
-            name = _FEATURE_ALIASES.get(feat.name, feat.name)
-            if feat.policy in ("force", "require"):
-                features.append(f"{name}=on")
-            elif feat.policy in ("disable", "forbid"):
-                features.append(f"{name}=off")
+                b.error("/domain/cpu/model", f"CPU model '{model}' is not known to {b.caps.emulator}")
+        features += _cpu_features(b)
         if cpu.cache is not None:
             if cpu.cache.mode == "passthrough":
                 features.append("host-cache-info=on")
@@ -220,96 +361,158 @@ def add_cpu(b: Builder) -> None:
             features.append(f"kvmclock={'on' if t.present else 'off'}")
         elif t.name == "hypervclock" and t.present is not None:
             features.append(f"hv-time={'on' if t.present else 'off'}")
+        elif t.name == "tsc" and t.frequency:
+            # the frequency the guest is told (CPUID); under KVM the host must be able to scale
+            # its TSC to it, which QEMU checks when it starts
+            features.append(f"tsc-frequency={t.frequency}")
+    features += _hyperv(b)
+    features += _kvm_features(b)
     if any(p.model == "hyperv" for p in d.devices.panic):
-        features.append("hv-crash")  # <panic model='hyperv'>: the Hyper-V crash MSRs of the vCPU
+        features.append("hv-crash=on")  # the Hyper-V crash MSRs report a guest panic
     if features and model is None:
         model = "qemu64"  # QEMU's default x86 model, with the asked-for changes
+    b.cpu_model = model or "qemu64"
     if model is not None:
         b.add("-cpu", ",".join([model, *features]))
 
 
-def add_memory(b: Builder) -> None:
-    d = b.domain
-    for size, path in ((d.memory, "/domain/memory"), (d.currentMemory, "/domain/currentMemory"),
-                       (d.maxMemory, "/domain/maxMemory")):
-        msg = size_in_range(size, "memory")
-        if msg:
-            b.error(path, msg)
-            return
-    mib = d.memory.mib
-    cells = d.cpu.numa.cell if d.cpu is not None and d.cpu.numa is not None else ()
-    if cells:
-        total = sum(c.mib for c in cells)
-        if abs(total - mib) > len(cells):  # each cell is rounded up to a MiB
-            b.error("/domain/memory", f"is {mib} MiB, but the NUMA cells add up to {total} MiB")
-            return
-        mib = total  # libvirt: the guest's memory is the sum of its cells
-    if mib < 1:
-        b.error("/domain/memory", f"{d.memory.value} {d.memory.unit} is less than the 1 MiB QEMU needs")
-        return
-    if d.currentMemory is not None and d.currentMemory.kib > d.memory.kib:
-        b.error("/domain/currentMemory", "is larger than <memory>")
-    parts = [f"size={mib}M"]
-    if d.maxMemory is not None:
-        if d.maxMemory.slots is None:
-            b.error("/domain/maxMemory/@slots", "required attribute is missing")
-        elif d.maxMemory.kib < d.memory.kib:
-            b.error("/domain/maxMemory", "is smaller than <memory>")
-        else:
-            parts += [f"slots={d.maxMemory.slots}", f"maxmem={d.maxMemory.kib}k"]
-    b.add("-m", ",".join(parts))
-    if cells:
-        _numa(b, cells)
+def _check_cpu(b: Builder) -> None:
+    """libvirt's checks of <cache> and <maxphysaddr> (qemuValidateDomainDefCpu)."""
+    cpu = b.domain.cpu
+    assert cpu is not None
+    host_like = cpu.mode in ("host-passthrough", "maximum")
+    c = cpu.cache
+    if c is not None:
+        if c.mode == "emulate" and c.level != 3:
+            b.error("/domain/cpu/cache/@level", "CPU cache mode 'emulate' can only be used with level='3'")
+        elif c.mode in ("passthrough", "disable") and c.level is not None:
+            b.error("/domain/cpu/cache/@level", f"CPU cache mode '{c.mode}' takes no level "
+                    "(it applies to every cache level)")
+        elif c.mode == "passthrough" and not host_like:
+            b.error("/domain/cpu/cache/@mode", "CPU cache mode 'passthrough' can only be used with "
+                    "'host-passthrough' / 'maximum' CPUs")
+    m = cpu.maxphysaddr
+    if m is not None:
+        if m.mode == "emulate" and m.bits is None:
+            b.error("/domain/cpu/maxphysaddr/@bits", "mode='emulate' needs bits= (the guest's physical "
+                    "address width)")
+        elif m.mode == "passthrough" and m.bits is not None:
+            b.error("/domain/cpu/maxphysaddr/@bits", "bits= cannot be used with mode='passthrough' "
+                    "(the width is the host's)")
+        elif m.mode == "passthrough" and not host_like:
+            b.error("/domain/cpu/maxphysaddr/@mode", "mode='passthrough' can only be used with "
+                    "'host-passthrough' / 'maximum' CPUs")
 
 
-def _numa(b: Builder, cells) -> None:  # type: ignore[no-untyped-def]
-    """One memory backend and one -numa node per <cell>; distances as -numa dist."""
-    from qemud.domain.cpu import parse_cpuset
-    n = b.domain.vcpus
-    ids = [c.id if c.id is not None else i for i, c in enumerate(cells)]
-    if sorted(ids) != list(range(len(cells))):
-        b.error("/domain/cpu/numa", "cell ids must be 0, 1, ... in order")
-        return
-    seen_cpus: set[int] = set()
-    for i, c in enumerate(cells):
-        path = f"/domain/cpu/numa/cell[{i + 1}]"
-        cpus = sorted(parse_cpuset(c.cpus)) if c.cpus else []
-        if any(x >= n for x in cpus):
-            b.error(f"{path}/@cpus", f"names a vCPU beyond the {n} the guest has")
-            return
-        if seen_cpus & set(cpus):
-            b.error(f"{path}/@cpus", "a vCPU is in two cells")
-            return
-        seen_cpus |= set(cpus)
-        backend = {"qom-type": "memory-backend-memfd" if c.memAccess == "shared" else "memory-backend-ram",
-                   "id": f"ram-node{ids[i]}", "size": c.mib * 1024 * 1024}
-        if c.memAccess == "shared":
-            backend["share"] = True
-        if c.discard:
-            backend["discard-data"] = True
-        b.obj(backend)
-        spec = [f"nodeid={ids[i]}"]
-        for lo, hi in _ranges(cpus):
-            spec.append(f"cpus={lo}" if lo == hi else f"cpus={lo}-{hi}")
-        spec.append(f"memdev=ram-node{ids[i]}")
-        b.add("-numa", "node," + ",".join(spec))
-    for i, c in enumerate(cells):
-        if c.distances is None:
+def _cpu_features(b: Builder) -> list[str]:
+    """<feature policy name>: QEMU CPU properties.  A feature this QEMU does not know at all (no
+    model it emulates has it, e.g. pconfig in 7.2) is left out when disabled, as libvirt does,
+    and refused when the guest is to have it."""
+    cpu = b.domain.cpu
+    assert cpu is not None
+    known = b.caps.cpu_props
+    out: list[str] = []
+    for i, feat in enumerate(cpu.feature):
+        path = f"/domain/cpu/feature[{i + 1}]"
+        name = _FEATURE_ALIASES.get(feat.name, feat.name)
+        if known and name not in known and feat.name not in known:
+            qemu = f"{b.caps.emulator} {'.'.join(map(str, b.caps.version))}"
+            if feat.policy in ("force", "require"):
+                b.error(f"{path}/@name", f"CPU feature '{feat.name}' is not known to {qemu}, so no "
+                        f"guest CPU it emulates can have it (policy='{feat.policy}'); remove it or "
+                        "use policy='optional'")
+            else:
+                b.warn(f"{path}/@name", f"CPU feature '{feat.name}' is not known to {qemu}; no CPU it "
+                       "emulates has it, so the guest goes without it")
             continue
-        for s in c.distances.sibling:
-            if s.id not in ids:
-                b.error(f"/domain/cpu/numa/cell[{i + 1}]/distances", f"sibling {s.id} is not a cell")
-                return
-            b.add("-numa", f"dist,src={ids[i]},dst={s.id},val={s.value}")
+        if feat.policy in ("force", "require"):
+            out.append(f"{name}=on")
+        elif feat.policy in ("disable", "forbid"):
+            out.append(f"{name}=off")
+    return out
 
 
-def _ranges(xs: list[int]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for x in xs:
-        if out and out[-1][1] == x - 1:
-            out[-1] = (out[-1][0], x)
+#: libvirt's <hyperv> children that are plain on/off -> QEMU's CPU property
+_HV_FLAGS = {"relaxed": "hv-relaxed", "vapic": "hv-vapic", "vpindex": "hv-vpindex",
+             "runtime": "hv-runtime", "synic": "hv-synic", "stimer": "hv-stimer", "reset": "hv-reset",
+             "frequencies": "hv-frequencies", "reenlightenment": "hv-reenlightenment",
+             "tlbflush": "hv-tlbflush", "ipi": "hv-ipi", "evmcs": "hv-evmcs", "avic": "hv-avic",
+             "emsr_bitmap": "hv-emsr-bitmap", "xmm_input": "hv-xmm-input"}
+#: Hyper-V enlightenments QEMU's TCG cannot provide: QEMU 7.2 refuses to start with them
+#: ("kernel doesn't allow setting HyperV VP_INDEX")
+_HV_NEED_KVM = {"vpindex": "the virtual processor index"}
+
+
+def _hyperv(b: Builder) -> list[str]:
+    """<features><hyperv>: libvirt's hv-* CPU properties; switched-off ones are left out, as
+    libvirt leaves them (QEMU's default is off)."""
+    from qemud.argv.qemuopts import escape
+    d = b.domain
+    hv = d.features.hyperv if d.features is not None else None
+    if hv is None:
+        return []
+    base = "/domain/features/hyperv"
+    out: list[str] = []
+    if hv.mode == "passthrough":
+        out.append("hv-passthrough=on")
+        if not d.kvm:
+            b.warn(f"{base}/@mode", "passthrough gives the guest the enlightenments the host's KVM "
+                   "offers; under emulation that is none (name them with mode='custom' instead)")
+    for name, prop in _HV_FLAGS.items():
+        el = getattr(hv, name)
+        if el is None or not el.state:
+            continue
+        if name in _HV_NEED_KVM and not d.kvm:
+            b.error(f"{base}/{name}", f"{_HV_NEED_KVM[name]} ({prop}) needs type='kvm': QEMU's TCG "
+                    "cannot provide it; switch it off (state='off') to emulate the guest")
+            continue
+        out.append(f"{prop}=on")
+        if name == "stimer" and hv.stimer is not None and hv.stimer.direct is not None and hv.stimer.direct.state:
+            out.append("hv-stimer-direct=on")
+        if name == "tlbflush" and hv.tlbflush is not None:
+            if hv.tlbflush.direct is not None and hv.tlbflush.direct.state:
+                out.append("hv-tlbflush-direct=on")
+            if hv.tlbflush.extended is not None and hv.tlbflush.extended.state:
+                out.append("hv-tlbflush-ext=on")
+    if hv.spinlocks is not None and hv.spinlocks.state:
+        r = hv.spinlocks.retries
+        if r is None:
+            b.error(f"{base}/spinlocks/@retries", "state='on' needs retries (at least 4095)")
+        elif r < 0xFFF or r > 0xFFFFFFFF:
+            b.error(f"{base}/spinlocks/@retries", f"{r} is not between 4095 and 4294967295")
         else:
-            out.append((x, x))
+            out.append(f"hv-spinlocks={r:#x}")
+    if hv.vendor_id is not None and hv.vendor_id.state:
+        v = hv.vendor_id.value
+        if not v:
+            b.error(f"{base}/vendor_id/@value", "state='on' needs a value (up to 12 characters)")
+        elif len(v.encode()) > 12:
+            b.error(f"{base}/vendor_id/@value", f"'{v}' is longer than the 12 characters a vendor id has")
+        else:
+            out.append(f"hv-vendor-id={escape(v)}")
+    return out
+
+
+def _kvm_features(b: Builder) -> list[str]:
+    """<features><kvm>: libvirt's mapping onto QEMU's CPU properties (pv-ipi is on by default,
+    the others off, so only changes from that are written)."""
+    d = b.domain
+    k = d.features.kvm if d.features is not None else None
+    if k is None:
+        return []
+    out: list[str] = []
+    if k.hidden is not None and k.hidden.state:
+        out.append("kvm=off")  # hides the KVM signature from the guest
+    # KVM paravirt CPUID bits: QEMU's TCG filters them out (libvirt passes them all the same)
+    for tag, el, prop in (("hint-dedicated", k.hint_dedicated, "kvm-hint-dedicated"),
+                          ("poll-control", k.poll_control, "kvm-poll-control")):
+        if el is not None and el.state:
+            out.append(f"{prop}=on")
+            if not d.kvm:
+                b.warn(f"/domain/features/kvm/{tag}", "a KVM paravirtual feature: QEMU's TCG does not "
+                       "offer it, so the emulated guest goes without it")
+    if k.pv_ipi is not None and not k.pv_ipi.state:
+        out.append("kvm-pv-ipi=off")
     return out
 
 
@@ -343,13 +546,75 @@ def add_smp(b: Builder) -> None:
         sockets, dies, cores, threads = topo.sockets, topo.dies, topo.cores, topo.threads
     else:
         sockets, dies, cores, threads = n, 1, 1, 1
-    parts = [str(online), f"sockets={sockets}"]
+    states = _vcpu_states(b, n, online)
+    if states is None:
+        return
+    initial, hotplugged = states
+    parts = [str(initial), f"sockets={sockets}"]
     if dies != 1:
         parts.append(f"dies={dies}")
     parts += [f"cores={cores}", f"threads={threads}"]
-    if online != n:
+    if initial != n:
         parts.append(f"maxcpus={n}")
     b.add("-smp", ",".join(parts))
+    if not hotplugged:
+        return
+    driver = f"{b.cpu_model}-x86_64-cpu"
+    if driver not in b.caps.devices and f"{b.cpu_model}-i386-cpu" in b.caps.devices:
+        driver = f"{b.cpu_model}-i386-cpu"
+    if not b.has_device(driver, "/domain/vcpus", "a hot-pluggable vCPU"):
+        return
+    for vid in hotplugged:
+        # the vCPU's place in the topology, as QEMU numbers them (threads innermost)
+        props: dict[str, object] = {"driver": driver, "id": f"vcpu{vid}",
+                                    "socket-id": vid // (threads * cores * dies)}
+        if dies != 1:
+            props["die-id"] = vid // (threads * cores) % dies
+        props["core-id"] = vid // threads % cores
+        props["thread-id"] = vid % threads
+        b.ids.add(f"vcpu{vid}")
+        b.device(props)
+
+
+def _vcpu_states(b: Builder, n: int, online: int) -> tuple[int, list[int]] | None:
+    """<vcpus>: how many vCPUs QEMU creates at start, and the ids of the vCPUs that are online
+    but hot-pluggable, in their hotplug order (without <vcpus>: <vcpu current>, none).
+    Those go on the command line as CPU devices after the fixed ones ``-smp`` creates (libvirt
+    plugs them over QMP once QEMU runs; on the command line they come up the same).  The fixed
+    vCPUs must be the first ones: ``-smp k`` creates vCPUs 0..k-1.  None on an error."""
+    vs = b.domain.vcpu_states
+    if vs is None:
+        return online, []
+    base = "/domain/vcpus"
+    states = vs.vcpu
+    ids = [v.id for v in states]
+    if sorted(ids) != list(range(n)):
+        b.error(base, f"must list each of the {n} vCPUs (ids 0 to {n - 1}) once")
+        return None
+    enabled = sum(1 for v in states if v.enabled)
+    if b.domain.vcpu is not None and b.domain.vcpu.current is not None and enabled != online:
+        b.error(base, f"{enabled} vCPUs are enabled, but <vcpu current> says {online}")
+        return None
+    fixed = sorted(v.id for v in states if v.enabled and not v.hotpluggable)
+    for i, v in enumerate(states):
+        path = f"{base}/vcpu[{i + 1}]"
+        if not v.enabled and v.hotpluggable is False:
+            b.error(f"{path}/@hotpluggable", f"vCPU {v.id} is offline, so it must be hotpluggable")
+            return None
+    if 0 not in fixed:
+        b.error(base, "vCPU 0 must be enabled and not hotpluggable")
+        return None
+    if fixed != list(range(len(fixed))):
+        b.error(base, f"the vCPUs that are not hotpluggable must be the first ones (0 to {len(fixed) - 1}): "
+                "QEMU creates those at start")
+        return None
+    plugged = [v for v in states if v.enabled and v.hotpluggable]
+    orders = [v.order for v in plugged if v.order is not None]
+    if len(set(orders)) != len(orders):
+        b.error(base, "two vCPUs have the same order")
+        return None
+    plugged.sort(key=lambda v: (v.order is None, v.order or 0, v.id))
+    return len(fixed), [v.id for v in plugged]
 
 
 def add_identity(b: Builder) -> None:
@@ -385,8 +650,10 @@ def add_clock(b: Builder) -> None:
             b.error("/domain/clock/@adjustment", f"'{clock.adjustment}' is not a number of seconds within 100 years")
             return
         if (clock.basis or "utc") == "localtime":
-            b.error("/domain/clock/@basis", "basis='localtime' is not supported; use utc")
-            return
+            # libvirt: the adjustment is from the host's local time, so the guest's clock starts
+            # at UTC + the host's offset from UTC + the adjustment
+            offset = datetime.datetime.now().astimezone().utcoffset()
+            adj += int(offset.total_seconds()) if offset is not None else 0
         try:
             now = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=adj)
         except OverflowError:
@@ -410,6 +677,12 @@ def add_clock(b: Builder) -> None:
         rtc.append(("base", start.strftime("%Y-%m-%dT%H:%M:%S")))
     for ti, t in enumerate(clock.timer if clock else ()):
         path = f"/domain/clock/timer[{ti + 1}]"
+        if t.catchup is not None:
+            if t.tickpolicy != "catchup":
+                b.error(f"{path}/catchup", "catch-up settings need tickpolicy='catchup'")
+            else:
+                b.warn(f"{path}/catchup", "QEMU catches up at its own pace (as under libvirt): threshold, "
+                       "slew and limit are not applied")
         if t.name == "rtc":
             if t.track is not None:
                 rtc.append(("clock", {"boot": "vm", "guest": "vm", "wall": "host", "realtime": "rt"}[t.track]))
@@ -418,21 +691,28 @@ def add_clock(b: Builder) -> None:
             elif t.tickpolicy not in (None, "delay"):
                 b.error(f"{path}/@tickpolicy", f"RTC tick policy '{t.tickpolicy}' is not supported by QEMU")
         elif t.name == "pit":
-            if t.tickpolicy is not None and d.kvm:
+            if t.tickpolicy is not None:
                 policy = {"delay": "delay", "catchup": "slew", "discard": "discard"}.get(t.tickpolicy)
                 if policy is None:
                     b.error(f"{path}/@tickpolicy", f"PIT tick policy '{t.tickpolicy}' is not supported by QEMU")
-                else:
+                elif d.kvm:
                     b.add("-global", f"kvm-pit.lost_tick_policy={policy}")
+                elif policy != "delay":
+                    # QEMU's emulated i8254 has no lost-tick policy: only KVM's in-kernel PIT
+                    b.warn(f"{path}/@tickpolicy", "the PIT tick policy applies to KVM's in-kernel PIT; "
+                           "under emulation lost PIT ticks are not made up")
         elif t.name in ("hpet", "kvmclock"):
             pass  # machine / cpu properties
         elif t.name == "tsc":
-            if t.frequency:
-                b.warn(f"{path}", "the TSC frequency is only applied under KVM")
+            pass  # a CPU property (tsc-frequency), with the CPU
         elif t.name == "hypervclock":
             pass  # a CPU property (hv-time), with the CPU
         elif t.name == "platform":
             b.error(f"{path}/@name", "the platform timer is not supported by QEMU")
+        elif t.name == "armvtimer":
+            b.error(f"{path}/@name", "the ARM virtual timer exists on ARM guests only; qemud runs x86 guests")
+        if t.track is not None and t.name != "rtc":
+            b.error(f"{path}/@track", f"only the rtc timer follows a clock; the {t.name} timer has no track")
     b.add("-rtc", opts(*rtc))
 
 

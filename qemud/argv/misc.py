@@ -6,6 +6,7 @@ from typing import Any
 
 from qemud.argv.builder import Builder
 from qemud.argv.qemuopts import opts
+from qemud.argv.virtio import add_virtio_props
 
 
 def add_rngs(b: Builder) -> None:
@@ -43,7 +44,7 @@ def add_rngs(b: Builder) -> None:
             props["max-bytes"] = r.rate.bytes
             props["period"] = r.rate.period or 1000
         props.update(b.pci_props(r.address, path, "virtio RNG"))
-        b.device(props)
+        b.device(add_virtio_props(b, props, r.driver, path))
 
 
 def add_balloon(b: Builder) -> None:
@@ -64,7 +65,7 @@ def add_balloon(b: Builder) -> None:
         if mb.freePageReporting is not None:
             props["free-page-reporting"] = mb.freePageReporting
     props.update(b.pci_props(mb.address if mb else None, path, "memory balloon"))
-    b.device(props)
+    b.device(add_virtio_props(b, props, mb.driver if mb else None, path))
     if mb is not None and mb.stats is not None:
         # QEMU has no option for it: libvirt sets it over QMP too
         b.qmp_setup.append(("qom-set", {"path": f"/machine/peripheral/{props['id']}",

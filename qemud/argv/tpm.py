@@ -3,6 +3,8 @@ swtpm qemud runs beside QEMU (emulator), or an swtpm someone else runs (external
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from qemud.argv.builder import Builder, HelperSpec, Prepare
 from qemud.domain.devices.tpm import Tpm
 
@@ -70,11 +72,21 @@ def _emulator(b: Builder, t: Tpm, tid: str, path: str) -> bool:
     if model == "tpm-crb" and version == "1.2":
         b.error(f"{path}/backend/@version", "a TPM 1.2 has no CRB interface; use model='tpm-tis' or version='2.0'")
         ok = False
+    key: list[str] = []
+    setup_key: list[str] = []
     if be.encryption is not None:
-        b.error(f"{path}/backend/encryption", "an encrypted TPM state needs its passphrase from a <secret>; "
-                "qemud does not resolve secrets yet, so it cannot encrypt the state (remove <encryption> to "
-                "keep the state unencrypted)")
-        ok = False
+        # the state is encrypted with a key swtpm derives from the secret's passphrase (libvirt's
+        # aes-256-cbc); swtpm reads the secret's file itself, as QEMU does for disks
+        from qemud.secrets import secret_file_name
+        name = secret_file_name(be.encryption.secret, None)
+        if name is None:
+            b.error(f"{path}/backend/encryption/@secret", f"'{be.encryption.secret}' is not a secret's UUID")
+            ok = False
+        else:
+            f = Path(b.caps.host.secrets) / name
+            b.prepare.append(Prepare("secret", f, element=f"{path}/backend/encryption"))
+            key = ["--key", f"pwdfile={f},mode=aes-256-cbc"]
+            setup_key = ["--pwdfile", str(f), "--cipher", "aes-256-cbc"]
     banks = be.active_pcr_banks.names() if be.active_pcr_banks is not None else []
     if banks and version != "2.0":
         b.error(f"{path}/backend/active_pcr_banks", "PCR banks can be chosen for a TPM 2.0 only")
@@ -98,9 +110,9 @@ def _emulator(b: Builder, t: Tpm, tid: str, path: str) -> bool:
     b.prepare.append(Prepare("dir", state))
     b.prepare.append(Prepare("run", state / STATE_FILE[version], argv=[
         setup, "--tpm-state", str(state), *v2, "--createek", "--not-overwrite",
-        *(["--pcr-banks", ",".join(banks)] if banks else []),
+        *(["--pcr-banks", ",".join(banks)] if banks else []), *setup_key,
         "--logfile", str(b.paths.run / f"swtpm-{tid}-setup.log")]))
     b.helpers.append(HelperSpec(name=f"swtpm-{tid}", socket=sock, log=b.paths.run / f"swtpm-{tid}.log", argv=[
         swtpm, "socket", "--ctrl", "type=unixio,fd={fd}", "--tpmstate", f"dir={state},mode=0600",
-        "--log", f"file={b.paths.run / f'swtpm-{tid}.log'}", "--terminate", *v2]))
+        "--log", f"file={b.paths.run / f'swtpm-{tid}.log'}", "--terminate", *key, *v2]))
     return True

@@ -11,7 +11,7 @@ import uuid as uuidlib
 from typing import Any
 
 from qemud.argv.builder import Builder
-from qemud.argv.virtio import virtio_props
+from qemud.argv.virtio import add_virtio_props
 
 PATH = "/domain/devices/vsock"
 VHOST_VSOCK = "/dev/vhost-vsock"
@@ -46,8 +46,7 @@ def add_vsock(b: Builder) -> None:
     else:
         guest_cid = auto_cid(b.domain.uuid_value)
     props: dict[str, Any] = {"driver": driver, "id": b.alias(vs.alias, "vsock0", PATH), "guest-cid": guest_cid}
-    props.update(virtio_props(vs.driver))
     props.update(b.pci_props(vs.address, PATH, "vsock device"))
-    b.device(props)
+    b.device(add_virtio_props(b, props, vs.driver, PATH))  # with QEMU's iommu_platform rule
     if not b.caps.host.has(VHOST_VSOCK):
         b.error(PATH, f"needs {VHOST_VSOCK}, which this host lacks (load the vhost_vsock kernel module)")

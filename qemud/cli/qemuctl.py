@@ -72,8 +72,15 @@ def _parser() -> argparse.ArgumentParser:
 def _caps_for(domain):  # type: ignore[no-untyped-def]
     from qemud.argv import emulator_for
     from qemud.caps import probe
-    from qemud.config import host_networks
-    return probe(emulator_for(domain)).with_networks(host_networks())
+    from qemud.config import Config, host_networks, load_config, with_storage_config
+    from qemud.errors import QemudError
+    from qemud.paths import Dirs
+    caps = probe(emulator_for(domain)).with_networks(host_networks())
+    try:  # the secrets and TLS directories of qemud.conf, as the daemon would use them
+        config = load_config(Dirs.default().config)
+    except QemudError:
+        config = Config()
+    return with_storage_config(caps, config).with_tls(config.tls_dirs)
 
 
 def _paths(args: argparse.Namespace, name: str):  # type: ignore[no-untyped-def]

@@ -11,14 +11,16 @@ import re
 import uuid as uuidlib
 from typing import Any, Literal
 
-from pydantic import ValidationError, field_validator
+from pydantic import ValidationError, field_validator, model_validator
 
 from qemud.domain.base import (Element, Many, Opaque, UInt, YesNo, attr, child, ignored,
                                problems_from, text, walk_ignored)
 from qemud.domain.clock import Clock
-from qemud.domain.cpu import Cpu, Vcpu
+from qemud.domain.cpu import Cpu, Vcpu, Vcpus
 from qemud.domain.devices import Devices
 from qemud.domain.features import Features
+from qemud.domain.iothreads import DefaultIoThread, IoThreadIds
+from qemud.domain.memory import DomainMemory, MemoryBacking, NumaTune
 from qemud.domain.metadata import Metadata
 from qemud.domain.osxml import Os
 from qemud.domain.seclabel import Seclabel, check_labels
@@ -104,11 +106,15 @@ class Domain(Element):
     title: str | None = None
     description: str | None = None
     metadata: Metadata | None = None
-    memory: Size
+    memory: DomainMemory
     currentMemory: Size | None = None
     maxMemory: MaxMemory | None = None
+    memoryBacking: MemoryBacking | None = None
     vcpu: Vcpu | None = None
+    vcpu_states: Vcpus | None = child("vcpus")  # per-vCPU online/hotplug state
     iothreads: UInt | None = None
+    iothreadids: IoThreadIds | None = None
+    defaultiothread: DefaultIoThread | None = None
     os: Os
     features: Features | None = None
     cpu: Cpu | None = None
@@ -117,6 +123,7 @@ class Domain(Element):
     on_reboot: Action | None = None
     on_crash: Action | None = None
     on_lockfailure: Opaque | None = ignored("qemud uses no lock manager")
+    idmap: Opaque | None = ignored("user namespace ID maps are for containers (libvirt's LXC driver); a QEMU guest has none")
     pm: Pm | None = None
     devices: Devices = Devices()
     sysinfo: Many[Sysinfo]
@@ -128,8 +135,19 @@ class Domain(Element):
     memtune: MemTune | None = None
     blkiotune: BlkioTune | None = None
     cputune: CpuTune | None = None
-    numatune: Opaque | None = ignored("host NUMA memory policy is not applied by qemud yet")
+    numatune: NumaTune | None = None
     qemu_commandline: QemuCommandline | None = child("qemu:commandline")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _memory_from_cells(cls, data: Any) -> Any:
+        """libvirt: without <memory>, the guest has the sum of its NUMA cells."""
+        if not isinstance(data, dict) or "memory" in data:
+            return data
+        total = _cells_kib(data)
+        if total:
+            data = {**data, "memory": {"@unit": "KiB", "#text": str(total)}}
+        return data
 
     @field_validator("type")
     @classmethod
@@ -181,11 +199,29 @@ class Domain(Element):
     def vcpus_online(self) -> int:
         if self.vcpu and self.vcpu.current is not None:
             return self.vcpu.current
+        if self.vcpu_states is not None:  # libvirt: the enabled ones of <vcpus>
+            return sum(1 for v in self.vcpu_states.vcpu if v.enabled)
         return self.vcpus
 
     @property
     def kvm(self) -> bool:
         return self.type == "kvm"
+
+
+def _cells_kib(data: dict[str, Any]) -> int | None:
+    """The KiB of the raw (not yet validated) <cpu><numa><cell>s, or None when there are none or
+    one cannot be read (validation then reports it)."""
+    from qemud.domain.units import unit_bytes
+    try:
+        cells = data["cpu"]["numa"]["cell"]
+        cells = cells if isinstance(cells, list) else [cells]
+        total = 0
+        for c in cells:
+            scale = unit_bytes(c.get("@unit", "KiB")) or 0
+            total += -(-int(str(c["@memory"]).strip()) * scale // 1024)
+        return total or None
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
 
 
 def parse_domain(data: bytes | str, file: str | None = None) -> Domain:

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from qemud.domain.base import Element, Many, YesNo, attr
+from qemud.domain.base import Element, Many, UInt, YesNo, attr
+
+
+class Catchup(Element):
+    """``<catchup threshold slew limit>``: Xen's catch-up tuning; QEMU has no such knobs."""
+
+    threshold: UInt | None = attr()
+    slew: UInt | None = attr()
+    limit: UInt | None = attr()
 
 
 class Timer(Element):
@@ -15,6 +23,7 @@ class Timer(Element):
     track: Literal["boot", "guest", "wall", "realtime"] | None = attr()
     frequency: int | None = attr()
     mode: Literal["auto", "native", "emulate", "paravirt", "smpsafe"] | None = attr()
+    catchup: Catchup | None = None
 
 
 class Clock(Element):

@@ -54,6 +54,19 @@ class Vcpu(Element):
         return parse_cpuset(self.cpuset) if self.cpuset else None
 
 
+class VcpuState(Element):
+    """``<vcpus><vcpu id='1' enabled='no' hotpluggable='yes' order='2'/>``: one vCPU's state."""
+
+    id: UInt = attr(...)
+    enabled: YesNo = attr(...)
+    hotpluggable: YesNo | None = attr()
+    order: UInt | None = attr()
+
+
+class Vcpus(Element):
+    vcpu: Many[VcpuState]
+
+
 class CpuModel(Element):
     fallback: Literal["allow", "forbid"] | None = attr()
     vendor_id: str | None = attr()
@@ -100,6 +113,21 @@ class Distances(Element):
     sibling: Many[Sibling]
 
 
+class CacheSize(Element):
+    value: UInt = attr(...)
+    unit: Unit = attr("B")
+
+
+class CellCache(Element):
+    """HMAT memory-side cache of a NUMA node: ``<cache level associativity policy>``."""
+
+    level: UInt = attr(...)
+    associativity: Literal["none", "direct", "full"] = attr(...)
+    policy: Literal["none", "writeback", "writethrough"] = attr(...)
+    size: CacheSize
+    line: CacheSize
+
+
 class Cell(Element):
     """A guest NUMA node: ``<cell id='0' cpus='0-1' memory='512' unit='MiB'/>``."""
 
@@ -110,6 +138,7 @@ class Cell(Element):
     memAccess: Literal["shared", "private"] | None = attr()
     discard: YesNo | None = attr()
     distances: Distances | None = None
+    cache: Many[CellCache]
 
     @field_validator("cpus")
     @classmethod
@@ -126,8 +155,25 @@ class Cell(Element):
         return -(-b // (1024 * 1024))
 
 
+class Interconnect(Element):
+    """One HMAT figure: ``<latency initiator target [cache] type value>`` or ``<bandwidth ... unit>``."""
+
+    initiator: UInt = attr(...)
+    target: UInt = attr(...)
+    cache: UInt | None = attr()
+    type: Literal["access", "read", "write"] = attr(...)
+    value: UInt = attr(...)
+    unit: Unit | None = attr()
+
+
+class Interconnects(Element):
+    latency: Many[Interconnect]
+    bandwidth: Many[Interconnect]
+
+
 class Numa(Element):
     cell: Many[Cell]
+    interconnects: Interconnects | None = None
 
 
 class Cpu(Element):

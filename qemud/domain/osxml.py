@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import field_validator
 
+from qemud.domain.devices.disk import DiskSource
 from qemud.domain.base import Element, Many, UInt, YesNo, attr, child, ignored, text
 
 
@@ -32,10 +33,24 @@ class Loader(Element):
 
 
 class Nvram(Element):
+    """``<nvram>``: the firmware's variable store: a path as text, or (libvirt 8.5+) a
+    ``<source>`` of type file, block or network, like a disk's."""
+
     template: str | None = attr()
+    templateFormat: Literal["raw", "qcow2"] | None = attr()
     format: Literal["raw", "qcow2"] | None = attr()
-    type: Literal["file"] | None = attr()
+    type: Literal["file", "block", "network"] | None = attr()
+    source: DiskSource | None = None
     path: str | None = text()
+
+    @property
+    def file(self) -> str | None:
+        """The local file (or block device) holding the variables, if any."""
+        if self.path:
+            return self.path
+        if self.source is not None and self.type in (None, "file", "block"):
+            return self.source.file or self.source.dev
+        return None
 
 
 class Boot(Element):

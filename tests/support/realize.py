@@ -4,7 +4,8 @@
 waits for the QMP socket, asks QEMU what it built and compares that with the domain model:
 
 * ``query-name`` / ``query-uuid``: the domain's name and UUID;
-* ``query-memory-size-summary``: base memory equals ``<memory>`` (minus DIMMs), within 1 % or
+* ``query-memory-size-summary``: base memory equals ``<memory>`` (minus DIMMs; with NUMA cells,
+  their sum), within 1 % or
   2 MiB, as libvirt's own measurement of its corpus allows;
 * ``query-cpus-fast``: as many vCPUs as are online (``<vcpu current=...>`` or ``<vcpu>``);
 * ``query-block`` (+ ``query-named-block-nodes``): every file/block disk's image is attached to a
@@ -53,6 +54,18 @@ MIB = 1024 * 1024
 AfterStart = Callable[[Qmp, int], Awaitable[None]]
 #: Seconds QEMU gets to exit after QMP ``quit`` before it is killed.
 QUIT_GRACE = 5.0
+#: A QEMU that holds its guest's RAM (preallocated) gets this many more seconds per GiB to free it.
+QUIT_GRACE_PER_GIB = 1.0
+
+
+def quit_grace(domain: Domain) -> float:
+    """Seconds QEMU gets to exit: freeing 14 GiB of preallocated RAM takes more than 5 s here."""
+    mb = getattr(domain, "memoryBacking", None)
+    if mb is None or (mb.hugepages is None and (mb.allocation is None or mb.allocation.mode != "immediate")):
+        return QUIT_GRACE
+    return QUIT_GRACE + QUIT_GRACE_PER_GIB * domain.memory.bytes / (1 << 30)
+
+
 #: How long to keep polling after a QMP failure to see whether QEMU is exiting.
 EXIT_GRACE = 2.0
 #: Output kept from QEMU (its stderr and stdout, merged).
@@ -143,11 +156,24 @@ def argv_props(argv: list[str], option: str) -> list[dict[str, Any]]:
 
 # ---- the checks ----------------------------------------------------------------------------
 
+def _base_bytes(domain: Domain) -> int:
+    """The base memory QEMU should report: with NUMA cells their sum (libvirt sizes the guest by
+    its cells, whatever <memory> says), else <memory> minus the memory devices."""
+    cpu = getattr(domain, "cpu", None)
+    cells = cpu.numa.cell if cpu is not None and cpu.numa is not None else ()
+    if cells:
+        return sum(c.mib for c in cells) * MIB
+    return domain.memory.bytes - _dimm_bytes(domain)
+
+
 def _dimm_bytes(domain: Domain) -> int:
-    """Memory of hot-pluggable memory devices (``<devices><memory>``), which ``<memory>`` includes
-    but QEMU reports as plugged memory, not base memory."""
+    """Memory of hot-pluggable memory devices (``<devices><memory>``: DIMMs, NVDIMMs, virtio-mem,
+    virtio-pmem), which ``<memory>`` includes but QEMU reports as plugged memory (or not at all),
+    not base memory.  An SGX EPC section is not guest RAM and not in ``<memory>``."""
     total = 0
     for mem in getattr(domain.devices, "memory", ()) or ():
+        if getattr(mem, "model", None) == "sgx-epc":
+            continue
         target = getattr(mem, "target", None)
         size = getattr(target, "size", None)
         b = getattr(size, "bytes", None)
@@ -191,7 +217,7 @@ def check_domain(domain: Domain, argv: list[str], queries: dict[str, Any]) -> li
     mem = queries.get("query-memory-size-summary")
     if mem is not None:
         base = mem.get("base-memory") if isinstance(mem, dict) else None
-        want = domain.memory.bytes - _dimm_bytes(domain)
+        want = _base_bytes(domain)
         if not isinstance(base, int):
             failed.append(f"memory: QEMU reports no base memory ({mem!r})")
         elif abs(base - want) > max(want * 0.01, 2 * MIB):
@@ -405,10 +431,11 @@ async def realize(domain: Domain, argv: list[str], env: dict[str, str], qmp_path
                 result.failed_checks = check_domain(domain, argv, result.queries)
                 result.failed_checks += [f"{name}: {msg}" for name, msg in result.query_errors.items()]
                 stage = "stopping QEMU"
+                grace = quit_grace(domain)
                 with contextlib.suppress(QmpError):
-                    await q.execute("quit", timeout=QUIT_GRACE)
-                if await _wait_exit(proc, QUIT_GRACE) is None:
-                    result.failed_checks.append(f"quit: QEMU did not exit within {QUIT_GRACE:g} s of QMP quit")
+                    await q.execute("quit", timeout=grace)
+                if await _wait_exit(proc, grace) is None:
+                    result.failed_checks.append(f"quit: QEMU did not exit within {grace:g} s of QMP quit")
         except TimeoutError:
             result.timed_out = True
             result.error = f"timed out after {timeout:g} s {stage}"

@@ -16,6 +16,7 @@ from qemud.domain.devices.redirdev import RedirDev, RedirFilter
 from qemud.domain.devices.shmem import Shmem
 from qemud.domain.devices.smartcard import Smartcard
 from qemud.domain.devices.vsock import Vsock
+from qemud.domain.memory import MemoryDevice
 from qemud.domain.devices.misc import (Audio, Graphics, Hub, Input, MemBalloon, Panic, Rng, Sound,
                                        Video, Watchdog)
 from qemud.domain.devices.tpm import Tpm
@@ -53,28 +54,16 @@ class Devices(Element):
     vsock: Vsock | None = None
     hostdev: Many[Hostdev]
     tpm: Many[Tpm]
+    memory: Many[MemoryDevice]
     lease: Many[Opaque] = ignored("lock manager leases are not used by qemud")
 
     @model_validator(mode="after")
     def _controller_indexes(self) -> "Devices":
-        """Controllers without an index get the next free one of their type (libvirt's rule)."""
-        if all(c.index >= 0 for c in self.controller):
-            return self
-        used: dict[str, set[int]] = {}
-        for c in self.controller:
-            if c.index >= 0:
-                used.setdefault(c.type, set()).add(c.index)
-        out = []
-        for c in self.controller:
-            if c.index < 0:
-                taken = used.setdefault(c.type, set())
-                n = 0
-                while n in taken:
-                    n += 1
-                taken.add(n)
-                c = c.model_copy(update={"index": n})
-            out.append(c)
-        object.__setattr__(self, "controller", tuple(out))
+        """Controllers without an index get the one libvirt's parser gives them."""
+        from qemud.domain.devices.controller import assign_indexes
+        out = assign_indexes(self.controller)
+        if out is not self.controller:
+            object.__setattr__(self, "controller", out)
         return self
 
 

@@ -14,6 +14,19 @@ CHAR_TYPES = ("pty", "file", "unix", "tcp", "udp", "null", "vc", "stdio", "pipe"
               "spicevmc", "spiceport", "qemu-vdagent", "dbus", "nmdm")
 
 
+class Reconnect(Element):
+    enabled: YesNo = attr(...)
+    timeout: UInt | None = attr()
+
+
+class Clipboard(Element):
+    copypaste: YesNo = attr(...)
+
+
+class VdagentMouse(Element):
+    mode: Literal["client", "server"] = attr(...)
+
+
 class CharSource(Element):
     path: str | None = attr()
     mode: Literal["bind", "connect"] | None = attr()
@@ -25,7 +38,10 @@ class CharSource(Element):
     seclabel: Many[Seclabel] = ignored("qemud applies no security labels of its own; qemud's own isolation applies (README: security)")
 
     _seclabels = field_validator("seclabel")(classmethod(lambda cls, v: check_labels(v)))
-    reconnect: Opaque | None = None
+    reconnect: Reconnect | None = None
+    #: qemu-vdagent channels: what the agent offers the guest
+    clipboard: Clipboard | None = None
+    mouse: VdagentMouse | None = None
 
 
 class Protocol(Element):

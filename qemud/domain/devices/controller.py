@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from qemud.domain.base import Element, UInt, YesNo, attr, child
+from qemud.domain.base import Element, UInt, YesNo, attr, child, text
 from qemud.domain.devices.address import Address, Alias
+from qemud.domain.devices.virtio import VirtioOptions
+from qemud.domain.units import Size
 
 CONTROLLER_MODELS: dict[str, tuple[str, ...]] = {
     "pci": ("pci-root", "pcie-root", "pci-bridge", "dmi-to-pci-bridge", "pcie-root-port",
@@ -30,6 +32,12 @@ class ControllerModel(Element):
     name: str = attr(...)
 
 
+class TargetNode(Element):
+    """``<target><node>N</node>``: the NUMA node a pci-expander-bus / pcie-expander-bus is on."""
+
+    value: UInt = text(...)
+
+
 class ControllerTarget(Element):
     chassisNr: UInt | None = attr()
     chassis: UInt | None = attr()
@@ -38,10 +46,10 @@ class ControllerTarget(Element):
     index: UInt | None = attr()
     hotplug: YesNo | None = attr()
     memReserve: UInt | None = attr()
-    node: UInt | None = attr()
+    node: TargetNode | None = None
 
 
-class ControllerDriver(Element):
+class ControllerDriver(VirtioOptions):
     queues: UInt | None = attr()
     cmd_per_lun: UInt | None = attr()
     max_sectors: UInt | None = attr()
@@ -65,5 +73,39 @@ class Controller(Element):
     target: ControllerTarget | None = None
     driver: ControllerDriver | None = None
     master: Master | None = None
+    pcihole64: Size | None = None  # the PCI root's 64-bit MMIO window (default unit KiB)
     address: Address | None = None
     alias: Alias | None = None
+
+
+USB2_MODELS = ("ich9-ehci1", "ich9-uhci1", "ich9-uhci2", "ich9-uhci3")
+
+
+def assign_indexes(ctrls: tuple[Controller, ...]) -> tuple[Controller, ...]:
+    """Controllers without an index get one as libvirt's parser gives it: the lowest free index
+    of their type, except that an ICH9 USB2 controller (EHCI1 or a UHCI companion) joins the
+    group of the USB controller just before it when that is ICH9 USB2 too and has no controller
+    of this model yet (so EHCI1 + UHCI1-3 written in a row share one index)."""
+    if all(c.index >= 0 for c in ctrls):
+        return ctrls
+    used: dict[str, set[int]] = {}
+    for c in ctrls:
+        if c.index >= 0:
+            used.setdefault(c.type, set()).add(c.index)
+    out: list[Controller] = []
+    for c in ctrls:
+        if c.index < 0:
+            taken = used.setdefault(c.type, set())
+            n = -1
+            prev = next((o for o in reversed(out) if o.type == "usb"), None) if c.type == "usb" else None
+            if (c.model in USB2_MODELS and prev is not None and prev.model in USB2_MODELS
+                    and not any(o.type == "usb" and o.index == prev.index and o.model == c.model for o in out)):
+                n = prev.index
+            if n < 0:
+                n = 0
+                while n in taken:
+                    n += 1
+            taken.add(n)
+            c = c.model_copy(update={"index": n})
+        out.append(c)
+    return tuple(out)

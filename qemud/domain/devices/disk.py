@@ -7,17 +7,36 @@ from typing import Literal
 
 from pydantic import field_validator
 
-from qemud.domain.base import Element, Many, Opaque, UInt, YesNo, attr, ignored
+from qemud.domain.base import Element, Many, Opaque, UInt, YesNo, attr, ignored, text
+from qemud.domain.units import Unit, unit_bytes
 from qemud.domain.seclabel import Seclabel, check_labels
 from qemud.domain.devices.address import Address, Alias, Boot
+from qemud.domain.devices.virtio import VirtioOptions
 
 DISK_BUSES = ("ide", "sata", "scsi", "virtio", "usb", "fdc")
 
 
-class DiskDriver(Element):
+class MaxSize(Element):
+    """A size in bytes unless ``unit`` says otherwise (libvirt's default for max_size)."""
+
+    unit: Unit = attr("bytes")
+    value: UInt = text(...)
+
+    @property
+    def bytes(self) -> int:
+        return self.value * (unit_bytes(self.unit) or 1)
+
+
+class MetadataCache(Element):
+    """``<driver><metadata_cache><max_size unit=..>``: qcow2's metadata cache size."""
+
+    max_size: MaxSize | None = None
+
+
+class DiskDriver(VirtioOptions):
     name: Literal["qemu"] | None = attr()
     type: Literal["raw", "qcow2", "qed", "vmdk", "vpc", "vdi", "vhdx", "luks", "dmg", "bochs",
-                  "cloop", "parallels", "qcow", "cow", "fat", "iso"] | None = attr()
+                  "cloop", "parallels", "qcow", "cow", "fat", "iso", "dir"] | None = attr()
     cache: Literal["default", "none", "writethrough", "writeback", "directsync", "unsafe"] | None = attr()
     discard: Literal["unmap", "ignore"] | None = attr()
     io: Literal["threads", "native", "io_uring"] | None = attr()
@@ -30,6 +49,7 @@ class DiskDriver(Element):
     queue_size: UInt | None = attr()
     ioeventfd: YesNo | None = attr()
     event_idx: YesNo | None = attr()
+    metadata_cache: MetadataCache | None = None
 
 
 class Host(Element):
@@ -39,6 +59,92 @@ class Host(Element):
     socket: str | None = attr()
 
 
+class SecretRef(Element):
+    """``<secret type='passphrase|iscsi|ceph|...' uuid=... | usage=...>``: a secret named by UUID
+    or usage; qemud reads its value from a file of its secrets directory (qemud.secrets)."""
+
+    type: str | None = attr()
+    uuid: str | None = attr()
+    usage: str | None = attr()
+
+
+class Encryption(Element):
+    format: Literal["default", "qcow", "luks", "luks2", "luks-any"] | None = attr()
+    engine: Literal["default", "qemu", "librbd"] | None = attr()
+    secret: Many[SecretRef]
+    cipher: Opaque | None = None  # storage volumes' (refused on a disk, as by libvirt)
+    ivgen: Opaque | None = None
+
+
+class Auth(Element):
+    username: str | None = attr()
+    secret: SecretRef
+
+
+class Slice(Element):
+    type: Literal["storage"] = attr(...)
+    offset: UInt = attr(...)
+    size: UInt = attr(...)
+
+
+class Slices(Element):
+    slice: Many[Slice]
+
+
+class Seconds(Element):
+    seconds: UInt = attr(...)
+
+
+class SizeAttr(Element):
+    size: UInt = attr(...)
+
+
+class Ssl(Element):
+    verify: YesNo = attr(...)
+
+
+class Cookie(Element):
+    name: str = attr(...)
+    value: str = text("")
+
+
+class Cookies(Element):
+    cookie: Many[Cookie]
+
+
+class NamedAttr(Element):
+    name: str = attr(...)
+
+
+class Identity(Element):
+    user: str | None = attr()
+    group: str | None = attr()
+
+
+class Reconnect(Element):
+    delay: UInt = attr(...)
+
+
+class Iqn(Element):
+    name: str = attr(...)
+
+
+class Initiator(Element):
+    iqn: Iqn | None = None
+
+
+class ReservationsSource(Element):
+    type: Literal["unix"] = attr("unix")
+    path: str | None = attr()
+    mode: Literal["client", "server"] | None = attr()
+
+
+class Reservations(Element):
+    managed: YesNo | None = attr()
+    enabled: YesNo | None = attr()
+    source: ReservationsSource | None = None
+
+
 class DiskSource(Element):
     file: str | None = attr()
     dev: str | None = attr()
@@ -46,9 +152,34 @@ class DiskSource(Element):
     protocol: Literal["nbd", "iscsi", "http", "https", "ftp", "ftps", "tftp", "rbd", "sheepdog",
                       "gluster", "ssh", "vxhs", "nfs"] | None = attr()
     name: str | None = attr()
+    query: str | None = attr()
+    tls: YesNo | None = attr()
+    tlsHostname: str | None = attr()
+    pool: str | None = attr()
+    volume: str | None = attr()
+    mode: str | None = attr()
+    fdgroup: str | None = attr()
+    type: str | None = attr()  # vhostuser / nvme sources
+    managed: YesNo | None = attr()  # nvme
+    namespace: UInt | None = attr()  # nvme
+    path: str | None = attr()  # vhostuser
+    address: Opaque | None = None  # nvme: the host controller's PCI address
     startupPolicy: Literal["mandatory", "requisite", "optional"] | None = attr()
     index: UInt | None = attr()
     host: Many[Host]
+    auth: Auth | None = None
+    encryption: Encryption | None = None
+    slices: Slices | None = None
+    timeout: Seconds | None = None
+    readahead: SizeAttr | None = None
+    ssl: Ssl | None = None
+    cookies: Cookies | None = None
+    snapshot: NamedAttr | None = None
+    config: Opaque | None = None
+    identity: Identity | None = None
+    reconnect: Reconnect | None = None
+    initiator: Initiator | None = None
+    reservations: Reservations | None = None
     seclabel: Many[Seclabel] = ignored("qemud applies no security labels of its own; qemud's own isolation applies (README: security)")
 
     _seclabels = field_validator("seclabel")(classmethod(lambda cls, v: check_labels(v)))
@@ -82,6 +213,39 @@ class Geometry(Element):
     trans: Literal["none", "lba", "auto"] | None = attr()
 
 
+class IoTune(Element):
+    """``<iotune>``: QEMU's throttling limits for one disk (or its group)."""
+
+    total_bytes_sec: UInt | None = None
+    read_bytes_sec: UInt | None = None
+    write_bytes_sec: UInt | None = None
+    total_iops_sec: UInt | None = None
+    read_iops_sec: UInt | None = None
+    write_iops_sec: UInt | None = None
+    total_bytes_sec_max: UInt | None = None
+    read_bytes_sec_max: UInt | None = None
+    write_bytes_sec_max: UInt | None = None
+    total_iops_sec_max: UInt | None = None
+    read_iops_sec_max: UInt | None = None
+    write_iops_sec_max: UInt | None = None
+    total_bytes_sec_max_length: UInt | None = None
+    read_bytes_sec_max_length: UInt | None = None
+    write_bytes_sec_max_length: UInt | None = None
+    total_iops_sec_max_length: UInt | None = None
+    read_iops_sec_max_length: UInt | None = None
+    write_iops_sec_max_length: UInt | None = None
+    size_iops_sec: UInt | None = None
+    group_name: str | None = None
+
+
+class AcpiIndex(Element):
+    index: UInt = attr(...)
+
+
+class Transient(Element):
+    shareBacking: YesNo | None = attr()
+
+
 class Disk(Element):
     type: Literal["file", "block", "network", "dir", "volume", "nvme", "vhostuser"] = attr("file")
     device: Literal["disk", "cdrom", "floppy", "lun"] = attr("disk")
@@ -103,6 +267,11 @@ class Disk(Element):
     alias: Alias | None = None
     blockio: BlockIo | None = None
     geometry: Geometry | None = None
+    iotune: IoTune | None = None
+    encryption: Encryption | None = None
+    auth: Auth | None = None
+    acpi: AcpiIndex | None = None
+    transient: Transient | None = None
     backingStore: Opaque | None = ignored("backing chains are read from the image itself")
     mirror: Opaque | None = ignored("block jobs are not carried across to qemud")
 
