@@ -269,9 +269,15 @@ class Daemon:
                 elif autostart(domain):
                     self.asked_stops.discard(name)
                     guest.start("its file appeared" if self._started else "autostart")
-            elif definition_hash(domain) != guest.definition or guest.file != path or guest.removing:
-                self.asked_stops.discard(name)  # a changed file clears an asked-for stop
-                guest.redefine(domain, path)
+            else:
+                resumed, guest.resumed_removal = guest.resumed_removal, False
+                if definition_hash(domain) != guest.definition or guest.file != path or guest.removing:
+                    self.asked_stops.discard(name)  # a changed file clears an asked-for stop
+                    guest.redefine(domain, path)
+                elif resumed and autostart(domain) and name not in self.asked_stops:
+                    # the daemon died while the guest stopped for its file's removal, and the file
+                    # came back meanwhile: it is wanted, as if it had come back while qemud ran
+                    guest.start("its file is back")
 
     def _forget_when_gone(self, name: str, guest: Guest) -> None:
         async def forget() -> None:

@@ -132,6 +132,7 @@ class Guest:
         self._shutdown_seen: dict[str, Any] | None = None  # the SHUTDOWN event of this QEMU
         self._after_exit: str | None = None  # "start" | "remove" once the current QEMU ends
         self._removed = False
+        self.resumed_removal = False  # adopted in the middle of a stop its file's removal caused
         self._timer: asyncio.TimerHandle | None = None
         self._escalation: asyncio.Task[None] | None = None
         self._followers: dict[str, tuple[Follower, asyncio.Task[None]]] = {}
@@ -205,6 +206,9 @@ class Guest:
     def adopt(self, rec: records.Record) -> bool:
         """Take over the QEMU a record names, if it is still that QEMU. Called before start."""
         proc = adopt(rec.pid, rec.create_time, rec.argv)
+        # stopped because its file was removed: the daemon's reconcile decides with the file as
+        # it is now (back: wanted again; still gone: removed), not the record
+        self.resumed_removal = rec.asked == "remove"
         found, lost = helper_procs.adopt_all(rec.extra.get("helpers") or [])
         if proc is None:
             # QEMU is gone: its helpers (if still those processes) must not outlive it
@@ -367,7 +371,7 @@ class Guest:
     async def _adopted(self, proc: QemuProcess, rec: records.Record) -> None:
         if proc is not self.proc:
             return
-        self.want_running = rec.asked != "stop"
+        self.want_running = rec.asked not in ("stop", "remove")
         self.started_at = self.env.clock() - max(0.0, time.time() - rec.started_at)
         self.cmd = None
         qmp = Qmp(self.name)
@@ -400,7 +404,7 @@ class Guest:
             self.sm.set(State.RUNNING, f"adopted pid {proc.pid}")
         else:
             self.sm.set(State.PAUSED, f"adopted pid {proc.pid} ({run})")
-        if rec.asked in ("stop", "restart") and self.state in ALIVE and self.state != State.STOPPING:
+        if rec.asked in ("stop", "restart", "remove") and self.state in ALIVE and self.state != State.STOPPING:
             if rec.asked == "restart":  # a restart (qemuctl, a redefinition) is finished, not lost
                 self._after_exit = "start"
                 await self._stop("a restart was under way when the daemon restarted")
@@ -803,7 +807,7 @@ class Guest:
         self.sm.set(State.STOPPING, cause)
         # a restart (qemuctl restart, a redefinition) is noted as such: a daemon killed before
         # QEMU ended finishes it, with a start, instead of leaving the guest stopped
-        self._mark_asked("restart" if self._after_exit == "start" else "stop")
+        self._mark_asked({"start": "restart", "remove": "remove"}.get(self._after_exit or "", "stop"))
         if self._shutdown_seen is not None:
             await self._quit()
             return

@@ -631,3 +631,29 @@ def test_journal_not_reading_never_stalls_the_daemon() -> None:
     j1 = [ln.split("QEMUD_EVENT=")[1].split()[0] for ln in err.splitlines() if "QEMUD_DOMAIN=j1" in ln
           and "QEMUD_EVENT=" in ln]
     assert "failed" in j1, j1
+
+
+def test_daemon_killed_while_a_removed_file_stops_its_guest_and_the_file_comes_back(
+        daemon: Daemon, guest: TinyGuest) -> None:
+    """Found by the chaos run: the file removed (its guest shutting down), the daemon SIGKILLed,
+    the file put back before the daemon restarts. The file is the truth: the guest runs, with
+    one QEMU, not 'stopped as asked' by a removal that no longer holds."""
+    d = daemon
+    d.start()
+    pid = start(d, guest, "g", acpi=False, shutdown_timeout=4)
+    text = d.path("g.xml").read_text()
+    mark = d.mark()
+    d.remove("g.xml")
+    d.wait_for("shutdown-requested", "g", timeout=20, after=mark)
+    d.kill9()
+    d.drop("g.xml", text)
+    mark = d.mark()
+    d.start(timeout=RUN_TIMEOUT)
+    assert d.wait_for("adopted", "g", timeout=RUN_TIMEOUT, after=mark).pid == pid
+    stopped = d.wait_for("stopped", "g", timeout=RUN_TIMEOUT, after=mark)
+    running = d.wait_for("running", "g", timeout=RUN_TIMEOUT, after=stopped.index)
+    assert running.pid != pid
+    wait_ended(pid)
+    assert qemus(d) == {"g": [running.pid]}
+    d.assert_no("stopping", "g", within=2, after=running.index)
+    assert status(d, "g")["state"] == "running"
