@@ -8,9 +8,9 @@ CORPUS ?= ../shared/libvirt-corpus
 # Debian packages qemud and its tests need: QEMU (and its image tool and UEFI firmware), the
 # pieces of the test guest (busybox, cpio), systemd-python's build deps, journald for the tests.
 DEB_PACKAGES := qemu-system-x86 qemu-utils ovmf busybox-static cpio zstd xz-utils swtpm swtpm-tools \
-	libsystemd-dev pkg-config gcc python3-dev python3-venv systemd systemd-container passt dbus-daemon dbus-session-bus-common
+	libsystemd-dev pkg-config gcc python3-dev python3-venv systemd systemd-container passt dbus-daemon dbus-session-bus-common openssl
 
-.PHONY: all deps venv test conformance bench run install verify-units chaos chaos-short clean
+.PHONY: all deps venv test fuzz conformance bench run install verify-units chaos chaos-short clean
 
 all: venv
 
@@ -35,9 +35,19 @@ venv: deps $(VENV)/.installed
 test: venv
 	$(PY) -m pytest tests -q
 
+# A long fuzzing run of the parser and translator (about 10 minutes; not part of `make test`,
+# whose run of the same tests is short and derandomized). New random examples each time.
+FUZZ_EXAMPLES ?= 40000
+fuzz: venv
+	QEMUD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/test_fuzz.py -q -x -k fuzz_ -p no:cacheprovider
+
 # validate + argv + start in QEMU for every domain of libvirt's own test suite; prints counts.
+# --hugepages: inputs refused only for an empty hugepage pool (or a disk without BFQ for per-device
+# I/O weights) run again with the pool grown (BFQ switched on) for
+# them (and put back); the report names them.  CONFORMANCE_FLAGS= runs on the host as it is.
+CONFORMANCE_FLAGS ?= --hugepages
 conformance: venv
-	$(PY) tools/conformance.py --corpus $(CORPUS)
+	$(PY) tools/conformance.py --corpus $(CORPUS) $(CONFORMANCE_FLAGS) --json conformance.json
 
 # A bounded chaos run (not part of `make test`): random kill -9 of QEMUs and of the daemon, daemon
 # restarts, edits, removals and re-additions of domain files; checked continuously; prints counts,

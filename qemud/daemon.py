@@ -22,7 +22,7 @@ from qemud import __version__, notify, records
 from qemud.caps import HostCaps, probe
 from qemud.config import Config, load_config, with_storage_config
 from qemud.domain import Domain, load_domain
-from qemud.errors import DomainError, HostError, QemudError
+from qemud.errors import DomainError, HostError, QemudError, report_lines
 from qemud.events import ERR, INFO, NOTICE, WARNING, EventLog
 from qemud.guest import Env, Guest, autostart, definition_hash
 from qemud.paths import Dirs
@@ -241,8 +241,8 @@ class Daemon:
         if self._reported.get(path) == key:
             return
         self._reported[path] = key
-        for p in (error.problems if error else []):
-            self.log.emit("invalid-definition", p.format(), ERR, file=path)
+        for line in report_lines(error) if error else []:
+            self.log.emit("invalid-definition", line, ERR, file=path)
 
     def _report_duplicate(self, path: str, key: tuple[int, int, int], why: str) -> None:
         if self._reported.get(path) == key:

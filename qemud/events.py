@@ -24,6 +24,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from qemud.errors import printable, utf8_safe
+
 # syslog priorities, as journald takes them
 ERR, WARNING, NOTICE, INFO, DEBUG = (syslog.LOG_ERR, syslog.LOG_WARNING, syslog.LOG_NOTICE, syslog.LOG_INFO,
                                      syslog.LOG_DEBUG)
@@ -187,10 +189,15 @@ class EventLog:
         self._send(None, message, priority, {"source": source, **fields})
 
     def _send(self, event: str | None, message: str, priority: int, fields: dict[str, Any]) -> None:
-        qf = {f"QEMUD_{k.upper()}": str(v) for k, v in fields.items() if v is not None}
+        # a lone surrogate (a file name that is not UTF-8, decoded with surrogateescape) would
+        # make the journal's and stderr's encoders raise
+        qf = {f"QEMUD_{k.upper()}": utf8_safe(str(v)) for k, v in fields.items() if v is not None}
         if event is not None:
             qf["QEMUD_EVENT"] = event
-        message = message.replace("\n", "\\n")
+            # an event quotes file names and values from files: on one line, whatever they hold
+            message = printable(message)
+        else:
+            message = utf8_safe(message.replace("\n", "\\n"))
         if self._journal is not None:
             kind = KINDS.get(event) if event else None
             if kind is not None:
@@ -204,7 +211,8 @@ class EventLog:
 
     def _line(self, message: str, priority: int, qf: dict[str, str]) -> None:
         order = sorted(qf, key=lambda k: (k != "QEMUD_EVENT", k != "QEMUD_SOURCE", 0))
-        parts = [f"{k}={shlex.quote(qf[k])}" for k in order if k != "MESSAGE_ID"]
+        # a field value with a newline (a file name may have one) must not end the line
+        parts = [f"{k}={shlex.quote(printable(qf[k]))}" for k in order if k != "MESSAGE_ID"]
         stamp = time.strftime("%H:%M:%S")
         try:
             self.stream.write(f"{stamp} {_PRIO.get(priority, '')}{message}  {' '.join(parts)}\n")

@@ -28,7 +28,7 @@ from qemud.argv import Command, build_argv, emulator_for
 from qemud.argv.tune import plan_tuning
 from qemud.caps import HostCaps
 from qemud.domain import Domain
-from qemud.errors import DomainError, QemudError
+from qemud.errors import DomainError, QemudError, report_lines
 from qemud.events import ERR, INFO, NOTICE, WARNING, EventLog
 from qemud.host import HostFacts
 from qemud.helpers import Helper
@@ -117,6 +117,8 @@ class Guest:
         self.proc: QemuProcess | None = None
         #: the helper processes (swtpm, virtiofsd) of the current QEMU: started before it, ended after
         self.helpers: list[Helper] = []
+        #: the definition whose translation problems were reported already (reported once)
+        self._translation_reported: str | None = None
         self._lost_helpers: list[str] = []  # recorded helpers found gone at an adoption
         self.qmp: Qmp | None = None
         self.cmd: Command | None = None
@@ -688,7 +690,9 @@ class Guest:
         self.sm.set(State.STARTING, cause)
         try:
             caps = await self.env.caps_for(emulator_for(self.domain))
-            cmd = build_argv(self.domain, caps, self.paths, paused=True)
+            # in a thread: a large definition takes a while to translate, and the other guests'
+            # events must not wait for it
+            cmd = await asyncio.to_thread(build_argv, self.domain, caps, self.paths, paused=True)
             self._host = caps.host
             # in a thread: a first start may run swtpm_setup, which must not stall other guests
             await asyncio.to_thread(prepare, cmd)
@@ -717,7 +721,8 @@ class Guest:
                 helper_procs.stop_sync(started)
                 raise
         except DomainError as exc:
-            self._cannot_start("; ".join(p.message for p in exc.problems))
+            self._report_translation(exc)
+            self._cannot_start("; ".join(f"{p.path}: {p.message}" if p.path else p.message for p in exc.problems))
             return
         except (QemudError, OSError) as exc:
             self._cannot_start(str(exc))
@@ -776,6 +781,16 @@ class Guest:
             started_at=time.time(), domain=self.domain.model_dump(by_alias=True, exclude_unset=True),
             extra={"console_log": str(cmd.console_log) if cmd.console_log else None,
                    "helpers": [h.to_json() for h in self.helpers]}))
+
+    def _report_translation(self, exc: DomainError) -> None:
+        """A problem found when the definition is translated (a value QEMU cannot take, a host
+        that lacks something) is reported like a problem found when reading the file: an
+        invalid-definition naming the file and the element, once per definition."""
+        if self._translation_reported == self.definition:
+            return
+        self._translation_reported = self.definition
+        for line in report_lines(exc.with_file(self.file)):
+            self.env.log.emit("invalid-definition", line, ERR, file=self.file, domain=self.name, uuid=self.uuid)
 
     def _cannot_start(self, why: str) -> None:
         """A start that failed before QEMU ran counts as a failed start."""

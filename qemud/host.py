@@ -51,6 +51,9 @@ class HostFacts:
     present: frozenset[str] = frozenset()
     #: online host CPUs (/sys/devices/system/cpu/online)
     cpus: frozenset[int] = frozenset({0})
+    #: each host NUMA node's CPUs and free memory (KiB): qemud's own automatic placement
+    node_cpus: dict[int, frozenset[int]] = field(default_factory=dict)
+    node_free_kib: dict[int, int] = field(default_factory=dict)
     #: where qemud can make cgroups for guests: "v2", "v1" or "" (none; cgroup_reason says why)
     cgroup: str = ""
     cgroup_reason: str = "cgroups were not looked at"
@@ -90,6 +93,8 @@ class HostFacts:
         d["present"] = sorted(self.present)
         d["numa_nodes"] = list(self.numa_nodes)
         d["cpus"] = sorted(self.cpus)
+        d["node_cpus"] = {str(k): sorted(v) for k, v in self.node_cpus.items()}
+        d["node_free_kib"] = {str(k): v for k, v in self.node_free_kib.items()}
         d["usb_devices"] = [asdict(u) for u in self.usb_devices]
         d["mdev_devices"] = sorted(self.mdev_devices)
         d["hugepages"] = {str(k): list(v) for k, v in self.hugepages.items()}
@@ -100,6 +105,8 @@ class HostFacts:
     def from_json(cls, d: dict[str, Any]) -> HostFacts:
         return cls(numa_nodes=tuple(d.get("numa_nodes", (0,))), helpers=dict(d.get("helpers", {})),
                    present=frozenset(d.get("present", ())), cpus=frozenset(d.get("cpus", (0,))),
+                   node_cpus={int(k): frozenset(v) for k, v in d.get("node_cpus", {}).items()},
+                   node_free_kib={int(k): int(v) for k, v in d.get("node_free_kib", {}).items()},
                    cgroup=d.get("cgroup", ""), cgroup_reason=d.get("cgroup_reason", "cgroups were not looked at"),
                    cgroup_roots=dict(d.get("cgroup_roots", {})),
                    pci_devices={k: PciHostDevice(**v) for k, v in d.get("pci_devices", {}).items()},
@@ -152,6 +159,29 @@ def _numa_nodes() -> tuple[int, ...]:
     except OSError:
         nodes = []
     return tuple(nodes) or (0,)
+
+
+def _node_facts(nodes: tuple[int, ...]) -> tuple[dict[int, frozenset[int]], dict[int, int]]:
+    """Each NUMA node's CPUs (cpulist) and free memory (meminfo MemFree, KiB)."""
+    from qemud.domain.cpu import parse_cpuset
+    cpus: dict[int, frozenset[int]] = {}
+    free: dict[int, int] = {}
+    for n in nodes:
+        base = f"/sys/devices/system/node/node{n}"
+        try:
+            with open(f"{base}/cpulist") as f:
+                text = f.read().strip()
+            cpus[n] = parse_cpuset(text) if text else frozenset()
+        except (OSError, ValueError):
+            pass
+        try:
+            with open(f"{base}/meminfo") as f:
+                for line in f:
+                    if "MemFree:" in line:
+                        free[n] = int(line.split()[-2])
+        except (OSError, ValueError, IndexError):
+            pass
+    return cpus, free
 
 
 def _read_int(path: str) -> int:
@@ -321,7 +351,10 @@ def read_host() -> HostFacts:
     default_kib = _hugepage_default_kib()
     present |= frozenset(p for g in WATCHED_GLOBS for p in glob.glob(g))
     version, reason, roots = read_cgroups()
-    return HostFacts(numa_nodes=_numa_nodes(), helpers=helpers, present=present, cpus=_cpus(),
+    nodes = _numa_nodes()
+    node_cpus, node_free = _node_facts(nodes)
+    return HostFacts(numa_nodes=nodes, helpers=helpers, present=present, cpus=_cpus(),
+                     node_cpus=node_cpus, node_free_kib=node_free,
                      cgroup=version, cgroup_reason=reason, cgroup_roots=roots,
                      pci_devices=_pci_devices(), usb_devices=_usb_devices(),
                      mdev_devices=_listdir_set("/sys/bus/mdev/devices"), scsi_generic=_scsi_generic(),

@@ -216,3 +216,16 @@ def test_balloon_statistics_period_is_set_over_qmp_as_libvirt_does() -> None:
                                                       "property": "guest-stats-polling-interval"})}
     seen, _ = realize("<memballoon model='virtio'><stats period='10'/></memballoon>", probe_fn)
     assert seen["period"] == 10
+
+
+def test_usb_cdroms_are_cd_drives_with_or_without_media() -> None:
+    async def probe_fn(q: Any) -> dict[str, Any]:
+        return {"block": await q.execute("query-block")}
+    seen, peripherals = realize("""<controller type='usb' model='qemu-xhci'/>
+        <disk type='file' device='cdrom'><source file='SCRATCH/cd.iso'/><target dev='sda' bus='usb'/><readonly/></disk>
+        <disk type='file' device='cdrom'><target dev='sdb' bus='usb'/><readonly/></disk>""",
+        probe_fn, files={"cd.iso": 1})
+    assert list(peripherals.values()).count("usb-bot") == 2 and list(peripherals.values()).count("scsi-cd") == 2
+    cds = {b["qdev"]: b for b in seen["block"] if "scsi-cd" in b.get("qdev", "") or b["qdev"].endswith("-cd")}
+    assert len(cds) == 2 and all(b["removable"] for b in cds.values())
+    assert sorted("inserted" in b for b in cds.values()) == [False, True]

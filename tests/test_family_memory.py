@@ -315,6 +315,26 @@ def test_numatune_on_an_absent_host_node(caps: HostCaps, tmp_path: Path) -> None
     assert node0["host-nodes"] == [3] and node0["policy"] == "preferred"
 
 
+def test_automatic_placement_picks_the_node_with_the_most_free_memory(caps: HostCaps, tmp_path: Path) -> None:
+    # libvirt asks numad; qemud answers itself from the host's free memory per node
+    two = HostFacts(numa_nodes=(0, 1), cpus=frozenset({0, 1, 2, 3}),
+                    node_cpus={0: frozenset({0, 1}), 1: frozenset({2, 3})},
+                    node_free_kib={0: 1 << 20, 1: 8 << 20})
+    xml = domain_xml("<numatune><memory mode='interleave' placement='auto'/></numatune>").replace(
+        "<vcpu>", "<vcpu placement='auto'>")
+    _, cmd = translate(xml, caps, tmp_path, two)
+    ram = objects(cmd.argv)["pc.ram"]
+    assert ram["host-nodes"] == [1] and ram["policy"] == "interleave"
+    assert cmd.tuning.vcpu_pins == {0: {2, 3}} and cmd.tuning.emulator_pin == {2, 3}
+    [w] = [w for w in cmd.warnings if w.path == "/domain/numatune/memory/@placement"]
+    assert w.message == ("placement='auto': qemud has no numad and placed the guest on host NUMA node 1 "
+                         "(the most free memory)")
+    # no node holds it alone: every node
+    full = dataclasses.replace(two, node_free_kib={0: 1024, 1: 1024})
+    _, cmd = translate(xml, caps, tmp_path, full)
+    assert objects(cmd.argv)["pc.ram"]["host-nodes"] == [0, 1]
+
+
 def test_numatune_binds_main_ram_in_qemu(caps: HostCaps) -> None:
     xml = domain_xml("<numatune><memory mode='strict' nodeset='0'/></numatune>")
     with tempfile.TemporaryDirectory(prefix="qm", dir="/tmp") as t:
@@ -329,8 +349,6 @@ def test_numatune_binds_main_ram_in_qemu(caps: HostCaps) -> None:
 
 
 @pytest.mark.parametrize("body, cpu, path, message", [
-    ("<numatune><memory placement='auto'/></numatune>", "", "/domain/numatune/memory/@placement",
-     "placement='auto' asks numad"),
     ("<numatune><memory mode='interleave' placement='static'/></numatune>", "", "/domain/numatune/memory/@nodeset",
      "placement='static' needs a nodeset"),
     ("<numatune><memnode cellid='0' nodeset='0'/></numatune>", "", "/domain/numatune/memnode[1]",

@@ -290,6 +290,15 @@ def test_qcow_aes_encryption_is_refused_with_qemus_reason(caps: HostCaps, scratc
     assert p.path == "/domain/devices/disk[1]/encryption/@format" and "no longer supported" in p.message
 
 
+def test_a_cow_image_is_refused_because_qemu_removed_the_format(caps: HostCaps, scratch: Path) -> None:
+    text = domain(f"""<disk type='file'><driver name='qemu' type='cow'/><source file='{scratch / "x.cow"}'/>
+        <target dev='vda'/></disk>""")
+    with pytest.raises(DomainError) as exc:
+        build(text, caps, scratch)
+    p = exc.value.problems[0]
+    assert p.path == "/domain/devices/disk[1]/driver/@type" and "removed from QEMU" in p.message
+
+
 # ---- transient disks -----------------------------------------------------------------------------
 
 def test_transient_disk_writes_go_to_an_overlay_and_the_base_is_unchanged(caps: HostCaps, scratch: Path) -> None:

@@ -65,7 +65,7 @@ def text_escape(v: str) -> str:
 
 QEMUOPTS = {"-name": "guest", "-chardev": "backend", "-vnc": "vnc", "-machine": "type", "-m": "size",
             "-smp": "cpus", "-boot": None, "-rtc": None, "-mon": None, "-spice": None, "-action": None,
-            "-msg": None}
+            "-msg": None, "-tpmdev": "type", "-smbios": None, "-fw_cfg": None, "-acpitable": None, "-fsdev": "backend"}
 JSON_OPTIONS = {"-device", "-blockdev", "-netdev", "-object", "-audiodev"}
 
 
@@ -123,6 +123,26 @@ def _chardev_of(cmd: Command, device_driver: str, n: int = 0) -> dict[str, str |
     raise AssertionError(f"no chardev {dev['chardev']}")
 
 
+def _chardev(cmd: Command, cid: str) -> dict[str, str | None]:
+    (c,) = [c for c in (opts_dict(v, "backend") for v in options(cmd.argv, "-chardev")) if c["id"] == cid]
+    return c
+
+
+def _smbios(cmd: Command, type_: str, key: str) -> list[Any]:
+    out = []
+    for v in options(cmd.argv, "-smbios"):
+        pairs = _pairs(v, None)
+        if ("type", type_) in pairs:
+            out += [val for k, val in pairs if k == key]
+    return out
+
+
+def _acpitable_files(cmd: Command) -> list[Any]:
+    """QEMU 7.2 hw/acpi/core.c acpi_table_add() splits file= on ':' and reads every piece."""
+    (v,) = options(cmd.argv, "-acpitable")
+    return (opts_dict(v, None)["file"] or "").split(":")
+
+
 def _blockdev(cmd: Command, node: str) -> dict[str, Any]:
     (b,) = [b for b in json_options(cmd.argv, "-blockdev") if b["node-name"] == node]
     return b
@@ -142,6 +162,7 @@ class Slot:
     expect: Callable[[str], list[Any]] = field(default=lambda s: [s])
     benign: str = "benign"
     empty_ok: bool = False  # an empty value reaches QEMU as such (not dropped, not defaulted)
+    host: Callable[[HostCaps], HostCaps] | None = None  # a host that has what the slot needs
 
 
 def _name_carried(cmd: Command) -> list[Any]:
@@ -174,6 +195,62 @@ def _parse_guestfwd(s: str) -> tuple[str, str, str]:
 def _url(cmd: Command) -> list[Any]:
     u = urllib.parse.urlsplit(_blockdev(cmd, "drive0-file")["url"])
     return [(u.scheme, u.netloc, urllib.parse.unquote(u.path), u.query, u.fragment)]
+
+
+class _Everything(frozenset):  # type: ignore[type-arg]
+    """A host where every device node asked for exists (HostFacts.present)."""
+
+    def __contains__(self, _: object) -> bool:
+        return True
+
+
+def _with_every_node(caps: HostCaps) -> HostCaps:
+    import dataclasses
+    return dataclasses.replace(caps, host=dataclasses.replace(caps.host, present=_Everything()))
+
+
+def _with_virtiofsd(caps: HostCaps) -> HostCaps:
+    import dataclasses
+    return dataclasses.replace(caps, host=dataclasses.replace(
+        caps.host, helpers={**caps.host.helpers, "virtiofsd": "/usr/lib/qemu/virtiofsd"}))
+
+
+def parse_fuse_opts(text: str) -> list[str]:
+    """Split a ``-o`` list the way libfuse's fuse_opt (process_real_option_group, copied into
+    QEMU 7.2's tools/virtiofsd) does: ',' separates, '\\' escapes the next character, '\\NNN'
+    is an octal byte."""
+    out: list[str] = []
+    cur: list[str] = []
+    i = 0
+    while i <= len(text):
+        if i == len(text) or text[i] == ",":
+            out.append("".join(cur))
+            cur = []
+        elif text[i] == "\\" and i + 1 < len(text):
+            i += 1
+            if re.fullmatch(r"[0-3][0-7][0-7]", text[i:i + 3]):
+                cur.append(chr(int(text[i:i + 3], 8)))
+                i += 2
+            else:
+                cur.append(text[i])
+        else:
+            cur.append(text[i])
+        i += 1
+    return out
+
+
+def _virtiofsd_opts(cmd: Command) -> list[Any]:
+    (h,) = cmd.helpers
+    return parse_fuse_opts(h.argv[h.argv.index("-o") + 1])
+
+
+def _cookies(cmd: Command) -> list[Any]:
+    """The Cookie header curl sends (QEMU's block/curl.c: CURLOPT_COOKIE), read as a server
+    would: pairs split on '; ', and a line break is a header of its own."""
+    header = _blockdev(cmd, "drive0-file")["cookie"]
+    if "\r" in header or "\n" in header:
+        return ["<a second header>"]
+    return [tuple(p.split("=", 1)) for p in header.split("; ")]
 
 
 SLOTS = [
@@ -276,7 +353,165 @@ SLOTS = [
     Slot("cpu-model", True,
          lambda v: domain_xml(extra=f"  <cpu mode='custom'><model>{v}</model></cpu>\n"),
          lambda c: [options(c.argv, "-cpu")[0]], benign="qemu64"),
+    # ---- sysinfo, fw_cfg, ACPI tables
+    Slot("smbios-bios-vendor", True,
+         lambda v: domain_xml(os="<smbios mode='sysinfo'/>",
+                              extra=f"  <sysinfo type='smbios'><bios><entry name='vendor'>{v}</entry></bios></sysinfo>\n"),
+         lambda c: _smbios(c, "0", "vendor")),
+    Slot("smbios-system-serial", True,
+         lambda v: domain_xml(os="<smbios mode='sysinfo'/>",
+                              extra=f"  <sysinfo type='smbios'><system><entry name='serial'>{v}</entry></system></sysinfo>\n"),
+         lambda c: _smbios(c, "1", "serial")),
+    Slot("smbios-baseboard-product", True,
+         lambda v: domain_xml(os="<smbios mode='sysinfo'/>",
+                              extra=f"  <sysinfo type='smbios'><baseBoard><entry name='product'>{v}</entry></baseBoard></sysinfo>\n"),
+         lambda c: _smbios(c, "2", "product")),
+    Slot("smbios-chassis-asset", True,
+         lambda v: domain_xml(os="<smbios mode='sysinfo'/>",
+                              extra=f"  <sysinfo type='smbios'><chassis><entry name='asset'>{v}</entry></chassis></sysinfo>\n"),
+         lambda c: _smbios(c, "3", "asset")),
+    Slot("smbios-oem-string", True,
+         lambda v: domain_xml(os="<smbios mode='sysinfo'/>",
+                              extra=f"  <sysinfo type='smbios'><oemStrings><entry>{v}</entry></oemStrings></sysinfo>\n"),
+         lambda c: _smbios(c, "11", "value")),
+    Slot("fwcfg-string", True,
+         lambda v: domain_xml(extra=f"  <sysinfo type='fwcfg'><entry name='opt/org.example/a'>{v}</entry></sysinfo>\n"),
+         lambda c: [opts_dict(options(c.argv, "-fw_cfg")[0], None)["string"]]),
+    Slot("fwcfg-file", False,
+         lambda v: domain_xml(extra=f"  <sysinfo type='fwcfg'><entry name='opt/org.example/a' file='{v}'/></sysinfo>\n"),
+         lambda c: [opts_dict(options(c.argv, "-fw_cfg")[0], None)["file"]]),
+    Slot("fwcfg-name", False,
+         lambda v: domain_xml(extra=f"  <sysinfo type='fwcfg'><entry name='opt/{v}'>x</entry></sysinfo>\n"),
+         lambda c: [opts_dict(options(c.argv, "-fw_cfg")[0], None)["name"]], lambda s: [f"opt/{s}"]),
+    Slot("acpi-table-file", True,
+         lambda v: domain_xml(os=f"<acpi><table type='slic'>{v}</table></acpi>", extra="  <features><acpi/></features>\n"),
+         _acpitable_files, benign="/var/lib/slic.dat"),
+    # ---- filesystems, shared memory, TPM, redirection, smartcards
+    Slot("fs-9p-source-dir", False,
+         lambda v: domain_xml(devices=f"<filesystem type='mount' accessmode='passthrough'><source dir='{v}'/>"
+                              "<target dir='tag'/></filesystem>"),
+         lambda c: [opts_dict(options(c.argv, "-fsdev")[0], "backend")["path"]]),
+    Slot("fs-9p-mount-tag", False,
+         lambda v: domain_xml(devices="<filesystem type='mount' accessmode='passthrough'><source dir='/srv'/>"
+                              f"<target dir='{v}'/></filesystem>"),
+         lambda c: [_device(c, "virtio-9p-pci")["mount_tag"]]),
+    Slot("shmem-name", False,
+         lambda v: domain_xml(devices=f"<shmem name='{v}'><model type='ivshmem-plain'/><size unit='M'>4</size></shmem>"),
+         lambda c: [json_options(c.argv, "-object")[0]["mem-path"]], lambda s: [f"/dev/shm/{s}"]),
+    Slot("shmem-server-path", False,
+         lambda v: domain_xml(devices=f"<shmem name='s'><model type='ivshmem-doorbell'/><server path='{v}'/></shmem>"),
+         lambda c: [_chardev(c, "charshmem0")["path"]]),
+    Slot("tpm-external-socket", False,
+         lambda v: domain_xml(devices="<tpm model='tpm-crb'><backend type='external'>"
+                              f"<source type='unix' mode='connect' path='{v}'/></backend></tpm>"),
+         lambda c: [_chardev(c, "chrtpm-tpm0")["path"]]),
+    Slot("redirdev-tcp-host", False,
+         lambda v: domain_xml(devices="<controller type='usb' model='qemu-xhci'/><redirdev bus='usb' type='tcp'>"
+                              f"<source mode='connect' host='{v}' service='4000'/></redirdev>"),
+         lambda c: [_chardev(c, "charredir0")["host"]]),
+    Slot("redirdev-unix-path", False,
+         lambda v: domain_xml(devices="<controller type='usb' model='qemu-xhci'/><redirdev bus='usb' type='unix'>"
+                              f"<source mode='bind' path='{v}'/></redirdev>"),
+         lambda c: [_chardev(c, "charredir0")["path"]]),
+    Slot("smartcard-passthrough-path", False,
+         lambda v: domain_xml(devices="<controller type='usb' model='qemu-xhci'/><smartcard mode='passthrough' type='unix'>"
+                              f"<source mode='bind' path='{v}'/></smartcard>"),
+         lambda c: [_chardev(c, "charsmartcard0")["path"]]),
+    Slot("smartcard-database", True,
+         lambda v: domain_xml(devices="<controller type='usb' model='qemu-xhci'/><smartcard mode='host-certificates'>"
+                              f"<certificate>a</certificate><certificate>b</certificate><certificate>c</certificate><database>{v}</database></smartcard>"),
+         lambda c: [_device(c, "ccid-card-emulated")["db"]]),
+    Slot("hostdev-iscsi-target", False,
+         lambda v: domain_xml(devices="<controller type='scsi' model='virtio-scsi'/><hostdev mode='subsystem' type='scsi'>"
+                              f"<source protocol='iscsi' name='{v}/1'><host name='192.0.2.1' port='3260'/></source></hostdev>"),
+         lambda c: [_blockdev(c, "hostdev0-storage")["target"]], benign="iqn.2014-08.com.example:t"),
+    Slot("hostdev-iscsi-host", False,
+         lambda v: domain_xml(devices="<controller type='scsi' model='virtio-scsi'/><hostdev mode='subsystem' type='scsi'>"
+                              f"<source protocol='iscsi' name='iqn.2014-08.com.example:t/1'><host name='{v}' port='3260'/></source></hostdev>"),
+         lambda c: [_blockdev(c, "hostdev0-storage")["portal"]], lambda s: [_portal(s, "3260")]),
+    Slot("virtiofs-source-dir", False,
+         lambda v: domain_xml(extra="  <cpu><numa><cell id='0' cpus='0' memory='64' unit='MiB' memAccess='shared'/></numa></cpu>\n",
+                              devices=f"<filesystem type='mount'><driver type='virtiofs'/><source dir='{v}'/><target dir='tag'/></filesystem>"),
+         _virtiofsd_opts, lambda s: [f"source={s}"], benign="/srv/share", host=_with_virtiofsd),
+    Slot("virtiofs-tag", False,
+         lambda v: domain_xml(extra="  <cpu><numa><cell id='0' cpus='0' memory='64' unit='MiB' memAccess='shared'/></numa></cpu>\n",
+                              devices=f"<filesystem type='mount'><driver type='virtiofs'/><source dir='/srv'/><target dir='{v}'/></filesystem>"),
+         lambda c: [_device(c, "vhost-user-fs-pci")["tag"]], host=_with_virtiofsd),
+    Slot("http-cookie-value", True,
+         lambda v: domain_xml(devices="<disk type='network' device='cdrom'><source protocol='https' name='a.iso'>"
+                              f"<host name='h' port='443'/><cookies><cookie name='n'>{v}</cookie></cookies></source>"
+                              "<target dev='hdc' bus='ide'/></disk>"),
+         _cookies, lambda s: [("n", s)], empty_ok=True),
+    Slot("http-cookie-name", False,
+         lambda v: domain_xml(devices="<disk type='network' device='cdrom'><source protocol='https' name='a.iso'>"
+                              f"<host name='h' port='443'/><cookies><cookie name='{v}'>v</cookie></cookies></source>"
+                              "<target dev='hdc' bus='ide'/></disk>"),
+         _cookies, lambda s: [(s, "v")]),
+    Slot("nfs-path", False,
+         lambda v: domain_xml(devices=f"<disk type='network'><source protocol='nfs' name='{v}'><host name='h'/></source>"
+                              "<target dev='vda' bus='virtio'/></disk>"),
+         lambda c: [_blockdev(c, "drive0-file")["path"]], benign="/export/a.img"),
+    Slot("gluster-path", False,
+         lambda v: domain_xml(devices=f"<disk type='network'><source protocol='gluster' name='vol/{v}'><host name='h'/></source>"
+                              "<target dev='vda' bus='virtio'/></disk>"),
+         lambda c: [_blockdev(c, "drive0-file")["path"]]),
+    Slot("nbd-unix-socket", False,
+         lambda v: domain_xml(devices="<disk type='network'><source protocol='nbd' name='e'>"
+                              f"<host transport='unix' socket='{v}'/></source><target dev='vda' bus='virtio'/></disk>"),
+         lambda c: [_blockdev(c, "drive0-file")["server"]["path"]]),
+    # ---- host device nodes (on a host that has whatever node is named)
+    Slot("tpm-passthrough-path", False,
+         lambda v: domain_xml(devices=f"<tpm model='tpm-tis'><backend type='passthrough'><device path='{v}'/></backend></tpm>"),
+         lambda c: [opts_dict(options(c.argv, "-tpmdev")[0], "type")["path"]], benign="/dev/tpm0", host=_with_every_node),
+    Slot("input-evdev-dev", False,
+         lambda v: domain_xml(devices=f"<input type='evdev'><source dev='{v}'/></input>"),
+         lambda c: [json_options(c.argv, "-object")[0]["evdev"]], benign="/dev/input/event0", host=_with_every_node),
+    Slot("input-passthrough-evdev", False,
+         lambda v: domain_xml(devices=f"<input type='passthrough' bus='virtio'><source evdev='{v}'/></input>"),
+         lambda c: [_device(c, "virtio-input-host-pci")["evdev"]], benign="/dev/input/event0", host=_with_every_node),
+    Slot("vdpa-dev", False,
+         lambda v: domain_xml(devices=f"<interface type='vdpa'><mac address='52:54:00:00:00:01'/><source dev='{v}'/></interface>"),
+         lambda c: [json_options(c.argv, "-netdev")[0]["vhostdev"]], benign="/dev/vhost-vdpa-0", host=_with_every_node),
+    Slot("smartcard-certificate", True,
+         lambda v: domain_xml(devices="<controller type='usb' model='qemu-xhci'/><smartcard mode='host-certificates'>"
+                              f"<certificate>{v}</certificate><certificate>b</certificate><certificate>c</certificate></smartcard>"),
+         lambda c: [_device(c, "ccid-card-emulated")["cert1"]], host=_with_every_node),
+    # ---- more chardev backends, SPICE, aliases, iSCSI disks
+    Slot("serial-pipe-path", False,
+         lambda v: domain_xml(devices=f"<serial type='pipe'><source path='{v}'/></serial>"),
+         lambda c: [_chardev_of(c, "isa-serial")["path"]]),
+    Slot("serial-dev-path", False,
+         lambda v: domain_xml(devices=f"<serial type='dev'><source path='{v}'/></serial>"),
+         lambda c: [_chardev_of(c, "isa-serial")["path"]]),
+    Slot("serial-spiceport-channel", False,
+         lambda v: domain_xml(devices=f"<graphics type='spice'/><serial type='spiceport'><source channel='{v}'/></serial>"),
+         lambda c: [_chardev_of(c, "isa-serial")["name"]], benign="org.qemu.console.serial.0"),
+    Slot("spice-listen-address", False,
+         lambda v: domain_xml(devices=f"<graphics type='spice' port='5901' autoport='no' listen='{v}'/>"),
+         lambda c: [opts_dict(options(c.argv, "-spice")[0], None)["addr"]], benign="127.0.0.1"),
+    Slot("spice-socket", False,
+         lambda v: domain_xml(devices=f"<graphics type='spice'><listen type='socket' socket='{v}'/></graphics>"),
+         lambda c: [opts_dict(options(c.argv, "-spice")[0], None)["addr"]]),
+    Slot("disk-alias", False,
+         lambda v: domain_xml(devices=f"<disk><source file='/a.img'/><target dev='vda' bus='virtio'/><alias name='ua-{v}'/></disk>"),
+         lambda c: [_device(c, "virtio-blk-pci")["id"]], lambda s: [f"ua-{s}"]),
+    Slot("interface-alias", False,
+         lambda v: domain_xml(devices=f"<interface type='user'><mac address='52:54:00:00:00:01'/><alias name='ua-{v}'/></interface>"),
+         lambda c: [_device(c, "rtl8139")["id"]], lambda s: [f"ua-{s}"]),
+    Slot("iscsi-disk-target", False,
+         lambda v: domain_xml(devices=f"<disk type='network'><source protocol='iscsi' name='{v}/0'>"
+                              "<host name='192.0.2.1' port='3260'/></source><target dev='vda' bus='virtio'/></disk>"),
+         lambda c: [_blockdev(c, "drive0-file")["target"]], benign="iqn.2024-01.org.example:t"),
+    Slot("iscsi-disk-host", False,
+         lambda v: domain_xml(devices="<disk type='network'><source protocol='iscsi' name='iqn.2024-01.org.example:t/0'>"
+                              f"<host name='{v}' port='3260'/></source><target dev='vda' bus='virtio'/></disk>"),
+         lambda c: [_blockdev(c, "drive0-file")["portal"]], lambda s: [_portal(s, "3260")], benign="192.0.2.1"),
 ]
+
+
+def _portal(host: str, port: str) -> str:
+    """An iSCSI portal: host:port, an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 def translate(xml: str, caps: HostCaps) -> Command:
@@ -289,7 +524,7 @@ def baselines(caps: HostCaps) -> dict[str, Command]:
     out = {}
     for slot in SLOTS:
         esc = text_escape(slot.benign) if slot.text else attr_escape(slot.benign)
-        out[slot.id] = translate(slot.make(esc), caps)
+        out[slot.id] = translate(slot.make(esc), slot.host(caps) if slot.host else caps)
     return out
 
 
@@ -304,7 +539,7 @@ def check_slot(slot: Slot, s: str, caps: HostCaps, baseline: Command) -> None:
     xml = slot.make(esc)
     expected_value = s.strip() if slot.text else s
     try:
-        cmd = translate(xml, caps)
+        cmd = translate(xml, slot.host(caps) if slot.host else caps)
     except DomainError as exc:
         assert exc.problems and all(p.path.startswith("/domain") for p in exc.problems), str(exc)
         return
@@ -397,6 +632,12 @@ def test_unix_socket_paths_fit_or_the_name_is_refused(name: str) -> None:
 def test_qemuopts_reader(text: str, implied: str | None, pairs: list[tuple[str, str | None]]) -> None:
     from tests.conftest import parse_qemuopts
     assert parse_qemuopts(text, implied) == pairs
+
+
+def test_fuse_opts_reader() -> None:
+    assert parse_fuse_opts("source=/a\\,b,xattr") == ["source=/a,b", "xattr"]
+    assert parse_fuse_opts("source=/a\\\\,b") == ["source=/a\\", "b"]
+    assert parse_fuse_opts("a\\101,,b") == ["aA", "", "b"]
 
 
 def test_guestfwd_reader() -> None:

@@ -6,7 +6,8 @@ For every ``*.xml`` of the corpus (libvirt 9.0's qemuxml2argv inputs, see its RE
 1. applies the rewrite libvirt's own measurement (``libvirt-realized.json``) used, so both see
    the same host: domain type kvm -> qemu, a host-passthrough/host-model ``<cpu>`` dropped, a
    missing or absent emulator -> /usr/bin/qemu-system-x86_64, file and block disk sources -> fresh
-   1 MiB scratch images of the same format (block disks become file images), kernel/initrd -> the
+   1 MiB scratch images of the same format (block disks become file images; a format QEMU
+   removed, 'cow', a raw image), kernel/initrd -> the
    tiny test guest's, pflash loaders -> OVMF_CODE_4M.fd with the OVMF_VARS_4M.fd template (NVRAM
    into scratch), non-user interfaces -> type='user' keeping MAC and model (and other guest-side
    settings; the host side -- source, target, script, virtualport, backend -- is dropped;
@@ -84,6 +85,8 @@ OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 SCRATCH_BASE = "/tmp/qc"
 OUTCOMES = ("realized", "rejected", "mismatch", "crashed")
 #: qemu-img can make an empty image in these formats; anything else becomes a raw image.
+#: image formats QEMU 7.2 cannot open at all (removed): their scratch stand-in is raw
+GONE_FORMATS = {"cow"}
 CREATABLE = {"qcow2", "qed", "vmdk", "vdi", "vpc", "vhdx", "qcow", "parallels"}
 CHARDEV_TAGS = ("serial", "parallel", "console", "channel", "smartcard", "redirdev")
 #: interface types that stay as they are (they have no user-mode equivalent to become)
@@ -487,6 +490,12 @@ class Rewriter:
             p = self.luks_image(fmt)
         else:
             p = self.image(fmt)
+            if fmt in GONE_FORMATS and drv is not None:
+                # the measurement's scratch images were raw or qcow2 ("of the same format" where
+                # one can be made): a format no QEMU of today opens became a raw image, which is
+                # how libvirt, which refuses 'cow' itself, realized the input
+                drv.set("type", "raw")
+                self.notes.append(f"disk format {fmt!r} (gone from QEMU) -> a raw scratch image")
         if dtype == "block":
             disk.set("type", "file")
             del src.attrib["dev"]
@@ -833,13 +842,43 @@ class Running:
 _HUGEPAGES_WANTED = re.compile(r"needs (\d+) free (\d+) KiB hugepages, the host has (\d+)")
 
 
+_BFQ_WANTED = re.compile(r"block device (\d+:\d+) does not use the BFQ I/O scheduler")
+
+
+def _with_bfq(r: dict[str, Any], dev: str, by_name: dict[str, str], guest: Guest, base: Path,
+              ns: argparse.Namespace, progress: bool) -> dict[str, Any]:
+    """Run an input refused for per-device I/O weights on a disk without BFQ again, with BFQ as
+    that disk's I/O scheduler (the one scheduler with per-device weights), then put it back."""
+    sched = Path(f"/sys/dev/block/{dev}/queue/scheduler")
+    try:
+        text = sched.read_text()
+        before = text[text.index("[") + 1:text.index("]")]
+        sched.write_text("bfq")
+    except (OSError, ValueError) as exc:
+        r["host_setup"] = f"could not switch {dev} to BFQ: {exc}"
+        return r
+    try:
+        [again] = run_all([by_name[r["file"]]], 1, guest, base, ns.timeout, ns.hard_timeout, ns.keep, False)
+        again["host_setup"] = f"block device {dev} switched to the BFQ I/O scheduler for this input"
+        if progress:
+            print(f"  {r['file']}: with BFQ on {dev}: {again['outcome']}", file=sys.stderr)
+        return again
+    finally:
+        sched.write_text(before)
+
+
 def with_hugepages(results: list[dict[str, Any]], files: list[str], guest: Guest, base: Path,
                    ns: argparse.Namespace, progress: bool) -> list[dict[str, Any]]:
     """Run again, one by one, the inputs refused only for want of hugepages, each with the host's
-    pool of that page size grown by what it lacks (and put back after)."""
+    pool of that page size grown by what it lacks (and put back after), and those refused for
+    per-device I/O weights on a disk without BFQ with BFQ switched on for them."""
     by_name = {os.path.basename(f): f for f in files}
     out = []
     for r in results:
+        bfq = _BFQ_WANTED.search(r.get("message", "")) if r["outcome"] == "rejected" else None
+        if bfq is not None:
+            out.append(_with_bfq(r, bfq.group(1), by_name, guest, base, ns, progress))
+            continue
         m = _HUGEPAGES_WANTED.search(r.get("message", "")) if r["outcome"] == "rejected" else None
         if m is None or len(r.get("problems", [])) > 1:
             out.append(r)
@@ -850,6 +889,12 @@ def with_hugepages(results: list[dict[str, Any]], files: list[str], guest: Guest
             before = int(pool.read_text())
             pool.write_text(str(before + need - have))
             got = int(pool.read_text())
+            if got - before < need - have:
+                # free memory in bits and pieces: drop the page cache, compact, and ask again
+                Path("/proc/sys/vm/drop_caches").write_text("3")
+                Path("/proc/sys/vm/compact_memory").write_text("1")
+                pool.write_text(str(before + need - have))
+                got = int(pool.read_text())
         except OSError as exc:
             r["hugepages"] = f"could not grow the pool: {exc.strerror}"
             out.append(r)
@@ -1174,10 +1219,10 @@ def report(results: list[dict[str, Any]], corpus: Path, elapsed: float, jobs: in
         return "  ".join(f"{o} {c.get(o, 0)}" for o in OUTCOMES)
 
     w(f"qemud conformance over {corpus} ({len(results)} inputs, {jobs} jobs, {elapsed:.0f} s)")
-    given = [r for r in results if "hugepages" in r and r["outcome"] == "realized"]
+    given = [r for r in results if ("hugepages" in r or "host_setup" in r) and r["outcome"] == "realized"]
     if given:
-        w(f"(--hugepages: {len(given)} inputs realized once the host's hugepage pool was grown for them: "
-          f"{', '.join(r['file'] for r in given)})")
+        w(f"(--hugepages: {len(given)} inputs realized once the host was given what they lacked "
+          f"(hugepages, BFQ): {', '.join(r['file'] for r in given)})")
     w("")
     w(f"all inputs ({len(results)}):              {counts(results)}")
     accepted = [r for r in results if libvirt_accepts(corpus, r["file"])]
@@ -1245,7 +1290,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hugepages", action="store_true",
                     help="give the host the hugepages an input lacks (root): inputs refused only because "
                          "the host's hugepage pool is empty run again, one at a time, with the pool grown "
-                         "to what they need, which is put back after each")
+                         "to what they need, which is put back after each; likewise BFQ for per-device "
+                         "I/O weights")
     ns = ap.parse_args(argv)
 
     corpus = ns.corpus.resolve()

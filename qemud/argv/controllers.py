@@ -263,7 +263,8 @@ def check_usb(b: Builder) -> None:
     ctrls = b.domain.devices.controller
     usb = [(i, c) for i, c in enumerate(ctrls) if c.type == "usb"]
     if any(c.model == "none" for _, c in usb) and len(usb) > 1:
-        i = next(i for i, c in usb if c.model != "none")
+        # the first other one (two model='none' controllers: the second)
+        i = next((i for i, c in usb if c.model != "none"), usb[1][0])
         b.error(f"/domain/devices/controller[{i + 1}]", "USB is disabled for this domain (a USB controller of "
                 "model 'none'), so no other USB controller can be added")
     for i, c in usb:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from typing import Any
 
 from qemud.argv.builder import Builder
@@ -146,6 +148,27 @@ def _storage(b: Builder, d: Disk, path: str, node: str) -> dict[str, Any] | None
     return props
 
 
+_COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_COOKIE_VALUE = re.compile(r'"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*"|[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*')
+_HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+
+
+def network_host(b: Builder, name: str, path: str) -> str | None:
+    """A <host name=...> as it goes into a portal ("host:port") or a URL: an IPv6 address in
+    brackets, a host name or IPv4 address as it is; anything else is refused (libiscsi reads
+    ',' as a portal group tag and the last ':' as the port, a URL reads '/', '@', '?')."""
+    try:
+        if ipaddress.ip_address(name).version == 6:
+            return f"[{name}]"
+        return name
+    except ValueError:
+        pass
+    if not _HOSTNAME.fullmatch(name):
+        b.error(path, f"{name!r} is not a host name or an IP address")
+        return None
+    return name
+
+
 def _network(b: Builder, d: Disk, path: str, proto: str, props: dict[str, Any]) -> bool:
     """Fill the protocol node of a network disk; False after an error."""
     src = d.source
@@ -187,7 +210,10 @@ def _network(b: Builder, d: Disk, path: str, proto: str, props: dict[str, Any]) 
             return False
         port = f":{h.port}" if h.port else ""
         from urllib.parse import quote
-        url = f"{proto}://{h.name}{port}/{quote(name.lstrip('/'), safe='/')}"
+        host = network_host(b, h.name, f"{path}/source/host/@name")
+        if host is None:
+            return False
+        url = f"{proto}://{host}{port}/{quote(name.lstrip('/'), safe='/')}"
         if src.query:
             url += "?" + src.query
         props.update(driver=proto, url=url)
@@ -204,6 +230,14 @@ def _network(b: Builder, d: Disk, path: str, proto: str, props: dict[str, Any]) 
             if proto not in ("http", "https"):
                 b.error(f"{path}/source/cookies", f"cookies apply to http and https, not {proto}")
                 return False
+            for j, c in enumerate(src.cookies.cookie):
+                # RFC 6265, as libvirt checks them: QEMU hands the list to curl as the Cookie
+                # header, where ';' adds a cookie and a newline a header
+                if not _COOKIE_NAME.fullmatch(c.name) or not _COOKIE_VALUE.fullmatch(c.value):
+                    b.error(f"{path}/source/cookies/cookie[{j + 1}]", f"{c.name!r}={c.value!r} is not a valid "
+                            "cookie (RFC 6265: a token for the name; no ';', ',', '\\', spaces or quotes inside "
+                            "the value)")
+                    return False
             props["cookie"] = "; ".join(f"{c.name}={c.value}" for c in src.cookies.cookie)
         if auth is not None:
             sid = secret_object(b, auth.secret, f"{auth_path}/secret", f"{props['node-name']}-auth-secret")
@@ -220,7 +254,10 @@ def _network(b: Builder, d: Disk, path: str, proto: str, props: dict[str, Any]) 
         if lun and not (lun.isascii() and lun.isdigit()):
             b.error(f"{path}/source/@name", f"'{lun}' is not a LUN number (name='IQN/LUN')")
             return False
-        props.update(driver="iscsi", transport="tcp", portal=f"{h.name}:{h.port or 3260}",
+        host = network_host(b, h.name, f"{path}/source/host/@name")
+        if host is None:
+            return False
+        props.update(driver="iscsi", transport="tcp", portal=f"{host}:{h.port or 3260}",
                      target=target, lun=int(lun or 0))
         if src.initiator is not None and src.initiator.iqn is not None:
             props["initiator-name"] = src.initiator.iqn.name
@@ -909,7 +946,22 @@ def _disk(b: Builder, d: Disk, i: int, path: str, counts: dict[str, int]) -> Non
         dev = add_virtio_props(b, dev, d.driver, path)
     else:
         refuse_virtio_options(b, d.driver, path, f"a disk on bus '{bus}'")
+    if bus == "usb" and d.device == "cdrom":
+        _usb_cdrom(b, dev)
+        return
     b.device(dev)
+
+
+def _usb_cdrom(b: Builder, dev: dict[str, Any]) -> None:
+    """A USB CD-ROM: a usb-bot mass-storage function with a scsi-cd on its bus.  usb-storage
+    would show the guest a hard disk (with -blockdev it cannot tell a CD-ROM image from a disk
+    one) and cannot exist without media; a scsi-cd is a CD-ROM drive, empty or not."""
+    bot = {"driver": "usb-bot", "bus": dev["bus"], **({"port": dev["port"]} if "port" in dev else {}),
+           "id": dev["id"]}
+    cd = {k: v for k, v in dev.items() if k not in ("driver", "bus", "port", "id", "removable")}
+    b.device(bot)
+    b.device({"driver": "scsi-cd", "bus": f"{dev['id']}.0", "scsi-id": 0, "lun": 0, **cd,
+              "id": f"{dev['id']}-cd"})
 
 
 def _js(props: dict[str, Any]) -> str:

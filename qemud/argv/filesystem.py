@@ -99,6 +99,12 @@ def _escape(value: str) -> str:
     return value.replace(",", ",,")
 
 
+def _fuse_escape(value: str) -> str:
+    """A value in virtiofsd's ``-o`` list, which libfuse's fuse_opt splits on ',' with '\\' as
+    the escape (not QemuOpts' ',,': with that, dir='/srv\\,source=/' served the host's root)."""
+    return value.replace("\\", "\\\\").replace(",", "\\,")
+
+
 def shared_memory(b: Builder) -> bool:
     """Whether the guest's RAM can be mapped by another process (vhost-user needs that):
     <memoryBacking><access mode='shared'/> or every NUMA cell memAccess='shared'."""
@@ -193,7 +199,7 @@ def _virtiofsd_argv(b: Builder, fs: Filesystem, path: str) -> list[str] | None:
                 "virtiofsd, which this host lacks")
         return None
     assert fs.source is not None and fs.source.dir is not None
-    o = [f"source={_escape(fs.source.dir)}"]
+    o = [f"source={_fuse_escape(fs.source.dir)}"]
     if binary is not None:
         if binary.xattr is not None:
             o.append("xattr" if binary.xattr else "no_xattr")

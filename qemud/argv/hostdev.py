@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qemud.argv.builder import Builder
+from qemud.argv.disks import network_host
 from qemud.argv.qemuopts import js
 from qemud.domain.devices.address import Address, Alias
 from qemud.domain.devices.hostdev import Hostdev, SourceAddress, Teaming
@@ -498,7 +499,10 @@ def _iscsi_blockdev(b: Builder, it: _Item, node: str, ro: bool) -> dict[str, Any
         b.error(f"{path}/source/auth", "iSCSI CHAP authentication needs a libvirt secret, and qemud does not "
                 "manage secrets yet")
         return None
-    props: dict[str, Any] = {"driver": "iscsi", "portal": f"{src.host.name}:{src.host.port or 3260}",
+    host = network_host(b, src.host.name, f"{path}/source/host/@name")
+    if host is None:
+        return None
+    props: dict[str, Any] = {"driver": "iscsi", "portal": f"{host}:{src.host.port or 3260}",
                              "target": target, "lun": int(lun or 0), "transport": "tcp"}
     if src.initiator is not None:
         props["initiator-name"] = src.initiator.iqn.name

@@ -767,6 +767,11 @@ def add_boot(b: Builder) -> None:
     if o.initrd is not None and o.initrd.value:
         if o.kernel is None:
             b.error("/domain/os/initrd", "an initrd needs a <kernel>")
+        if "," in o.initrd.value:
+            # with a multiboot kernel QEMU reads -initrd as 'file1 args,file2,...' (its docs):
+            # '/boot/a,/etc/shadow' would load a second file into the guest
+            b.error("/domain/os/initrd", f"QEMU reads ',' in an initrd path as a list of (multiboot) "
+                    f"modules; {o.initrd.value!r} needs a name without ','")
         b.add("-initrd", o.initrd.value)
     if o.cmdline is not None and o.cmdline.value:
         if o.kernel is None:

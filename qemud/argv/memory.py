@@ -8,7 +8,9 @@ Where qemud differs from libvirt:
   host needs no hugetlbfs mount (libvirt refuses without one);
 * ``<numatune>`` is applied only through the backends' ``host-nodes``/``policy`` (qemud has no
   cgroup cpuset); ``mode='restrictive'`` becomes ``policy=bind``, the same restriction;
-* ``placement='auto'`` (numad) is refused: qemud does not run numad.
+* ``placement='auto'``: libvirt asks numad where the guest should go; qemud has no numad and
+  answers itself (:func:`auto_nodes`): the host NUMA node with the most free memory that holds
+  the guest, else every node, with a warning saying which.
 """
 
 from __future__ import annotations
@@ -79,10 +81,35 @@ def _main_backend_needed(b: Builder) -> bool:
     if mb is not None and (mb.hugepages is not None or mb.source is not None or mb.access is not None
                            or mb.allocation is not None):
         return True
-    return _numatune_memory(b) is not None
+    return _numatune_memory(b) is not None or wants_auto_placement(b.domain)
 
 
 # ---- numatune ----------------------------------------------------------------------------
+
+def wants_auto_placement(domain: Any) -> bool:
+    """libvirt's rule: <vcpu placement='auto'> and <numatune><memory placement='auto'> imply one
+    another when the other is not given; a nodeset without a placement means static."""
+    vcpu_auto = domain.vcpu is not None and domain.vcpu.placement == "auto"
+    nt = domain.numatune
+    mem = nt.memory[0] if nt is not None and nt.memory else None
+    if mem is not None:
+        return (mem.placement or ("static" if mem.nodeset else ("auto" if vcpu_auto else "static"))) == "auto"
+    return vcpu_auto
+
+
+def auto_nodes(domain: Any, host: Any) -> list[int] | None:
+    """qemud's answer to placement='auto' (libvirt asks numad): the host NUMA node with the most
+    free memory that holds all of the guest's memory, else every node; None when the domain
+    does not ask for automatic placement.  Pure: read from the host facts."""
+    if not wants_auto_placement(domain):
+        return None
+    nodes = list(host.numa_nodes) or [0]
+    need = domain.memory.kib if domain.memory is not None else 0
+    fits = [n for n in nodes if host.node_free_kib.get(n, 0) >= need]
+    if fits:
+        return [max(fits, key=lambda n: (host.node_free_kib.get(n, 0), -n))]
+    return sorted(nodes)
+
 
 def _numatune_memory(b: Builder):  # type: ignore[no-untyped-def]
     nt = b.domain.numatune
@@ -110,10 +137,12 @@ def _check_numatune(b: Builder) -> bool:
         if nt is not None and nt.memnode:
             b.error("/domain/numatune/memnode", "per-cell <memnode> binding cannot be combined with "
                     "automatic NUMA placement")
-        else:
-            b.error(where, "placement='auto' asks numad for the host NUMA nodes, and qemud does not run "
-                    "numad; use placement='static' and name the nodes (numatune memory nodeset='0')")
-        return False
+            return False
+        nodes = auto_nodes(d, b.caps.host) or [0]
+        b.warn(where, f"placement='auto': qemud has no numad and placed the guest on host NUMA "
+               f"{'node' if len(nodes) == 1 else 'nodes'} {_list(nodes)}"
+               f"{' (the most free memory)' if len(nodes) == 1 else ' (none holds it alone)'}")
+        return ok
     if nt is None:
         return ok
     host = b.caps.host.numa_nodes
@@ -160,6 +189,9 @@ def _host_policy(b: Builder, cell: int | None) -> dict[str, Any]:
         if mn.cellid == cell:
             return {"host-nodes": sorted(parse_nodeset(mn.nodeset)), "policy": _POLICY[mn.mode]}
     mem = _numatune_memory(b)
+    auto = auto_nodes(b.domain, b.caps.host)
+    if auto is not None:
+        return {"host-nodes": auto, "policy": _POLICY[mem.mode if mem is not None else "strict"]}
     if mem is not None and mem.nodeset:
         return {"host-nodes": sorted(parse_nodeset(mem.nodeset)), "policy": _POLICY[mem.mode]}
     return {}

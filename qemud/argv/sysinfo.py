@@ -132,4 +132,10 @@ def add_acpi_tables(b: Builder) -> None:
         if f is None or f.acpi is None:
             b.error(path, "an ACPI table needs ACPI (<features><acpi/></features>)")
             continue
+        if ":" in t.value:
+            # QEMU splits file= on ':' and reads every piece into the table (hw/acpi/core.c):
+            # 'a.dat:/etc/shadow' would hand the guest another file
+            b.error(path, f"QEMU reads ':' in an ACPI table path as a list of files; {t.value!r} needs a "
+                    "name without ':'")
+            continue
         b.add("-acpitable", opts(("sig", "SLIC"), ("file", t.value)))

@@ -45,7 +45,7 @@ def _tpm(b: Builder, t: Tpm, i: int, path: str) -> None:
             b.error(f"{path}/backend/device/@path", f"needs the host TPM {node}, which this host lacks "
                     "(a host without a TPM can give its guests an emulated one: <backend type='emulator'/>)")
             return
-        b.add("-tpmdev", f"passthrough,id={dev},path={node}")
+        b.add("-tpmdev", f"passthrough,id={dev},path={node.replace(',', ',,')}")
     elif be.type == "external":
         if be.source is None:
             b.error(f"{path}/backend/source", "an external TPM needs the swtpm's socket: <source type='unix' "
@@ -56,7 +56,7 @@ def _tpm(b: Builder, t: Tpm, i: int, path: str) -> None:
     else:
         if not _emulator(b, t, tid, path):
             return
-        b.add("-chardev", f"socket,id=chr{dev},path={b.paths.run / f'swtpm-{tid}.sock'}")
+        b.add("-chardev", f"socket,id=chr{dev},path={str(b.paths.run / f'swtpm-{tid}.sock').replace(',', ',,')}")
         b.add("-tpmdev", f"emulator,id={dev},chardev=chr{dev}")
     b.device({"driver": model, "tpmdev": dev, "id": tid})
 
@@ -104,6 +104,14 @@ def _emulator(b: Builder, t: Tpm, tid: str, path: str) -> bool:
         return False
     # one state per TPM version: a guest switched from 1.2 to 2.0 gets a new TPM, not a broken one
     state = b.paths.state / "tpm" / ("tpm2" if version == "2.0" else "tpm1.2")
+    log = b.paths.run / f"swtpm-{tid}.log"
+    if "," in str(state) or "," in str(log):
+        # swtpm splits --tpmstate/--log on ',' and has no escape: a guest named 'web1,dir=' would
+        # keep its TPM state elsewhere (another guest's, with 'web1,mode=0600'...)
+        b.error(f"{path}/backend/@type", f"swtpm cannot use the state directory {state}: it reads ',' as an "
+                "option separator and has no escape for it; a guest with an emulated TPM needs a name "
+                "without ','")
+        return False
     v2 = ["--tpm2"] if version == "2.0" else []
     # the state is made once (EK, PCR banks) and then only ever used: never reset at a start.
     # persistent_state is the same in qemud: a guest's persistent directory outlives its runs
@@ -114,5 +122,5 @@ def _emulator(b: Builder, t: Tpm, tid: str, path: str) -> bool:
         "--logfile", str(b.paths.run / f"swtpm-{tid}-setup.log")]))
     b.helpers.append(HelperSpec(name=f"swtpm-{tid}", socket=sock, log=b.paths.run / f"swtpm-{tid}.log", argv=[
         swtpm, "socket", "--ctrl", "type=unixio,fd={fd}", "--tpmstate", f"dir={state},mode=0600",
-        "--log", f"file={b.paths.run / f'swtpm-{tid}.log'}", "--terminate", *key, *v2]))
+        "--log", f"file={log}", "--terminate", *key, *v2]))
     return True

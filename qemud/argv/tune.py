@@ -113,6 +113,16 @@ def _iothread_ids(domain: Domain) -> set[int]:
     return set(range(1, (domain.iothreads or 0) + 1))
 
 
+def _vcpus_placed_automatically(domain: Domain) -> bool:
+    """<vcpu placement='auto'>, or no vCPU placement and <numatune><memory placement='auto'>."""
+    v = domain.vcpu
+    if v is not None and v.placement is not None:
+        return v.placement == "auto"
+    nt = getattr(domain, "numatune", None)
+    mem = nt.memory[0] if nt is not None and getattr(nt, "memory", None) else None
+    return mem is not None and mem.placement == "auto"
+
+
 def _limit(period: Any, quota: Any) -> ThreadLimit:
     p = period.value if period is not None and period.value != 0 else None
     q = quota.value if quota is not None and quota.value != 0 else None
@@ -144,6 +154,12 @@ def plan_tuning(domain: Domain, caps: HostCaps) -> tuple[Tuning, list[Problem]]:
     default = None
     if domain.vcpu is not None and domain.vcpu.cpuset:
         default = check_cpus(parse_cpuset(domain.vcpu.cpuset), "/domain/vcpu/@cpuset")
+    if _vcpus_placed_automatically(domain):
+        # libvirt pins to the CPUs of the nodes numad named; qemud's own choice (memory.auto_nodes)
+        from qemud.argv.memory import auto_nodes
+        nodes = auto_nodes(domain, caps.host) or []
+        cpus = frozenset().union(*(caps.host.node_cpus.get(n, frozenset()) for n in nodes)) & host_cpus
+        default = cpus or None
     ct = domain.cputune
     pinned: dict[int, frozenset[int]] = {}
     if ct is not None:
