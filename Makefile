@@ -10,7 +10,7 @@ CORPUS ?= ../shared/libvirt-corpus
 DEB_PACKAGES := qemu-system-x86 qemu-utils ovmf busybox-static cpio zstd xz-utils swtpm swtpm-tools \
 	libsystemd-dev pkg-config gcc python3-dev python3-venv systemd systemd-container passt dbus-daemon dbus-session-bus-common openssl
 
-.PHONY: all deps venv test fuzz conformance bench run install verify-units clean
+.PHONY: all deps venv test fuzz conformance bench run install verify-units chaos chaos-short clean
 
 all: venv
 
@@ -48,6 +48,17 @@ fuzz: venv
 CONFORMANCE_FLAGS ?= --hugepages
 conformance: venv
 	$(PY) tools/conformance.py --corpus $(CORPUS) $(CONFORMANCE_FLAGS) --json conformance.json
+
+# A bounded chaos run (not part of `make test`): random kill -9 of QEMUs and of the daemon, daemon
+# restarts, edits, removals and re-additions of domain files; checked continuously; prints counts,
+# fails on any violation. `make chaos GUESTS=10 MINUTES=10`; chaos-short is CI's (~90 s).
+GUESTS ?= 10
+MINUTES ?= 10
+chaos: venv
+	$(PY) tools/chaos.py --guests $(GUESTS) --minutes $(MINUTES)
+
+chaos-short: venv
+	$(PY) tools/chaos.py --guests 4 --minutes 1 --settle-every 30
 
 # Speed goals live here, never in tests.
 # qemud against the physical floor (bare QEMU, bare Python) side by side; writes docs/benchmarks.md.

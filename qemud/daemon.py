@@ -105,7 +105,7 @@ class Daemon:
         self.guests: dict[str, Guest] = {}  # by domain name
         self._parsed: dict[str, Parsed] = {}  # by file path, reread only when the file changes
         self._reported: dict[str, tuple[int, int, int]] = {}  # file -> version whose error was logged
-        self._caps: dict[str, HostCaps] = {}
+        self._caps: dict[str, tuple[tuple[int, int, int], HostCaps]] = {}
         self._apply_config(config)
         self._stop = asyncio.Event()
         self._rescan = asyncio.Event()
@@ -137,12 +137,21 @@ class Daemon:
     async def _caps_for(self, emulator: str) -> HostCaps:
         """A QEMU binary's capabilities: probed once (in a worker thread: a slow or hung probe
         never stalls the daemon), then from memory; the disk cache makes restarts cheap."""
-        caps = self._caps.get(emulator)
-        if caps is None:
-            caps = (await asyncio.to_thread(probe, emulator)).with_networks(self._networks)
-            caps = with_storage_config(caps, self.config)
-            caps = caps.with_tls(self.config.tls_dirs)
-            self._caps[emulator] = caps
+        # keyed by the binary's identity too: a QEMU replaced (an upgrade, or anything else put
+        # at that path) is probed again, never started with what the old one could do
+        try:
+            st = os.stat(emulator)
+            key: tuple[int, int, int] | None = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            key = None  # gone: probe says so, in its words
+        cached = self._caps.get(emulator)
+        if cached is not None and key is not None and cached[0] == key:
+            return cached[1]
+        caps = (await asyncio.to_thread(probe, emulator)).with_networks(self._networks)
+        caps = with_storage_config(caps, self.config)
+        caps = caps.with_tls(self.config.tls_dirs)
+        if key is not None:
+            self._caps[emulator] = (key, caps)
         return caps
 
     # ---- the reconcile path --------------------------------------------------------------
@@ -260,9 +269,15 @@ class Daemon:
                 elif autostart(domain):
                     self.asked_stops.discard(name)
                     guest.start("its file appeared" if self._started else "autostart")
-            elif definition_hash(domain) != guest.definition or guest.file != path or guest.removing:
-                self.asked_stops.discard(name)  # a changed file clears an asked-for stop
-                guest.redefine(domain, path)
+            else:
+                resumed, guest.resumed_removal = guest.resumed_removal, False
+                if definition_hash(domain) != guest.definition or guest.file != path or guest.removing:
+                    self.asked_stops.discard(name)  # a changed file clears an asked-for stop
+                    guest.redefine(domain, path)
+                elif resumed and autostart(domain) and name not in self.asked_stops:
+                    # the daemon died while the guest stopped for its file's removal, and the file
+                    # came back meanwhile: it is wanted, as if it had come back while qemud ran
+                    guest.start("its file is back")
 
     def _forget_when_gone(self, name: str, guest: Guest) -> None:
         async def forget() -> None:
@@ -322,18 +337,27 @@ class Daemon:
     _started = False
 
     async def run(self) -> int:
-        self.dirs.runtime.mkdir(parents=True, exist_ok=True, mode=0o755)
-        (self.dirs.runtime / "domains").mkdir(exist_ok=True, mode=0o700)
-        self.dirs.state.mkdir(parents=True, exist_ok=True, mode=0o700)
-        lock = open(self.dirs.runtime / PIDFILE, "a+")
+        try:
+            self.dirs.runtime.mkdir(parents=True, exist_ok=True, mode=0o755)
+            (self.dirs.runtime / "domains").mkdir(exist_ok=True, mode=0o700)
+            self.dirs.state.mkdir(parents=True, exist_ok=True, mode=0o700)
+            lock = open(self.dirs.runtime / PIDFILE, "a+")
+        except OSError as exc:
+            # read-only, full, or not ours: without its lock and records qemud cannot supervise
+            # (a second daemon could not be kept out, a restart could not adopt): say so and exit
+            raise HostError(f"cannot use the runtime directory {self.dirs.runtime}: "
+                            f"{exc.strerror or exc} ({exc.filename or self.dirs.runtime})") from exc
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self.log.emit("already-running", f"another qemud already runs with {self.dirs.runtime}", ERR)
             return 1
-        lock.truncate(0)
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
+        try:
+            lock.truncate(0)
+            lock.write(f"{os.getpid()}\n")
+            lock.flush()
+        except OSError:
+            pass  # the lock is what matters; the pid in it is for people
         if not self.dirs.domains.is_dir():
             self.log.emit("directory-error", f"the domains directory {self.dirs.domains} does not exist", ERR)
             return 1

@@ -1,10 +1,10 @@
 """What happened, told once: every event is a sentence for a person plus structured fields.
 
 Two sinks, chosen automatically (``--log-target`` overrides): the journal, through
-systemd-python's ``journal.send`` (MESSAGE, PRIORITY, SYSLOG_IDENTIFIER=qemud, MESSAGE_ID,
+journald's native protocol on a non-blocking socket (MESSAGE, PRIORITY, SYSLOG_IDENTIFIER=qemud, MESSAGE_ID,
 QEMUD_EVENT and QEMUD_* fields), when journald's socket exists; otherwise readable lines on
-stderr: ``MESSAGE  QEMUD_EVENT=... QEMUD_DOMAIN=...``. A journal that goes away does not lose
-events: they go to stderr until it is back.
+stderr: ``MESSAGE  QEMUD_EVENT=... QEMUD_DOMAIN=...``. A journal that goes away, or stops
+reading, does not lose events nor stall the daemon: they go to stderr until it is back.
 
 The event names and their MESSAGE_IDs are an interface (``journalctl QEMUD_EVENT=crashed``,
 ``journalctl MESSAGE_ID=...``, the catalog): change them only on purpose.
@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import socket
+import struct
 import sys
 import syslog
 import time
@@ -77,6 +79,9 @@ _KINDS = [
               "not restarted again until its file changes or it is started by hand."),
     EventKind("adopted", "A running guest was adopted", "qemud found QEMU pid @QEMUD_PID@ of guest "
               "@QEMUD_DOMAIN@ running from before its own start and took it over without restarting it."),
+    EventKind("orphan", "A QEMU without a record was taken over", "QEMU pid @QEMUD_PID@ ran guest @QEMUD_DOMAIN@ "
+              "without a runtime record: qemud was killed between starting it and recording it. qemud took it "
+              "over (a start it had not finished is begun again) rather than start a second QEMU."),
     EventKind("ended-while-down", "A guest ended while qemud was down", "QEMU of guest @QEMUD_DOMAIN@ ended "
               "while qemud was not running; its restart policy applies."),
     EventKind("helper-started", "A guest's helper process was started", "Helper @QEMUD_HELPER@ (swtpm for an "
@@ -137,13 +142,42 @@ def catalog() -> str:
     return "\n".join(out)
 
 
+class Journal:
+    """journald's native protocol on a NON-BLOCKING datagram socket.
+
+    systemd-python's journal.send blocks while journald does not read (stopped, hung, busy
+    rotating): the datagram queue fills and sendmsg waits, and with it the whole supervisor.
+    Here a full queue is an error like any other (BlockingIOError), and the event goes to
+    stderr instead: a supervisor that stops supervising because its log is slow is worse than
+    a log line in the other place."""
+
+    def __init__(self, path: str = JOURNAL_SOCKET) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+
+    @staticmethod
+    def encode(message: str, fields: dict[str, str]) -> bytes:
+        """KEY=value lines; a value with a newline as KEY, its 64-bit little-endian length, value."""
+        out = bytearray()
+        for key, value in (("MESSAGE", message), *fields.items()):
+            v = str(value).encode("utf-8", "replace")
+            if b"\n" in v:
+                out += key.encode() + b"\n" + struct.pack("<Q", len(v)) + v + b"\n"
+            else:
+                out += key.encode() + b"=" + v + b"\n"
+        return bytes(out)
+
+    def send(self, message: str, **fields: str) -> None:
+        """Raises OSError when journald cannot take it now (gone, not reading, too large)."""
+        self.sock.sendto(self.encode(message, fields), self.path)
+
+
 class EventLog:
     def __init__(self, target: str = "auto", stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stderr
-        self._journal: Any = None
+        self._journal: Journal | None = None
         if target == "journal" or (target == "auto" and os.path.exists(JOURNAL_SOCKET)):
-            from systemd import journal
-            self._journal = journal
+            self._journal = Journal()
         self.target = "journal" if self._journal is not None else "stderr"
 
     def emit(self, event: str, message: str, priority: int = INFO, **fields: Any) -> None:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from qemud import records, tuning
 from qemud import helpers as helper_procs
 from qemud.argv import Command, build_argv, emulator_for
@@ -132,6 +134,7 @@ class Guest:
         self._shutdown_seen: dict[str, Any] | None = None  # the SHUTDOWN event of this QEMU
         self._after_exit: str | None = None  # "start" | "remove" once the current QEMU ends
         self._removed = False
+        self.resumed_removal = False  # adopted in the middle of a stop its file's removal caused
         self._timer: asyncio.TimerHandle | None = None
         self._escalation: asyncio.Task[None] | None = None
         self._followers: dict[str, tuple[Follower, asyncio.Task[None]]] = {}
@@ -205,6 +208,9 @@ class Guest:
     def adopt(self, rec: records.Record) -> bool:
         """Take over the QEMU a record names, if it is still that QEMU. Called before start."""
         proc = adopt(rec.pid, rec.create_time, rec.argv)
+        # stopped because its file was removed: the daemon's reconcile decides with the file as
+        # it is now (back: wanted again; still gone: removed), not the record
+        self.resumed_removal = rec.asked == "remove"
         found, lost = helper_procs.adopt_all(rec.extra.get("helpers") or [])
         if proc is None:
             # QEMU is gone: its helpers (if still those processes) must not outlive it
@@ -367,7 +373,7 @@ class Guest:
     async def _adopted(self, proc: QemuProcess, rec: records.Record) -> None:
         if proc is not self.proc:
             return
-        self.want_running = rec.asked != "stop"
+        self.want_running = rec.asked not in ("stop", "remove")
         self.started_at = self.env.clock() - max(0.0, time.time() - rec.started_at)
         self.cmd = None
         qmp = Qmp(self.name)
@@ -375,13 +381,23 @@ class Guest:
             await qmp.connect(rec.qmp, QMP_CONNECT_TIMEOUT)
             status = await qmp.execute("query-status", timeout=QMP_TIMEOUT)
         except QmpError as exc:
-            self.sm.set(State.RUNNING, f"adopted pid {proc.pid}, but QMP does not answer: {exc}")
+            await qmp.close()
+            self._adopted_blind(proc, rec, str(exc))
             return
         self._attach_qmp(proc, qmp)
         await self._retune(proc, qmp)
         self.env.log.emit("adopted", f"{self.name}: adopted QEMU pid {proc.pid} ({status['status']})", NOTICE,
                           domain=self.name, uuid=self.uuid, pid=proc.pid)
         run = status.get("status")
+        if run == "prelaunch":
+            # the daemon died between spawning QEMU and letting its vCPUs run (-S): the start was
+            # never finished and the guest never ran an instruction; it is begun again from the
+            # top (what QMP setup the start needed is not in the record), not left paused forever
+            self.sm.set(State.PAUSED, f"adopted pid {proc.pid}, a start the previous qemud did not finish")
+            self._after_exit = "start" if self.want_running else None
+            self._mark_asked("restart" if self.want_running else "stop")
+            await self._quit()
+            return
         if run == "shutdown":
             # it powered off (or panicked) while the daemon was down: its policy decides
             self.sm.set(State.PAUSED, "adopted after the guest shut down")
@@ -390,14 +406,36 @@ class Guest:
             self.sm.set(State.RUNNING, f"adopted pid {proc.pid}")
         else:
             self.sm.set(State.PAUSED, f"adopted pid {proc.pid} ({run})")
-        if rec.asked == "stop" and self.state in ALIVE and self.state != State.STOPPING:
-            await self._stop("a stop was under way when the daemon restarted")
+        if rec.asked in ("stop", "restart", "remove") and self.state in ALIVE and self.state != State.STOPPING:
+            if rec.asked == "restart":  # a restart (qemuctl, a redefinition) is finished, not lost
+                self._after_exit = "start"
+                await self._stop("a restart was under way when the daemon restarted")
+            else:
+                await self._stop("a stop was under way when the daemon restarted")
         lost, self._lost_helpers = self._lost_helpers, []
         if lost and self.proc is proc and self.state in ALIVE and self.state != State.STOPPING:
             self._helper_gone(proc, ", ".join(lost), "gone when qemud restarted")
         for h in self.helpers:
             self.env.log.emit("helper-adopted", f"{self.name}: adopted helper {h.name}, pid {h.proc.pid}", INFO,
                               domain=self.name, uuid=self.uuid, pid=h.proc.pid, helper=h.name)
+
+    def _adopted_blind(self, proc: QemuProcess, rec: records.Record, why: str) -> None:
+        """A live QEMU of this guest whose QMP cannot be reached (its socket was deleted, or it
+        does not answer). It is taken over, so no second QEMU is ever started beside it, but it
+        cannot be supervised truthfully: without QMP its pauses, poweroffs and reboots are
+        invisible and the power button cannot be pressed. So it is ended (SIGTERM, then SIGKILL:
+        the only ways left) and, when its guest is wanted, started afresh, as libvirt does with
+        a QEMU whose monitor it cannot reconnect to."""
+        self.env.log.emit("adopted", f"{self.name}: adopted QEMU pid {proc.pid}, but its QMP is unreachable "
+                          f"({why}); ending it" + (" and starting it afresh" if self.want_running else ""),
+                          WARNING, domain=self.name, uuid=self.uuid, pid=proc.pid)
+        self.sm.set(State.RUNNING, f"adopted pid {proc.pid}, QMP unreachable")
+        self._after_exit = "start" if self.want_running else None
+        self._note = f"its QMP was unreachable ({why})"
+        self.sm.set(State.STOPPING, "QMP unreachable: only signals can end it")
+        self._mark_asked("restart" if self.want_running else "stop")
+        proc.kill(signal.SIGTERM)
+        self._escalation = self._spawn_task(self._escalate_later(ESCALATE_STEP, 3))
 
     async def _retune(self, proc: QemuProcess, qmp: Qmp) -> None:
         """An adopted QEMU gets its pinning and cgroup again (a host reboot of the daemon, or a
@@ -659,6 +697,8 @@ class Guest:
             # in a thread: a first start may run swtpm_setup, which must not stall other guests
             await asyncio.to_thread(prepare, cmd)
             holder = pidfile_holder(self.paths.pidfile)
+            if holder is not None and self._adopt_orphan(holder):
+                return
             if holder is not None:
                 raise QemudError(f"a QEMU (pid {holder}) already runs this guest without a record; "
                                  "qemud will not start a second one")
@@ -709,6 +749,31 @@ class Guest:
                           uuid=self.uuid, pid=proc.pid)
         self._spawn_task(self._connect(proc, cmd.qmp, cmd.prealloc_bytes))
 
+    def _adopt_orphan(self, pid: int) -> bool:
+        """A QEMU of this guest (it holds the guest's pid file lock and names that pid file) that
+        has no record: a previous qemud was killed between spawning it and writing the record.
+        It is taken over like any recorded QEMU (a start it never finished is begun again), so
+        the guest neither gets a second QEMU nor is refused for ever."""
+        try:
+            p = psutil.Process(pid)
+            argv, ctime = p.cmdline(), p.create_time()
+        except (psutil.Error, OSError):
+            return False
+        if not any(a == "-pidfile" and b == str(self.paths.pidfile) for a, b in zip(argv, argv[1:])):
+            return False
+        rec = records.Record(
+            name=self.name, uuid=self.uuid, file=self.file, definition=self.definition, pid=pid, create_time=ctime,
+            argv=argv, qmp=str(self.paths.qmp), log=str(self.paths.run / "qemu.log"), started_at=time.time(),
+            domain=self.domain.model_dump(by_alias=True, exclude_unset=True))
+        if not self.adopt(rec):
+            return False
+        self.env.log.emit("orphan", f"{self.name}: QEMU pid {pid} runs this guest without a record (qemud was "
+                          "killed while starting it); taking it over", WARNING, domain=self.name, uuid=self.uuid,
+                          pid=pid)
+        with contextlib.suppress(OSError):
+            records.write(self.paths.run, rec)
+        return True
+
     def _write_record(self, proc: QemuProcess, argv: list[str], cmd: Command) -> None:
         records.write(self.paths.run, records.Record(
             name=self.name, uuid=self.uuid, file=self.file, definition=self.definition, pid=proc.pid,
@@ -755,7 +820,9 @@ class Guest:
             proc.kill(signal.SIGKILL)  # not even booted yet
             return
         self.sm.set(State.STOPPING, cause)
-        self._mark_asked("stop")
+        # a restart (qemuctl restart, a redefinition) is noted as such: a daemon killed before
+        # QEMU ended finishes it, with a start, instead of leaving the guest stopped
+        self._mark_asked({"start": "restart", "remove": "remove"}.get(self._after_exit or "", "stop"))
         if self._shutdown_seen is not None:
             await self._quit()
             return

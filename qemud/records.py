@@ -46,9 +46,11 @@ def write(directory: Path, rec: Record) -> None:
 
 
 def remove(directory: Path) -> None:
+    """Forget a record. One that cannot be removed (a read-only runtime directory) stays: it
+    names a QEMU that has ended, which the identity check at the next adoption tells."""
     try:
         (directory / RECORD).unlink()
-    except FileNotFoundError:
+    except OSError:
         pass
 
 
