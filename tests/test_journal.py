@@ -157,3 +157,15 @@ def test_guest_console_reaches_the_journal_line_by_line(ns: Namespace, dirs: Pat
                 os.kill(int(pid_file.read_text().split()[0]), 9)
             except (OSError, ValueError):
                 pass
+
+
+def test_readme_lists_every_event_kind() -> None:
+    """QEMUD_EVENT values are a documented interface: the README's table names each one."""
+    import re
+
+    from qemud.events import KINDS
+    text = (repo() / "README.md").read_text()
+    m = re.search(r"\| `QEMUD_EVENT` \| ([^|]*) \|", text)
+    assert m is not None
+    listed = {x.strip() for x in m.group(1).split(",")}
+    assert listed == set(KINDS)
