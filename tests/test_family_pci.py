@@ -30,7 +30,8 @@ from tools.conformance import (Guest, Rewriter, _device_props, libvirt_args_file
 pytestmark = pytest.mark.qemu
 
 QEMU = "/usr/bin/qemu-system-x86_64"
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "libvirt-corpus"
+#: libvirt's inputs and expected command lines, copied into the repository (tests/data/libvirt)
+CORPUS = Path(__file__).resolve().parent / "data" / "libvirt"
 
 #: (parent bus id or "root", slot, function) of a device
 Place = tuple[str, int, int]

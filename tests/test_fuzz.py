@@ -39,9 +39,9 @@ from qemud.errors import DomainError, QemudError
 from tests.conftest import guest_paths
 from tests.record_caps import load as load_caps
 
-CORPUS = Path(os.environ.get("QEMUD_CORPUS", Path(__file__).resolve().parents[2] / "shared" / "libvirt-corpus"))
-if not CORPUS.is_dir():  # the worktrees sit next to /work/shared
-    CORPUS = Path("/work/shared/libvirt-corpus")
+#: libvirt's 854 test inputs, copied into the repository (tests/data/libvirt); QEMUD_CORPUS
+#: points at another set
+CORPUS = Path(os.environ.get("QEMUD_CORPUS", Path(__file__).resolve().parent / "data" / "libvirt"))
 
 #: the recorded caps, as a module constant so that falsifying examples do not print them
 CAPS = load_caps()
