@@ -123,3 +123,13 @@ def test_firmware_efi_that_no_descriptor_has_names_the_problem(caps) -> None:  #
         build_argv(parse_domain(xml_text), caps, PATHS)
     assert exc.value.problems[0].path == "/domain/os/@firmware"
     assert "no-such-feature=yes" in exc.value.problems[0].message
+
+
+def test_virtio_net_queue_sizes_are_powers_of_two_from_256_to_1024(caps) -> None:  # type: ignore[no-untyped-def]
+    nic = "<interface type='user'><model type='virtio'/><driver rx_queue_size='{}' tx_queue_size='256'/></interface>"
+    cmd = build_argv(parse_domain(xml(extra_devices=nic.format(512))), caps, PATHS)
+    assert '"rx_queue_size":512' in " ".join(cmd.argv) and '"tx_queue_size":256' in " ".join(cmd.argv)
+    with pytest.raises(DomainError) as exc:
+        build_argv(parse_domain(xml(extra_devices=nic.format(511))), caps, PATHS)
+    [p] = exc.value.problems
+    assert p.path == "/domain/devices/interface[1]/driver/@rx_queue_size" and "power of two" in p.message

@@ -137,10 +137,15 @@ def _iface(b: Builder, iface: Interface, i: int, path: str) -> None:
         if q and q > 1 and driver.startswith("virtio"):
             dev["mq"] = True
             dev["vectors"] = 2 * q + 2
-        if iface.driver.rx_queue_size:
-            dev["rx_queue_size"] = iface.driver.rx_queue_size
-        if iface.driver.tx_queue_size:
-            dev["tx_queue_size"] = iface.driver.tx_queue_size
+        for name in ("rx_queue_size", "tx_queue_size"):
+            size = getattr(iface.driver, name)
+            if not size:
+                continue
+            # QEMU's virtio-net takes a power of two, 256 to 1024 (libvirt checks the first)
+            if size & (size - 1) or not 256 <= size <= 1024:
+                b.error(f"{path}/driver/@{name}", f"{size} is not a power of two from 256 to 1024")
+                continue
+            dev[name] = size
     from qemud.argv.hostdev import nic_teaming
     dev.update(nic_teaming(b, iface, path, driver))
     if iface.mtu is not None and driver.startswith("virtio"):
