@@ -240,6 +240,14 @@ def test_bad_explicit_addresses_are_refused_naming_the_element() -> None:
      "/domain/devices/controller[2]", "USB is disabled"),
     ("<controller type='usb' index='0'/><hub type='usb'><address type='usb' bus='0' port='1.1.1.1.1'/></hub>",
      "/domain/devices/hub[1]/address/@port", "not a USB port path"),
+    ("<controller type='usb' index='0'/><input type='mouse' bus='usb'><address type='usb' bus='0' port='1'/></input>"
+     "<hub type='usb'><address type='usb' bus='0' port='1'/></hub>",
+     "/domain/devices/hub[1]/address/@port", "port 1 is already taken by /domain/devices/input[1]"),
+    ("<controller type='usb' index='0'/><input type='mouse' bus='usb'><address type='usb' bus='0' port='1.2'/></input>",
+     "/domain/devices/input[1]/address/@port", "there is no USB hub at port 1"),
+    ("<controller type='usb' index='0'/><hub type='usb'><address type='usb' bus='0' port='1'/></hub>"
+     "<input type='mouse' bus='usb'><address type='usb' bus='0' port='1.9'/></input>",
+     "/domain/devices/input[1]/address/@port", "a USB hub has 8 ports"),
 ])
 def test_usb_configurations_libvirt_refuses_are_refused(devices: str, where: str, what: str) -> None:
     probs = _problems(devices)

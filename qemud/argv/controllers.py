@@ -278,6 +278,9 @@ def check_usb(b: Builder) -> None:
     buses = {c.index for _, c in usb if c.model != "none"}
     if not usb:
         buses = {0}
+    taken: dict[tuple[int, str], str] = {}  # (bus, port path) -> the device there
+    hubs: set[tuple[int, str]] = set()  # where a hub sits: ports below it exist
+    wanted: list[tuple[str, int, str]] = []
     for fam, items in _usb_addressed(b):
         for n, item in items:
             a = item.address
@@ -289,6 +292,30 @@ def check_usb(b: Builder) -> None:
                 if len(parts) > USB_MAX_PORT_DEPTH or not all(p.isascii() and p.isdigit() and 0 < int(p) for p in parts):
                     b.error(f"{path}/@port", f"'{a.port}' is not a USB port path (up to {USB_MAX_PORT_DEPTH} "
                             "port numbers from 1, joined by '.')")
+                    continue
+                key = (a.bus or 0, ".".join(str(int(p)) for p in parts))
+                if key in taken:
+                    b.error(f"{path}/@port", f"USB bus {key[0]} port {key[1]} is already taken by {taken[key]}")
+                    continue
+                taken[key] = path.rsplit("/address", 1)[0]
+                if fam == "hub":
+                    hubs.add(key)
+                wanted.append((path, key[0], key[1]))
+    # libvirt's rule: a port path below the root names a hub at each step
+    for path, bus, port in wanted:
+        parts = port.split(".")
+        for depth in range(1, len(parts)):
+            parent = ".".join(parts[:depth])
+            if (bus, parent) not in hubs:
+                b.error(f"{path}/@port", f"there is no USB hub at port {parent} of bus {bus} for port {port}")
+                break
+            if int(parts[depth]) > USB_HUB_PORTS:
+                b.error(f"{path}/@port", f"port {port}: a USB hub has {USB_HUB_PORTS} ports")
+                break
+
+
+#: QEMU's usb-hub has 8 ports
+USB_HUB_PORTS = 8
 
 
 def _usb_addressed(b: Builder) -> list[tuple[str, list[tuple[int, Any]]]]:
