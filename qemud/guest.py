@@ -24,7 +24,7 @@ import psutil
 
 from qemud import records, tuning
 from qemud import helpers as helper_procs
-from qemud.argv import Command, build_argv, emulator_for
+from qemud.argv import Command, build_argv, element_of_qemu_error, emulator_for
 from qemud.argv.tune import plan_tuning
 from qemud.caps import HostCaps
 from qemud.domain import Domain
@@ -588,6 +588,9 @@ class Guest:
         self.last_exit = why
         if self.last_stderr and not info.signal:
             why += f": {self.last_stderr[-1]}"  # QEMU's last words explain an exit, not a signal
+            element = element_of_qemu_error(self.last_stderr[-1], self.cmd.elements) if self.cmd else None
+            if element is not None:
+                why += f" (from {element} in {self.file})"
         self.sm.set(State.CRASHED, why)
         if self._removed:
             self.sm.set(State.STOPPED, "definition removed")

@@ -147,7 +147,10 @@ def test_qemu_dying_at_once_backs_off_then_fails_and_leaves_others_alone(daemon:
     assert backoff["next_delay"] == "1.0"
     failed = d.wait_for("failed", "bad", timeout=RUN_TIMEOUT)
     assert failed.level == "error"
-    assert "missing.img" in " ".join(e.message for e in d.events("crashed", "bad", after=after))
+    crashed = " ".join(e.message for e in d.events("crashed", "bad", after=after))
+    assert "missing.img" in crashed
+    # QEMU's error names its -blockdev option; qemud names the element and the file behind it
+    assert f"(from /domain/devices/disk[1] in {d.path('bad.xml')})" in crashed
     # 3 starts in a row, each one ended at once: then no more
     assert len(d.events("spawned", "bad", after=after)) == 3
     assert len(d.events("crashed", "bad", after=after)) == 3

@@ -69,7 +69,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from qemud.argv import build_argv, emulator_for  # noqa: E402
+from qemud.argv import build_argv, element_of_qemu_error, emulator_for  # noqa: E402
 from qemud.caps import probe  # noqa: E402
 from qemud.domain import parse_domain  # noqa: E402
 from qemud.errors import DomainError, QemudError  # noqa: E402
@@ -650,8 +650,8 @@ def _reason(message: str) -> str:
     """A grouping key for a rejection: indexes, paths, numbers and values taken out."""
     s = message
     s = re.sub(r"\[\d+\]", "", s)
-    s = re.sub(r"^qemu-system-[a-z0-9_]+: ", "", s)
-    s = re.sub(r"^-[a-z-]+ (\{.*?\}|\S+): ", "", s)  # QEMU's echo of the option at fault
+    s = re.sub(r"^(/domain\S*: )?qemu-system-[a-z0-9_]+: ", r"\1", s)
+    s = re.sub(r"^(/domain\S*: )?-[a-z-]+ (\{.*?\}|\S+): ", r"\1", s)  # QEMU's echo of the option at fault
     s = re.sub(r"/tmp/qc/[^\s'\",:]*", "<scratch>", s)
     return s
 
@@ -784,6 +784,9 @@ def _run_one(xml_path: str, name: str, scratch: Path, guest: Guest, timeout: flo
                 "qemu_output": r.output}
     if r.error is not None and not r.started:
         line = first_error_line(r.error) or r.error.splitlines()[0]
+        element = element_of_qemu_error(line, cmd.elements)
+        if element is not None:  # qemud names the element behind the option QEMU refused
+            line = f"{element}: {line}"
         return {**out, "outcome": "rejected", "stage": "qemu", "message": line, "reason": _reason(line),
                 "qemu_output": r.output, "exit_status": r.exit_status}
     if not r.ok:

@@ -7,6 +7,7 @@ problem found is collected, so one run reports them all; :class:`DomainError` ca
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,8 @@ class Command:
     console_log: Path | None = None
     #: what qemud does to QEMU's threads and cgroup once it runs (cputune, blkiotune, memtune)
     tuning: Tuning = field(default_factory=Tuning)
+    #: QEMU ids and node names -> the XML element each comes from (see element_of_qemu_error)
+    elements: dict[str, str] = field(default_factory=dict)
     #: QMP commands run on the paused QEMU before ``cont``: (command, arguments)
     qmp_setup: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     #: processes started before QEMU and stopped after it (swtpm, virtiofsd)
@@ -160,7 +163,35 @@ def build_argv(domain: Domain, caps: HostCaps, paths: GuestPaths, *, paused: boo
     return Command(argv=b.args, env=b.env, qmp=paths.qmp, prepare=prepare,
                    warnings=ignored_warnings(domain) + b.warnings, console_log=b.console_log,
                    tuning=tuning, qmp_setup=b.qmp_setup, helpers=list(b.helpers),
-                   prealloc_bytes=b.counters.get(PREALLOC, 0))
+                   prealloc_bytes=b.counters.get(PREALLOC, 0), elements=dict(b.elements))
+
+
+_ECHO = re.compile(r"-(?:device|blockdev|chardev|netdev|object|audiodev|fsdev|tpmdev) (\{.*\}|[^\s:]+):")
+
+
+def element_of_qemu_error(message: str, elements: dict[str, str]) -> str | None:
+    """The XML element behind the option QEMU refused at start: QEMU echoes the option
+    (``-blockdev {...}: Could not open ...``); its id or node name leads to the element."""
+    m = _ECHO.search(message)
+    if m is None:
+        return None
+    text = m.group(1)
+    names: list[str] = []
+    if text.startswith("{"):
+        try:
+            import json
+            obj = json.loads(text)
+        except ValueError:
+            obj = {}
+        names = [str(obj[k]) for k in ("id", "node-name", "chardev", "drive", "netdev") if k in obj]
+    else:
+        names = re.findall(r"(?:^|,)id=([^,]+)", text)
+    for name in names:
+        for cand in (name, name.split("-")[0], name[4:] if name.startswith("char") else None,
+                     name[7:] if name.startswith("hostnet") else None):
+            if cand and cand in elements:
+                return elements[cand]
+    return None
 
 
 def add_interfaces_and_chardevs(b: Builder) -> None:

@@ -74,6 +74,8 @@ class Builder:
     usb_slots: dict[int, tuple[str, str]] = field(default_factory=dict)  # USB index -> (bus, slot)
     throttle_groups: dict[str, dict[str, int]] = field(default_factory=dict)  # id -> limits
     cpu_model: str = "qemu64"  # the -cpu model, for hot-pluggable vCPU devices (<model>-x86_64-cpu)
+    #: QEMU ids and node names -> the XML element they come from (to name it in QEMU's errors)
+    elements: dict[str, str] = field(default_factory=dict)
     #: QMP commands for the paused QEMU before its vCPUs run (settings QEMU takes no option for)
     qmp_setup: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
@@ -125,6 +127,7 @@ class Builder:
                 i += 1
             name = f"{default}-{i}"
         self.ids.add(name)
+        self.elements[name] = path
         return name
 
     def socket_path(self, p: Path, path: str) -> str:

@@ -19,7 +19,8 @@ GUEST_AGENT = "org.qemu.guest_agent.0"
 
 def chardev(b: Builder, c: CharDev, cid: str, path: str, console: bool = False,
             spicevmc: str = "vdagent") -> bool:
-    """Emit -chardev id=cid for c; False (with an error) when it cannot be realized.
+    """
+    b.elements[cid] = pathEmit -chardev id=cid for c; False (with an error) when it cannot be realized.
 
     ``spicevmc`` names the SPICE channel a spicevmc device carries: vdagent for channels,
     usbredir for <redirdev>, smartcard for <smartcard>.

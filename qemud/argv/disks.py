@@ -645,6 +645,7 @@ def _graph(b: Builder, d: Disk, i: int, path: str) -> str | None:
     """The disk's -blockdev nodes, bottom up; the node the device uses, None for an empty drive,
     "" after an error."""
     node = f"drive{i}"
+    b.elements[node] = path
     storage = _storage(b, d, path, f"{node}-file")
     if storage == {}:
         return ""

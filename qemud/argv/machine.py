@@ -241,6 +241,8 @@ def _pflash(b: Builder, loader, nv) -> list[tuple[str, object]]:  # type: ignore
     b.add("-blockdev", js({"node-name": "pflash0", "read-only": readonly, "driver": fmt,
                            "file": "pflash0-file"}))
     out: list[tuple[str, object]] = [("pflash0", "pflash0")]
+    b.elements["pflash0"] = "/domain/os/loader"
+    b.elements["pflash1"] = "/domain/os/nvram"
     if loader.secure:
         b.secure_boot = True
         b.add("-global", "driver=cfi.pflash01,property=secure,value=on")
