@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
-from asyncinotify import Inotify, Mask
+from asyncinotify import Inotify, Mask, Watch
 
 MAX_LINE = 4096
 
@@ -32,6 +34,56 @@ class RateLimit:
         return False
 
 
+class FileWatcher:
+    """One inotify instance for every file the daemon follows (two per guest: QEMU's stderr log
+    and the console log). The kernel gives a user 128 instances (fs.inotify.max_user_instances),
+    shared with every other program of that user: one per file ran out at about 60 guests."""
+
+    def __init__(self) -> None:
+        self.ino = Inotify()
+        self.callbacks: dict[int, list[Callable[[], None]]] = {}
+        self.watches: dict[int, Watch] = {}
+        self.task = asyncio.get_running_loop().create_task(self._read(), name="file-watcher")
+
+    def watch(self, path: Path, callback: Callable[[], None]) -> tuple[int, Callable[[], None]]:
+        w = self.ino.add_watch(path, Mask.MODIFY)
+        self.watches[w.wd] = w
+        self.callbacks.setdefault(w.wd, []).append(callback)
+        return w.wd, callback
+
+    def unwatch(self, handle: tuple[int, Callable[[], None]]) -> None:
+        wd, callback = handle
+        callbacks = self.callbacks.get(wd, [])
+        if callback in callbacks:
+            callbacks.remove(callback)
+        if not callbacks:
+            self.callbacks.pop(wd, None)
+            w = self.watches.pop(wd, None)
+            if w is not None:
+                try:
+                    self.ino.rm_watch(w)
+                except OSError:
+                    pass  # the file is gone, and its watch with it
+
+    async def _read(self) -> None:
+        async for event in self.ino:
+            wd = event.watch.wd if event.watch is not None else None
+            for callback in list(self.callbacks.get(wd, ())):  # type: ignore[arg-type]
+                callback()
+
+
+_WATCHERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, FileWatcher] = weakref.WeakKeyDictionary()
+
+
+def shared_watcher() -> FileWatcher:
+    """The running event loop's one FileWatcher."""
+    loop = asyncio.get_running_loop()
+    w = _WATCHERS.get(loop)
+    if w is None or w.task.done():
+        w = _WATCHERS[loop] = FileWatcher()
+    return w
+
+
 class Follower:
     """Emits each line appended to ``path`` after ``start`` (default: its current end)."""
 
@@ -47,11 +99,17 @@ class Follower:
 
     async def run(self) -> None:
         """Until cancelled: read whatever was appended each time the file is modified."""
-        with Inotify() as ino:
-            ino.add_watch(self.path, Mask.MODIFY)
+        modified = asyncio.Event()
+        watcher = shared_watcher()
+        handle = watcher.watch(self.path, modified.set)
+        try:
             self.drain()
-            async for _ in ino:
+            while True:
+                await modified.wait()
+                modified.clear()
                 self.drain()
+        finally:
+            watcher.unwatch(handle)
 
     def drain(self) -> None:
         try:
