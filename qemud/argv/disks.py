@@ -239,13 +239,8 @@ def _network(b: Builder, d: Disk, path: str, proto: str, props: dict[str, Any]) 
                             "the value)")
                     return False
             props["cookie"] = "; ".join(f"{c.name}={c.value}" for c in src.cookies.cookie)
-        if auth is not None:
-            sid = secret_object(b, auth.secret, f"{auth_path}/secret", f"{props['node-name']}-auth-secret")
-            if sid is None:
-                return False
-            if auth.username:
-                props["username"] = auth.username
-            props["password-secret"] = sid
+        if auth is not None and not _auth(b, auth, auth_path, props, None, "username", "password-secret"):
+            return False
     elif proto == "iscsi":
         if h is None or not h.name:
             b.error(f"{path}/source/host", "an iSCSI disk needs a <host name=...>")
@@ -261,16 +256,8 @@ def _network(b: Builder, d: Disk, path: str, proto: str, props: dict[str, Any]) 
                      target=target, lun=int(lun or 0))
         if src.initiator is not None and src.initiator.iqn is not None:
             props["initiator-name"] = src.initiator.iqn.name
-        if auth is not None:
-            if auth.secret.type not in (None, "iscsi"):
-                b.error(f"{auth_path}/secret/@type", f"an iSCSI disk's secret has type='iscsi', not '{auth.secret.type}'")
-                return False
-            sid = secret_object(b, auth.secret, f"{auth_path}/secret", f"{props['node-name']}-auth-secret")
-            if sid is None:
-                return False
-            if auth.username:
-                props["user"] = auth.username
-            props["password-secret"] = sid
+        if auth is not None and not _auth(b, auth, auth_path, props, "iscsi", "user", "password-secret"):
+            return False
     elif proto == "rbd":
         pool, _, image = name.partition("/")
         if not image:
@@ -289,17 +276,9 @@ def _network(b: Builder, d: Disk, path: str, proto: str, props: dict[str, Any]) 
             if cfg:
                 props["conf"] = cfg
         if auth is not None:
-            if auth.secret.type not in (None, "ceph"):
-                b.error(f"{auth_path}/secret/@type", f"an rbd disk's secret has type='ceph', not '{auth.secret.type}'")
+            if not _auth(b, auth, auth_path, props, "ceph", "user", "key-secret", fmt="base64"):
                 return False
-            sid = secret_object(b, auth.secret, f"{auth_path}/secret", f"{props['node-name']}-auth-secret",
-                                fmt="base64")
-            if sid is None:
-                return False
-            if auth.username:
-                props["user"] = auth.username
             props["auth-client-required"] = ["cephx", "none"]
-            props["key-secret"] = sid
         if not _rbd_encryption(b, d, path, props):
             return False
     elif proto == "nfs":
@@ -379,6 +358,25 @@ def _rbd_encryption(b: Builder, d: Disk, path: str, props: dict[str, Any]) -> bo
     if sid is None:
         return False
     props["encrypt"] = {"format": efmt, "key-secret": sid}
+    return True
+
+
+_SECRET_KIND = {"iscsi": "an iSCSI disk", "ceph": "an rbd disk"}
+
+
+def _auth(b: Builder, auth: Any, auth_path: str, props: dict[str, Any], kind: str | None, user_key: str,
+          secret_key: str, fmt: str = "raw") -> bool:
+    """A network disk's <auth username><secret>: the user and a secret object QEMU reads from the
+    secrets directory, under the protocol's property names; False after an error."""
+    if kind is not None and auth.secret.type not in (None, kind):
+        b.error(f"{auth_path}/secret/@type", f"{_SECRET_KIND[kind]}'s secret has type='{kind}', not '{auth.secret.type}'")
+        return False
+    sid = secret_object(b, auth.secret, f"{auth_path}/secret", f"{props['node-name']}-auth-secret", fmt=fmt)
+    if sid is None:
+        return False
+    if auth.username:
+        props[user_key] = auth.username
+    props[secret_key] = sid
     return True
 
 
@@ -970,20 +968,6 @@ def _js(props: dict[str, Any]) -> str:
     return js(props)
 
 
-def iothread_ids(b: Builder) -> list[int]:
-    """The guest's iothread ids in libvirt's order: those of <iothreadids> as listed, then the
-    lowest unused ids until there are <iothreads> of them (virDomainIOThreadDefPostParse)."""
-    listed = [t.id for t in (b.domain.iothreadids.iothread if b.domain.iothreadids else ())]
-    n = max(b.domain.iothreads or 0, len(listed))
-    ids = list(listed)
-    nxt = 1
-    while len(ids) < n:
-        if nxt not in ids:
-            ids.append(nxt)
-        nxt += 1
-    return ids
-
-
 def add_iothreads(b: Builder) -> None:
     d = b.domain
     listed = d.iothreadids.iothread if d.iothreadids else ()
@@ -1003,7 +987,7 @@ def add_iothreads(b: Builder) -> None:
                 and t.thread_pool_min > t.thread_pool_max):
             b.error(f"{path}/@thread_pool_min", "is larger than thread_pool_max")
     by_id = {t.id: t for t in listed}
-    ids = iothread_ids(b)
+    ids = b.domain.iothread_ids
     for tid in ids:
         props: dict[str, Any] = {"qom-type": "iothread", "id": f"iothread{tid}"}
         t = by_id.get(tid)

@@ -121,18 +121,13 @@ def _check_numatune(b: Builder) -> bool:
     d = b.domain
     nt = d.numatune
     ok = True
-    vcpu_auto = d.vcpu is not None and d.vcpu.placement == "auto"
     mem = _numatune_memory(b)
-    placement = None
-    if mem is not None:
-        placement = mem.placement or ("static" if mem.nodeset else ("auto" if vcpu_auto else "static"))
-        if placement == "static" and mem.nodeset is None:
-            b.error("/domain/numatune/memory/@nodeset", "placement='static' needs a nodeset naming the host "
-                    "NUMA nodes for the guest's memory")
-            ok = False
-    elif vcpu_auto:
-        placement = "auto"
-    if placement == "auto":
+    auto = wants_auto_placement(d)
+    if mem is not None and not auto and mem.nodeset is None:
+        b.error("/domain/numatune/memory/@nodeset", "placement='static' needs a nodeset naming the host "
+                "NUMA nodes for the guest's memory")
+        ok = False
+    if auto:
         where = "/domain/numatune/memory/@placement" if mem is not None else "/domain/vcpu/@placement"
         if nt is not None and nt.memnode:
             b.error("/domain/numatune/memnode", "per-cell <memnode> binding cannot be combined with "

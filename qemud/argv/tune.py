@@ -104,23 +104,14 @@ class Tuning:
         return out
 
 
-def _iothread_ids(domain: Domain) -> set[int]:
-    """The I/O thread ids the domain defines: <iothreadids>, else 1..<iothreads>."""
-    ids = getattr(domain, "iothreadids", None)
-    listed = getattr(ids, "iothread", ()) if ids is not None else ()
-    if listed:
-        return {int(t.id) for t in listed}
-    return set(range(1, (domain.iothreads or 0) + 1))
-
-
 def _vcpus_placed_automatically(domain: Domain) -> bool:
-    """<vcpu placement='auto'>, or no vCPU placement and <numatune><memory placement='auto'>."""
+    """<vcpu placement='auto'>, or no vCPU placement and automatic memory placement (libvirt's
+    rule; see memory.wants_auto_placement)."""
+    from qemud.argv.memory import wants_auto_placement
     v = domain.vcpu
     if v is not None and v.placement is not None:
         return v.placement == "auto"
-    nt = getattr(domain, "numatune", None)
-    mem = nt.memory[0] if nt is not None and getattr(nt, "memory", None) else None
-    return mem is not None and mem.placement == "auto"
+    return wants_auto_placement(domain)
 
 
 def _limit(period: Any, quota: Any) -> ThreadLimit:
@@ -181,7 +172,7 @@ def plan_tuning(domain: Domain, caps: HostCaps) -> tuple[Tuning, list[Problem]]:
         return t, problems
     if ct.emulatorpin is not None:
         t.emulator_pin = check_cpus(ct.emulatorpin.cpus, "/domain/cputune/emulatorpin/@cpuset")
-    iothreads = _iothread_ids(domain)
+    iothreads = set(domain.iothread_ids)
     for i, p in enumerate(ct.iothreadpin):
         path = f"/domain/cputune/iothreadpin[{i + 1}]"
         if p.iothread not in iothreads:

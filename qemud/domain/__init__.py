@@ -196,6 +196,19 @@ class Domain(Element):
         return self.vcpu.count if self.vcpu else 1
 
     @property
+    def iothread_ids(self) -> list[int]:
+        """The guest's I/O thread ids in libvirt's order: those of <iothreadids> as listed, then
+        the lowest unused ids until there are <iothreads> of them (virDomainIOThreadDefPostParse)."""
+        ids = [t.id for t in (self.iothreadids.iothread if self.iothreadids else ())]
+        n = max(self.iothreads or 0, len(ids))
+        nxt = 1
+        while len(ids) < n:
+            if nxt not in ids:
+                ids.append(nxt)
+            nxt += 1
+        return ids
+
+    @property
     def vcpus_online(self) -> int:
         if self.vcpu and self.vcpu.current is not None:
             return self.vcpu.current
