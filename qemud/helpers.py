@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from qemud.argv import HelperSpec
 from qemud.errors import HostError
 from qemud.proc import ExitInfo, QemuProcess, adopt, log_tail, qmp_listener, spawn
@@ -75,7 +77,7 @@ def adopt_all(saved: list[dict[str, Any]]) -> tuple[list[Helper], list[str]]:
     lost: list[str] = []
     for h in saved:
         try:
-            proc = adopt(int(h["pid"]), float(h["create_time"]), list(h["argv"]))
+            proc = adopt(int(h["pid"]), float(h["create_time"]), _live_argv(int(h["pid"]), list(h["argv"])))
         except (KeyError, TypeError, ValueError):
             proc = None
         if proc is None:
@@ -83,6 +85,22 @@ def adopt_all(saved: list[dict[str, Any]]) -> tuple[list[Helper], list[str]]:
         else:
             found.append(Helper(str(h["name"]), proc, list(h["argv"]), str(h.get("log", ""))))
     return found, lost
+
+
+def _live_argv(pid: int, argv: list[str]) -> list[str]:
+    """The command line the helper a record names runs with now. passt's shim (``python -I
+    passt_shim.py FD PASST ARGS...``) becomes passt in the same pid once QEMU connects, so that
+    pid's command line is then ``PASST ARGS... --fd N``: without this, a daemon restart would
+    take a guest's passt for gone and end the guest."""
+    if len(argv) < 5 or not argv[2].endswith("passt_shim.py"):
+        return argv
+    try:
+        now = psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return argv
+    if len(now) >= 2 and now[:-2] == argv[4:] and now[-2] == "--fd" and now[-1].isdigit():
+        return now
+    return argv
 
 
 async def stop(helpers: list[Helper], grace: float = STOP_GRACE) -> None:
