@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import subprocess
 import tempfile
 import time
 import uuid
@@ -37,6 +39,10 @@ CHECKOUT = Path(__file__).resolve().parents[1]
 DOMAIN = "/etc/qemud/domains/tiny.xml"
 CONSOLE = "/run/qemud/tiny-console.log"  # the guest's serial port, a file QEMU writes
 POWER_DOWN = "reboot: Power down"  # the guest kernel's last words after the ACPI power button
+SHARE = "/var/lib/qemud-e2e-share"  # the guest's virtiofs share, made in the container
+#: the exposure ``systemd-analyze security`` gives qemud.service (units/qemud.service's hardening):
+#: a change that loosens the unit fails here; one that tightens it lowers this number
+MAX_EXPOSURE = {"qemud.service": 4.9, "qemud-guests.service": 1.2}
 
 
 def _pid(e: dict[str, Any]) -> int:
@@ -122,6 +128,54 @@ def _adopted_by_new_daemon(c: Container, old_main: int, qemu_pid: int, guest_uui
     return main
 
 
+def _hardened_guest(xml: str) -> str:
+    """The tiny guest with what the unit's sandbox could break: every helper qemud starts beside
+    QEMU (virtiofsd for a virtiofs share, passt for a user NIC, swtpm for a TPM: they make
+    namespaces, drop capabilities, install seccomp filters) and a pinned vCPU (``qemud.tuning``
+    sets its affinity). No <shares>: the container's cgroup v2 has no cpu/io/memory controllers
+    on a hybrid host (they are bound to v1 there), so no guest cgroup can be made in it; that the
+    unit leaves qemud's own cgroup writable is checked directly."""
+    extra = ("<filesystem type='mount' accessmode='passthrough'><driver type='virtiofs'/>"
+             f"<source dir='{SHARE}'/><target dir='share'/></filesystem>\n    "
+             "<interface type='user'><mac address='52:54:00:e2:e0:01'/><backend type='passt'/>"
+             "<model type='virtio'/></interface>\n    "
+             "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>\n  </devices>")
+    xml = xml.replace("</devices>", extra, 1)
+    xml = xml.replace("  <vcpu>1</vcpu>\n", "  <vcpu>1</vcpu>\n  <cputune><vcpupin vcpu='0' cpuset='0'/></cputune>\n"
+                      "  <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>\n", 1)
+    return xml
+
+
+def _helpers_alive(c: Container, by: int) -> dict[str, int]:
+    """The guest's helpers (name -> pid) as qemud started them: all three, each still running."""
+    started = {e["QEMUD_HELPER"]: int(e["QEMUD_PID"]) for e in _events(c, "helper-started", by=by, domain="tiny")}
+    assert sorted(n.split("-")[0] for n in started) == ["passt", "swtpm", "virtiofsd"], started
+    died = _events(c, "helper-died", domain="tiny") + _events(c, "helper-exited", domain="tiny")
+    assert not died, "a helper ended: " + " | ".join(e.get("MESSAGE", "") for e in died)
+    for name, pid in started.items():
+        assert c.pid_alive(pid), f"helper {name} (pid {pid}) is not running"
+    return started
+
+
+def _exposure(text: str) -> float:
+    """The number in systemd-analyze security's last line ("→ Overall exposure level for
+    qemud.service: 6.4 MEDIUM")."""
+    last = text.strip().splitlines()[-1]
+    m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", last)
+    assert m, f"no exposure level in systemd-analyze security's output: {last!r}"
+    return float(m.group(1))
+
+
+@pytest.mark.parametrize("unit", sorted(MAX_EXPOSURE))
+def test_unit_exposure(unit: str) -> None:
+    """units/UNIT as systemd scores it, offline: at most its MAX_EXPOSURE."""
+    r = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager", str(CHECKOUT / "units" / unit)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    level = _exposure(r.stdout)
+    assert level <= MAX_EXPOSURE[unit], f"{unit}'s exposure rose to {level} (at most {MAX_EXPOSURE[unit]}):\n{r.stdout}"
+
+
 def _qemus(c: Container) -> list[str]:
     return c.run(["pgrep", "-a", "qemu-system"], check=False).stdout.splitlines()
 
@@ -195,6 +249,10 @@ def _run_in_container(src: Path, binds: set[Path], guest: Any, guest_uuid: str, 
             assert c.run(["getent", "passwd", "qemud"], check=False).returncode == 0, \
                 "make install did not create the qemud user (systemd-sysusers)"
             assert c.run(["readlink", "-f", "/usr/bin/qemud"]).stdout.strip() == "/usr/lib/qemud/venv/bin/qemud"
+            # the unit systemd loaded is as confined as the file says
+            for name, most in MAX_EXPOSURE.items():
+                level = _exposure(c.run(["systemd-analyze", "security", "--no-pager", name]).stdout)
+                assert level <= most, f"{name}'s exposure is {level} as loaded (at most {most})"
 
         # 2. the daemon, started by systemd, says it is ready and how many guests it has
         with _step(c, "start qemud", timings):
@@ -210,8 +268,14 @@ def _run_in_container(src: Path, binds: set[Path], guest: Any, guest_uuid: str, 
 
         # 3. an administrator drops the guest's file in; the guest runs, the journal tells it
         with _step(c, "guest runs", timings):
-            c.write_file(DOMAIN, domain_xml(guest, "tiny", uuid=guest_uuid, serial_path=CONSOLE,
-                                            shutdown_timeout=30))
+            c.run(["mkdir", "-p", SHARE])
+            # passt needs a host interface with a default route: the container's network is private
+            # (lo only), so a veth pair stands in for the uplink
+            for cmd in ("link add qemud-e2e0 type veth peer name qemud-e2e1", "addr add 192.0.2.2/24 dev qemud-e2e0",
+                        "link set qemud-e2e1 up", "link set qemud-e2e0 up", "route add default via 192.0.2.1"):
+                c.run(["ip", *cmd.split()])
+            c.write_file(DOMAIN, _hardened_guest(domain_xml(guest, "tiny", uuid=guest_uuid, serial_path=CONSOLE,
+                                                            shutdown_timeout=30)))
             running = _wait_event(c, "running", by=main, domain="tiny", timeout=60)
             qemu_pid = int(running["QEMUD_PID"])
             assert running["SYSLOG_IDENTIFIER"] == "qemud" and running["_SYSTEMD_UNIT"] == "qemud.service"
@@ -220,6 +284,19 @@ def _run_in_container(src: Path, binds: set[Path], guest: Any, guest_uuid: str, 
             _qemu(c, qemu_pid, guest_uuid)
             _wait_status(c, "1 running")
             _wait_console(c, MARKER)
+            helpers = _helpers_alive(c, main)
+            # qemud.tuning makes guest cgroups below the daemon's own (Delegate=yes): writable
+            # from the service's mount namespace, where the rest of /sys/fs/cgroup is read-only
+            own = "/sys/fs/cgroup/system.slice/qemud.service"
+            in_service = ["nsenter", "-t", str(main), "-m", "test", "-w"]
+            assert c.run([*in_service, f"{own}/cgroup.subtree_control"], check=False).returncode == 0, \
+                f"qemud cannot write its delegated cgroup {own}"
+            assert c.run([*in_service, "/sys/fs/cgroup/system.slice/cgroup.procs"], check=False).returncode != 0, \
+                "qemud may write cgroups other than its own (ProtectControlGroups=)"
+            assert c.show("qemud", "Delegate")["Delegate"] == "yes"
+            pinned = [t for t in c.run(["ls", f"/proc/{qemu_pid}/task"]).stdout.split()
+                      if "Cpus_allowed_list:\t0\n" in c.read_file(f"/proc/{qemu_pid}/task/{t}/status")]
+            assert pinned, "no thread of QEMU is pinned to CPU 0 (<vcpupin vcpu='0' cpuset='0'/>)"
 
         # 4. journalctl -x explains the events through the installed catalog
         with _step(c, "catalog", timings):
@@ -244,12 +321,16 @@ def _run_in_container(src: Path, binds: set[Path], guest: Any, guest_uuid: str, 
             c.systemctl("restart", "qemud")
             assert c.is_active("qemud") == "active"
             main = _adopted_by_new_daemon(c, main, qemu_pid, guest_uuid)
+            for name, pid in helpers.items():
+                assert c.pid_alive(pid), f"helper {name} (pid {pid}) did not survive the daemon's restart"
 
         # 6b. the daemon dies (SIGKILL): systemd starts it again (Restart=on-failure), it adopts the QEMU
         with _step(c, "killed", timings):
             c.systemctl("kill", "--signal=SIGKILL", "--kill-who=main", "qemud")
             main = _adopted_by_new_daemon(c, main, qemu_pid, guest_uuid, timeout=15)
             assert c.show("qemud", "NRestarts")["NRestarts"] == "1"
+            for name, pid in helpers.items():
+                assert c.pid_alive(pid), f"helper {name} (pid {pid}) did not survive the daemon's restart"
 
         # 7. qemud-guests.service: its stop (host shutdown) powers the guest off through ACPI
         with _step(c, "qemud-guests", timings):
