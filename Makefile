@@ -120,7 +120,7 @@ verify-units: venv
 	out=$$(systemd-analyze verify --man=no $$tmp/qemud.service $$tmp/qemud-guests.service 2>&1); \
 	if [ -n "$$out" ]; then echo "$$out"; echo "systemd-analyze verify: warnings above"; exit 1; fi; \
 	echo "systemd-analyze verify: no warnings"; \
-	systemd-analyze security --offline=yes $$tmp/qemud.service | tail -1
+	for u in qemud.service qemud-guests.service; do systemd-analyze security --offline=yes $$tmp/$$u | tail -1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
