@@ -40,6 +40,8 @@ DOMAIN = "/etc/qemud/domains/tiny.xml"
 CONSOLE = "/run/qemud/tiny-console.log"  # the guest's serial port, a file QEMU writes
 POWER_DOWN = "reboot: Power down"  # the guest kernel's last words after the ACPI power button
 SHARE = "/var/lib/qemud-e2e-share"  # the guest's virtiofs share, made in the container
+BRIDGE = "qemud-e2e-br"  # the bridge of the guest's bridged NIC, made in the container
+TAP = "qemud-e2e-tap"  # the tap device QEMU makes for the guest's type='ethernet' NIC
 #: the exposure ``systemd-analyze security`` gives qemud.service (units/qemud.service's hardening):
 #: a change that loosens the unit fails here; one that tightens it lowers this number (as systemd
 #: 252, Debian 12's, scores them: another version weighs the settings differently)
@@ -132,15 +134,19 @@ def _adopted_by_new_daemon(c: Container, old_main: int, qemu_pid: int, guest_uui
 def _hardened_guest(xml: str) -> str:
     """The tiny guest with what the unit's sandbox could break: every helper qemud starts beside
     QEMU (virtiofsd for a virtiofs share, passt for a user NIC, swtpm for a TPM: they make
-    namespaces, drop capabilities, install seccomp filters) and a pinned vCPU (``qemud.tuning``
-    sets its affinity). No <shares>: the container's cgroup v2 has no cpu/io/memory controllers
+    namespaces, drop capabilities, install seccomp filters), the NICs that need CAP_NET_ADMIN and
+    /dev/net/tun (a bridged one through qemu-bridge-helper, a tap QEMU creates) and a pinned vCPU
+    (``qemud.tuning`` sets its affinity). No <shares>: the container's cgroup v2 has no cpu/io/memory controllers
     on a hybrid host (they are bound to v1 there), so no guest cgroup can be made in it; that the
     unit leaves qemud's own cgroup writable is checked directly."""
     extra = ("<filesystem type='mount' accessmode='passthrough'><driver type='virtiofs'/>"
              f"<source dir='{SHARE}'/><target dir='share'/></filesystem>\n    "
              "<interface type='user'><mac address='52:54:00:e2:e0:01'/><backend type='passt'/>"
              "<model type='virtio'/></interface>\n    "
-             "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>\n  </devices>")
+             "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>\n    "
+             f"<interface type='bridge'><source bridge='{BRIDGE}'/><model type='virtio'/></interface>\n    "
+             f"<interface type='ethernet'><target dev='{TAP}' managed='no'/><model type='virtio'/></interface>\n"
+             "  </devices>")
     xml = xml.replace("</devices>", extra, 1)
     xml = xml.replace("  <vcpu>1</vcpu>\n", "  <vcpu>1</vcpu>\n  <cputune><vcpupin vcpu='0' cpuset='0'/></cputune>\n"
                       "  <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>\n", 1)
@@ -275,6 +281,11 @@ def _run_in_container(src: Path, binds: set[Path], guest: Any, guest_uuid: str, 
             for cmd in ("link add qemud-e2e0 type veth peer name qemud-e2e1", "addr add 192.0.2.2/24 dev qemud-e2e0",
                         "link set qemud-e2e1 up", "link set qemud-e2e0 up", "route add default via 192.0.2.1"):
                 c.run(["ip", *cmd.split()])
+            # the bridged NIC: a bridge, and qemu-bridge-helper's permission to use it
+            c.run(["ip", "link", "add", BRIDGE, "type", "bridge"])
+            c.run(["ip", "link", "set", BRIDGE, "up"])
+            c.run(["mkdir", "-p", "/etc/qemu"])
+            c.write_file("/etc/qemu/bridge.conf", f"allow {BRIDGE}\n")
             c.write_file(DOMAIN, _hardened_guest(domain_xml(guest, "tiny", uuid=guest_uuid, serial_path=CONSOLE,
                                                             shutdown_timeout=30)))
             running = _wait_event(c, "running", by=main, domain="tiny", timeout=60)
@@ -286,6 +297,9 @@ def _run_in_container(src: Path, binds: set[Path], guest: Any, guest_uuid: str, 
             _wait_status(c, "1 running")
             _wait_console(c, MARKER)
             helpers = _helpers_alive(c, main)
+            assert c.run(["ip", "link", "show", TAP], check=False).returncode == 0, f"QEMU made no tap {TAP}"
+            ports = c.run(["ip", "-o", "link", "show", "master", BRIDGE]).stdout
+            assert ports.strip(), f"qemu-bridge-helper put no tap on {BRIDGE}"
             # qemud.tuning makes guest cgroups below the daemon's own (Delegate=yes): writable
             # from the service's mount namespace, where the rest of /sys/fs/cgroup is read-only
             own = "/sys/fs/cgroup/system.slice/qemud.service"
