@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import select
+import shlex
 import signal
 import subprocess
 from dataclasses import dataclass
@@ -88,18 +89,32 @@ def adopt_all(saved: list[dict[str, Any]]) -> tuple[list[Helper], list[str]]:
 
 
 def _live_argv(pid: int, argv: list[str]) -> list[str]:
-    """The command line the helper a record names runs with now. passt's shim (``python -I
-    passt_shim.py FD PASST ARGS...``) becomes passt in the same pid once QEMU connects, so that
-    pid's command line is then ``PASST ARGS... --fd N``: without this, a daemon restart would
-    take a guest's passt for gone and end the guest."""
-    if len(argv) < 5 or not argv[2].endswith("passt_shim.py"):
+    """The command line the helper a record names runs with now: two helpers replace their first
+    program with the real one in the same pid, so the pid's command line is no longer the one
+    recorded at the start. Without this a daemon restart takes such a helper for gone and ends
+    the guest. Anything but the program that replacement leaves keeps the recorded line (and
+    adopt() refuses it).
+
+    * passt's shim (``python -I passt_shim.py FD PASST ARGS...``) becomes ``PASST ARGS... --fd N``
+      once QEMU connects;
+    * a shell script helper (``/bin/bash -c '...; exec PROGRAM ARGS...'``: the D-Bus display's
+      dbus-daemon) becomes what its last ``exec`` names."""
+    passt = len(argv) >= 5 and argv[2].endswith("passt_shim.py")
+    script = len(argv) == 3 and argv[1] == "-c" and " exec " in argv[2]
+    if not passt and not script:
         return argv
     try:
         now = psutil.Process(pid).cmdline()
     except psutil.Error:
         return argv
-    if len(now) >= 2 and now[:-2] == argv[4:] and now[-2] == "--fd" and now[-1].isdigit():
+    if passt and len(now) >= 2 and now[:-2] == argv[4:] and now[-2] == "--fd" and now[-1].isdigit():
         return now
+    if script:
+        try:
+            if now == shlex.split(argv[2].rsplit(" exec ", 1)[1]):
+                return now
+        except ValueError:
+            pass
     return argv
 
 

@@ -1,4 +1,5 @@
-"""A guest's passt is adopted after a daemon restart although its shim has become passt.
+"""A guest's passt and dbus-daemon are adopted after a daemon restart although the program
+qemud started (passt's shim, a shell script) has become them.
 
 (The rest of the hardening work is tested in tests/test_systemd.py: the units' exposure and a
 guest with every helper under the hardened qemud.service.)
@@ -47,3 +48,11 @@ def test_another_program_in_the_recorded_pid_is_not_taken_for_passt(became_passt
 def test_other_helpers_keep_their_recorded_command_line(became_passt: int) -> None:
     record = ["/usr/bin/swtpm", "socket", "--ctrl", "type=unixio,fd=7"]
     assert _live_argv(became_passt, record) == record
+
+
+def test_the_script_that_exec_ed_its_program_is_matched_by_that_program(became_passt: int) -> None:
+    """The D-Bus display's private bus: bash runs a script whose last exec is dbus-daemon."""
+    script = f"[ 5 = 3 ] || exec 3<&5 5<&-; LISTEN_PID=$$ LISTEN_FDS=1 exec {PASST} -c '{CODE}' --fd 7"
+    assert _live_argv(became_passt, ["/bin/bash", "-c", script]) == [PASST, "-c", CODE, "--fd", "7"]
+    other = f"exec {PASST} -c 'something else' --fd 7"
+    assert _live_argv(became_passt, ["/bin/bash", "-c", "true; " + other]) == ["/bin/bash", "-c", "true; " + other]

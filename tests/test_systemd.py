@@ -134,7 +134,8 @@ def _adopted_by_new_daemon(c: Container, old_main: int, qemu_pid: int, guest_uui
 def _hardened_guest(xml: str) -> str:
     """The tiny guest with what the unit's sandbox could break: every helper qemud starts beside
     QEMU (virtiofsd for a virtiofs share, passt for a user NIC, swtpm for a TPM: they make
-    namespaces, drop capabilities, install seccomp filters), the NICs that need CAP_NET_ADMIN and
+    namespaces, drop capabilities, install seccomp filters; dbus-daemon for the D-Bus display's
+    private bus), the NICs that need CAP_NET_ADMIN and
     /dev/net/tun (a bridged one through qemu-bridge-helper, a tap QEMU creates) and a pinned vCPU
     (``qemud.tuning`` sets its affinity). No <shares>: the container's cgroup v2 has no cpu/io/memory controllers
     on a hybrid host (they are bound to v1 there), so no guest cgroup can be made in it; that the
@@ -145,7 +146,8 @@ def _hardened_guest(xml: str) -> str:
              "<model type='virtio'/></interface>\n    "
              "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>\n    "
              f"<interface type='bridge'><source bridge='{BRIDGE}'/><model type='virtio'/></interface>\n    "
-             f"<interface type='ethernet'><target dev='{TAP}' managed='no'/><model type='virtio'/></interface>\n"
+             f"<interface type='ethernet'><target dev='{TAP}' managed='no'/><model type='virtio'/></interface>\n    "
+             "<graphics type='dbus'/>\n"
              "  </devices>")
     xml = xml.replace("</devices>", extra, 1)
     xml = xml.replace("  <vcpu>1</vcpu>\n", "  <vcpu>1</vcpu>\n  <cputune><vcpupin vcpu='0' cpuset='0'/></cputune>\n"
@@ -154,9 +156,9 @@ def _hardened_guest(xml: str) -> str:
 
 
 def _helpers_alive(c: Container, by: int) -> dict[str, int]:
-    """The guest's helpers (name -> pid) as qemud started them: all three, each still running."""
+    """The guest's helpers (name -> pid) as qemud started them: all four, each still running."""
     started = {e["QEMUD_HELPER"]: int(e["QEMUD_PID"]) for e in _events(c, "helper-started", by=by, domain="tiny")}
-    assert sorted(n.split("-")[0] for n in started) == ["passt", "swtpm", "virtiofsd"], started
+    assert sorted(n.split("-")[0] for n in started) == ["dbus", "passt", "swtpm", "virtiofsd"], started
     died = _events(c, "helper-died", domain="tiny") + _events(c, "helper-exited", domain="tiny")
     assert not died, "a helper ended: " + " | ".join(e.get("MESSAGE", "") for e in died)
     for name, pid in started.items():
