@@ -100,12 +100,18 @@ class QemuProcess:
             pass
 
 
+#: systemd's messages to the daemon itself: a child that finds them talks to systemd as if it were
+#: the service (the D-Bus display's dbus-daemon sends READY=1, which systemd refuses and logs)
+_DAEMON_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_PID", "WATCHDOG_USEC", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+
+
 def spawn(argv: list[str], env: dict[str, str], log_path: Path, pass_fds: tuple[int, ...] = ()) -> QemuProcess:
     """Start QEMU in its own session (so the daemon's signals and death do not reach it), with
     stdout/stderr appended to its log file (a pipe would break when the daemon restarts)."""
     with open(log_path, "ab", buffering=0) as log:
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                 env={**os.environ, **env}, start_new_session=True, close_fds=True,
+                                 env={**{k: v for k, v in os.environ.items() if k not in _DAEMON_ONLY_ENV}, **env},
+                                 start_new_session=True, close_fds=True,
                                  pass_fds=pass_fds)
     try:
         ctime = psutil.Process(child.pid).create_time()

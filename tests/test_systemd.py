@@ -318,6 +318,8 @@ def _run_in_container(src: Path, binds: set[Path], guest: Any, guest_uuid: str, 
         # 4. journalctl -x explains the events through the installed catalog
         with _step(c, "catalog", timings):
             text = c.run(["journalctl", "--no-pager", "-b", "-x", "-u", "qemud"]).stdout
+            assert "reception only permitted for main PID" not in text, \
+                "a child of qemud (QEMU or a helper) sent systemd notify messages as if it were the service"
             explained = KINDS["running"].explanation.replace("@QEMUD_DOMAIN@", "tiny").replace(
                 "@QEMUD_PID@", str(qemu_pid))  # the catalog's fields filled in from the entry
             for needle in (f"Subject: {KINDS['running'].subject}", explained, f"Subject: {KINDS['ready'].subject}"):
