@@ -628,9 +628,12 @@ class Guest:
         self.helpers.remove(h)
         how = h.describe(info)
         words = h.last_words()
-        # a helper following QEMU out (QEMU died first, its exit still in the inbox) is no crash of its own
+        # a helper following QEMU out (QEMU died first, its exit still in the inbox) is no crash of its own;
+        # nor is one that ends while qemud is ending QEMU for a reason of its own (the note): that reason,
+        # not the helper, is what the crash reports
         qemu_alive = self.proc is not None and not helper_procs.has_ended(self.proc)
-        if self.proc is not None and qemu_alive and self.state in ALIVE and self.state != State.STOPPING:
+        if (self.proc is not None and qemu_alive and self.state in ALIVE and self.state != State.STOPPING
+                and self._note is None):
             self._helper_gone(self.proc, h.name, how + (f": {words}" if words and not info.signal else ""))
         else:
             self.env.log.emit("helper-exited", f"{self.name}: {how}", INFO, domain=self.name, uuid=self.uuid,
