@@ -22,6 +22,8 @@ deps:
 		if [ "$$(id -u)" != 0 ]; then SUDO=sudo; fi; \
 		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$missing; \
 	fi
+	@# the unprivileged user QEMU runs as when qemud is root (what the package's sysusers.d entry makes)
+	@if [ "$$(id -u)" = 0 ] && ! id qemud >/dev/null 2>&1; then systemd-sysusers $(CURDIR)/units/qemud.sysusers; fi
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -91,6 +91,9 @@ class Config:
     secrets_dir: Path | None = None
     #: x509 certificates for TLS network disks (ca-cert.pem, client-cert.pem, client-key.pem)
     tls_x509_dir: Path | None = None
+    #: [qemu] user / group: who QEMU runs as when qemud is root (qemud.runas); None: the default
+    qemu_user: str | None = None
+    qemu_group: str | None = None
 
 
 _KEYS = {"domains_dir": (str,), "shutdown_timeout": (int, float), "max_retries": (int,), "backoff": (int, float),
@@ -116,10 +119,11 @@ def load_config(path: Path, explicit: bool = False) -> Config:
     restart = data.get("restart", {})
     control = data.get("control", {})
     storage_kw = _storage_keys(path, daemon, data)
+    qemu_kw = _qemu_keys(path, data)
     flat = {**{k: v for k, v in daemon.items()}, **{k: v for k, v in restart.items()},
             **{k: v for k, v in control.items()}}
     unknown = set(flat) - set(_KEYS)
-    unknown |= set(data) - {"daemon", "restart", "networks", "control", "secrets", "tls", *TLS_SECTIONS}
+    unknown |= set(data) - {"daemon", "restart", "networks", "control", "secrets", "tls", "qemu", *TLS_SECTIONS}
     if unknown:
         raise QemudError(f"{path}: unknown key(s): {', '.join(sorted(unknown))}")
     kw: dict[str, object] = {}
@@ -127,7 +131,27 @@ def load_config(path: Path, explicit: bool = False) -> Config:
         if not isinstance(v, _KEYS[k]) or isinstance(v, bool):
             raise QemudError(f"{path}: {k} = {v!r} is not a {' or '.join(t.__name__ for t in _KEYS[k])}")
         kw["control_group" if k == "group" else k] = Path(v) if k == "domains_dir" else v
-    return Config(networks=host_networks(path), tls_dirs=tls_dirs(data, path), **storage_kw, **kw)  # type: ignore[arg-type]
+    return Config(networks=host_networks(path), tls_dirs=tls_dirs(data, path), **storage_kw, **qemu_kw,  # type: ignore[arg-type]
+                  **kw)
+
+
+def _qemu_keys(path: Path, data: dict[str, object]) -> dict[str, str]:
+    """``[qemu] user`` and ``group``: names (or numeric ids) of who QEMU runs as."""
+    table = data.get("qemu", {})
+    if not isinstance(table, dict):
+        raise QemudError(f"{path}: [qemu] must be a table")
+    extra = set(table) - {"user", "group"}
+    if extra:
+        raise QemudError(f"{path}: unknown key(s) in [qemu]: {', '.join(sorted(extra))}")
+    out: dict[str, str] = {}
+    for key in ("user", "group"):
+        v = table.get(key)
+        if v is None:
+            continue
+        if not isinstance(v, str) or not v.strip():
+            raise QemudError(f"{path}: [qemu] {key} = {v!r} is not a user or group name")
+        out[f"qemu_{key}"] = v.strip()
+    return out
 
 
 def _storage_keys(path: Path, daemon: dict[str, object], data: dict[str, object]) -> dict[str, Path]:

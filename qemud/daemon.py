@@ -21,6 +21,8 @@ from pathlib import Path
 from qemud import __version__, notify, records
 from qemud.caps import HostCaps, probe
 from qemud.config import Config, load_config, with_storage_config
+from qemud.runas import passage
+from qemud.runas import resolve as resolve_runas
 from qemud.domain import Domain, load_domain
 from qemud.errors import DomainError, HostError, QemudError, report_lines
 from qemud.events import ERR, INFO, NOTICE, WARNING, EventLog
@@ -106,6 +108,8 @@ class Daemon:
         self._parsed: dict[str, Parsed] = {}  # by file path, reread only when the file changes
         self._reported: dict[str, tuple[int, int, int]] = {}  # file -> version whose error was logged
         self._caps: dict[str, tuple[tuple[int, int, int], HostCaps]] = {}
+        #: who QEMU runs as (qemud is root), or None (QEMU runs as qemud's own user)
+        self.runas = resolve_runas(config.qemu_user, config.qemu_group)
         self._apply_config(config)
         self._stop = asyncio.Event()
         self._rescan = asyncio.Event()
@@ -120,7 +124,8 @@ class Daemon:
                        restart_defaults=RestartPolicy(max_retries=config.max_retries, backoff=config.backoff,
                                                       max_backoff=config.max_backoff,
                                                       reset_after=config.reset_after),
-                       shutdown_default=config.shutdown_timeout, on_state=self.state_changed)
+                       shutdown_default=config.shutdown_timeout, on_state=self.state_changed,
+                       runas=self.runas)
         for g in self.guests.values():
             g.env = self.env
 
@@ -129,9 +134,11 @@ class Daemon:
             return
         try:
             config = load_config(self.config_path, explicit=False)
+            runas = resolve_runas(config.qemu_user, config.qemu_group)
         except QemudError as exc:
             self.log.emit("config-error", f"{exc}; keeping the previous configuration", ERR)
             return
+        self.runas = runas  # for QEMUs started from now on; running ones keep their user
         self._apply_config(config)
 
     async def _caps_for(self, emulator: str) -> HostCaps:
@@ -341,6 +348,11 @@ class Daemon:
             self.dirs.runtime.mkdir(parents=True, exist_ok=True, mode=0o755)
             (self.dirs.runtime / "domains").mkdir(exist_ok=True, mode=0o700)
             self.dirs.state.mkdir(parents=True, exist_ok=True, mode=0o700)
+            (self.dirs.state / "domains").mkdir(exist_ok=True, mode=0o700)
+            # QEMU's user passes through (search, not list) to its guests' directories
+            for d in (self.dirs.runtime, self.dirs.runtime / "domains", self.dirs.state,
+                      self.dirs.state / "domains"):
+                passage(d, self.runas)
             lock = open(self.dirs.runtime / PIDFILE, "a+")
         except OSError as exc:
             # read-only, full, or not ours: without its lock and records qemud cannot supervise
@@ -438,6 +450,11 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config or dirs.config, explicit=args.config is not None)
     except QemudError as exc:
         log.emit("config-error", str(exc), ERR)
+        return 1
+    try:
+        resolve_runas(config.qemu_user, config.qemu_group)
+    except QemudError as exc:
+        log.emit("config-error", f"{args.config or dirs.config}: {exc}", ERR)
         return 1
     domains = args.domains_dir or config.domains_dir or dirs.domains
     if args.state_dir is not None:

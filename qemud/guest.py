@@ -32,12 +32,14 @@ from qemud.errors import DomainError, QemudError, report_lines
 from qemud.events import ERR, INFO, NOTICE, WARNING, EventLog
 from qemud.host import HostFacts
 from qemud.helpers import Helper
-from qemud.launch import discard, prepare
+from qemud.launch import discard, forget_secrets, prepare
 from qemud.paths import GuestPaths
 from qemud.policy import Backoff, RestartPolicy
 from qemud.proc import (ExitInfo, QemuProcess, adopt, log_tail, pidfile_holder, qmp_fd_argv, qmp_listener,
                         spawn)
 from qemud.qmp import Qmp, QmpError
+from qemud.runas import RunAs, permission_hint
+from qemud.tap import pass_taps
 from qemud.states import ALIVE, State, StateMachine
 from qemud.tail import Follower
 
@@ -101,6 +103,8 @@ class Env:
     shutdown_default: float
     clock: Callable[[], float] = time.monotonic
     on_state: Callable[[], None] = lambda: None
+    #: who QEMU runs as (qemud is root; qemud.runas), or None: qemud's own user
+    runas: RunAs | None = None
 
 
 class Guest:
@@ -457,6 +461,8 @@ class Guest:
             await qmp.close()
             return
         self._attach_qmp(proc, qmp)
+        if self.cmd is not None:  # QEMU answers QMP once it has read its command line's secrets
+            forget_secrets(self.cmd)
         try:
             for g in self.domain.devices.graphics:  # display passwords never go on a command line
                 if g.passwd and g.type in ("vnc", "spice"):
@@ -568,6 +574,8 @@ class Guest:
         await self._stop_helpers()
         records.remove(self.paths.run)
         discard(self.paths)  # transient disks' overlays end with their QEMU
+        if self.cmd is not None:
+            forget_secrets(self.cmd)
         if self._host is not None:
             with contextlib.suppress(QemudError):
                 tuning.release(self._host, self.name)
@@ -587,7 +595,8 @@ class Guest:
         self._note = None
         self.last_exit = why
         if self.last_stderr and not info.signal:
-            why += f": {self.last_stderr[-1]}"  # QEMU's last words explain an exit, not a signal
+            # QEMU's last words explain an exit, not a signal
+            why += f": {permission_hint(self.last_stderr[-1], self.env.runas)}"
             element = element_of_qemu_error(self.last_stderr[-1], self.cmd.elements) if self.cmd else None
             if element is not None:
                 why += f" (from {element} in {self.file})"
@@ -701,7 +710,7 @@ class Guest:
             cmd = await asyncio.to_thread(build_argv, self.domain, caps, self.paths, paused=True)
             self._host = caps.host
             # in a thread: a first start may run swtpm_setup, which must not stall other guests
-            await asyncio.to_thread(prepare, cmd)
+            await asyncio.to_thread(prepare, cmd, self.env.runas)
             holder = pidfile_holder(self.paths.pidfile)
             if holder is not None and self._adopt_orphan(holder):
                 return
@@ -715,14 +724,20 @@ class Guest:
             con = cmd.console_log
             self._console_start = con.stat().st_size if con is not None and con.exists() else 0
             # helpers first: their sockets listen once they are spawned, so QEMU finds them
-            started = helper_procs.start(cmd.helpers)
+            started = helper_procs.start(cmd.helpers, self.env.runas)
             try:
                 listener = qmp_listener(cmd.qmp)
+                taps: list[int] = []
                 try:
                     argv = qmp_fd_argv(cmd.argv, listener.fileno())
-                    proc = spawn(argv, cmd.env, self.paths.run / "qemu.log", (listener.fileno(),))
+                    if self.env.runas is not None:  # an unprivileged QEMU cannot open a tap itself
+                        argv, taps = pass_taps(argv)
+                    proc = spawn(argv, cmd.env, self.paths.run / "qemu.log", (listener.fileno(), *taps),
+                                 self.env.runas)
                 finally:
                     listener.close()
+                    for fd in taps:
+                        os.close(fd)
             except BaseException:
                 helper_procs.stop_sync(started)
                 raise

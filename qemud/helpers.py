@@ -11,6 +11,7 @@ pidfd, never by waiting for the pid to vanish.
 from __future__ import annotations
 
 import asyncio
+import os
 import select
 import shlex
 import signal
@@ -24,6 +25,7 @@ import psutil
 from qemud.argv import HelperSpec
 from qemud.errors import HostError
 from qemud.proc import ExitInfo, QemuProcess, adopt, log_tail, qmp_listener, spawn
+from qemud.runas import RunAs, give, open_regular
 
 #: after SIGTERM, how long a helper has to end before SIGKILL
 STOP_GRACE = 3.0
@@ -51,17 +53,24 @@ class Helper:
         return tail[-1] if tail else ""
 
 
-def start(specs: list[HelperSpec]) -> list[Helper]:
-    """Start every helper; on any failure stop those already started and raise HostError."""
+def start(specs: list[HelperSpec], runas: RunAs | None = None) -> list[Helper]:
+    """Start every helper (as QEMU's user ``runas``, unless it is a privileged one); on any
+    failure stop those already started and raise HostError. Each socket is QEMU's user's, so
+    QEMU, running as that user, may connect."""
     started: list[Helper] = []
     try:
         for spec in specs:
             spec.socket.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             listener = qmp_listener(spec.socket)
             try:
+                if runas is not None:
+                    os.chown(spec.socket, runas.uid, runas.gid, follow_symlinks=False)
+                    if not spec.privileged:  # the helper reopens its log by path (swtpm --log)
+                        os.close(open_regular(spec.log, os.O_WRONLY | os.O_CREAT))
+                        give(spec.log, runas)
                 fd = listener.fileno()
                 argv = [a.replace("{fd}", str(fd)) for a in spec.argv]
-                proc = spawn(argv, {}, spec.log, (fd,))
+                proc = spawn(argv, {}, spec.log, (fd,), None if spec.privileged else runas)
             finally:
                 listener.close()  # the helper holds it now; QEMU connects to its path
             started.append(Helper(spec.name, proc, argv, str(spec.log)))

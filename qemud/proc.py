@@ -19,6 +19,8 @@ from pathlib import Path
 
 import psutil
 
+from qemud.runas import RunAs, open_regular
+
 
 @dataclass(frozen=True)
 class ExitInfo:
@@ -105,14 +107,21 @@ class QemuProcess:
 _DAEMON_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_PID", "WATCHDOG_USEC", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 
 
-def spawn(argv: list[str], env: dict[str, str], log_path: Path, pass_fds: tuple[int, ...] = ()) -> QemuProcess:
+def spawn(argv: list[str], env: dict[str, str], log_path: Path, pass_fds: tuple[int, ...] = (),
+          runas: RunAs | None = None) -> QemuProcess:
     """Start QEMU in its own session (so the daemon's signals and death do not reach it), with
-    stdout/stderr appended to its log file (a pipe would break when the daemon restarts)."""
-    with open(log_path, "ab", buffering=0) as log:
+    stdout/stderr appended to its log file (a pipe would break when the daemon restarts), as the
+    unprivileged ``runas`` user when given (its groups: ``kvm``). The log file is root's, opened
+    without following a symlink a QEMU may have planted in its directory."""
+    ids: dict[str, object] = {}
+    if runas is not None:
+        ids = {"user": runas.uid, "group": runas.gid, "extra_groups": list(runas.groups)}
+    fd = open_regular(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with open(fd, "ab", buffering=0) as log:
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                  env={**{k: v for k, v in os.environ.items() if k not in _DAEMON_ONLY_ENV}, **env},
                                  start_new_session=True, close_fds=True,
-                                 pass_fds=pass_fds)
+                                 pass_fds=pass_fds, **ids)  # type: ignore[call-overload]
     try:
         ctime = psutil.Process(child.pid).create_time()
     except psutil.Error:
@@ -182,7 +191,8 @@ def pidfile_holder(path: Path) -> int | None:
     """The pid of a QEMU that holds this guest's pid file lock (a live QEMU for the guest), or
     None. QEMU locks its -pidfile for its whole life."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        # QEMU's user may write in the guest's directory: never follow a link, never block on a FIFO
+        fd = open_regular(path, os.O_RDWR)
     except OSError:
         return None
     try:

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qemud.runas import create_new, open_regular
+
 RECORD = "record.json"
 
 
@@ -36,7 +38,7 @@ def write(directory: Path, rec: Record) -> None:
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = directory / f".{RECORD}.tmp"
     data = json.dumps(asdict(rec), indent=1).encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    fd = create_new(tmp)  # QEMU's user may create names here: nothing planted is followed
     try:
         os.write(fd, data)
         os.fsync(fd)
@@ -54,9 +56,22 @@ def remove(directory: Path) -> None:
         pass
 
 
+def _read(path: Path) -> bytes:
+    """A record's bytes, if it is qemud's own regular file: a guest's directory is writable by
+    QEMU's user, and a record planted there would make qemud adopt (and later kill) any process."""
+    fd = open_regular(path, os.O_RDONLY)
+    try:
+        if os.fstat(fd).st_uid != os.geteuid():
+            raise OSError(f"{path} is not qemud's")
+        with open(fd, "rb", closefd=False) as fh:
+            return fh.read()
+    finally:
+        os.close(fd)
+
+
 def load(directory: Path) -> Record | None:
     try:
-        return Record(**json.loads((directory / RECORD).read_text()))
+        return Record(**json.loads(_read(directory / RECORD)))
     except (OSError, ValueError, TypeError):
         return None
 
@@ -73,7 +88,7 @@ def load_all(domains_dir: Path) -> list[tuple[Path, Record | None]]:
         if not f.exists():
             continue
         try:
-            raw = json.loads(f.read_text())
+            raw = json.loads(_read(f))
             out.append((d, Record(**raw)))
         except (OSError, ValueError, TypeError):
             out.append((d, None))

@@ -219,8 +219,11 @@ def test_tpm_state_encrypted_with_a_secret_is_realized_and_unreadable_without_it
         cmd = translate(xml(f"<tpm model='tpm-crb'><backend type='emulator' version='2.0'>"
                             f"<encryption secret='{uuid}'/></backend></tpm>"), with_secrets, root)
         [helper] = cmd.helpers
-        assert f"pwdfile={secrets / uuid},mode=aes-256-cbc" in helper.argv
+        # swtpm reads a copy in the guest's runtime directory (the secrets directory is root's)
+        copy = root / "run" / f"secret-{uuid}"
+        assert f"pwdfile={copy},mode=aes-256-cbc" in helper.argv
         prepare(cmd)
+        assert copy.read_text() == "a passphrase for the TPM state" and copy.stat().st_mode & 0o777 == 0o400
         state = root / "state/tpm/tpm2/tpm2-00.permall"
         out = asyncio.run(_qmp_session(cmd, [("query-tpm", None)]))
         assert out["query-tpm"][0]["model"] == "tpm-crb"

@@ -155,7 +155,7 @@ def test_common_facts(case: str, caps: HostCaps) -> None:
                     "server": "on", "wait": "off"}]
     assert cmd.qmp == paths.run / "qmp.sock"
     assert opts_dict(options(argv, "-mon")[0]) == {"chardev": "qmp", "mode": "control"}
-    assert cmd.prepare[0].kind == "dir" and cmd.prepare[0].dest == paths.run
+    assert cmd.prepare[0].kind == "rundir" and cmd.prepare[0].dest == paths.run
     assert options(argv, "-pidfile") in ([], [str(paths.run / "qemu.pid")])
 
     # the accelerator follows the domain type

@@ -159,7 +159,7 @@ def build_argv(domain: Domain, caps: HostCaps, paths: GuestPaths, *, paused: boo
     if problems:
         raise DomainError(problems)
     b.add("-msg", "timestamp=on")
-    prepare = [Prepare("dir", paths.run), *b.prepare]
+    prepare = [Prepare("rundir", paths.run), *b.prepare]
     return Command(argv=b.args, env=b.env, qmp=paths.qmp, prepare=prepare,
                    warnings=ignored_warnings(domain) + b.warnings, console_log=b.console_log,
                    tuning=tuning, qmp_setup=b.qmp_setup, helpers=list(b.helpers),

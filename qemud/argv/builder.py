@@ -22,12 +22,15 @@ _ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,127}\Z")
 class Prepare:
     """A file the launcher must create before QEMU starts (never by the pure translator)."""
 
-    kind: str  # "dir" | "copy" | "write" | "run" | "secret" (check it exists) | "overlay" (qemu-img create)
+    #: "rundir" (the guest's runtime directory) | "dir" | "qemudir" (a directory QEMU's user owns) |
+    #: "copy" | "write" | "run" | "secret" (copy the secret's file ``source`` to ``dest`` for QEMU) |
+    #: "overlay" (qemu-img create)
+    kind: str
     dest: Path
     source: Path | None = None
     content: str | None = None  # "write": the file's text (mode 0600, rewritten at every start)
     #: "run": a program that creates ``dest`` (e.g. swtpm_setup making a TPM's state); run only
-    #: while ``dest`` does not exist, so what it made is never made again
+    #: while ``dest`` does not exist, so what it made is never made again; run as QEMU's user
     argv: list[str] | None = None
     fmt: str | None = None  # overlay: the backing image's format
     helper: str | None = None  # overlay: the qemu-img to run
@@ -48,6 +51,9 @@ class HelperSpec:
     argv: list[str]
     socket: Path  # where QEMU connects (its ready path)
     log: Path  # the helper's stdout/stderr
+    #: runs as root when qemud does (virtiofsd serves files of every owner; passt drops to nobody
+    #: itself); other helpers run as QEMU's unprivileged user (qemud.runas)
+    privileged: bool = False
 
 
 @dataclass

@@ -391,8 +391,10 @@ def secret_object(b: Builder, ref: Any, elem: str, sid: str, fmt: str = "raw") -
     if name is None:
         b.error(elem, "a <secret> needs a uuid='...' (a valid UUID) or a usage='...'")
         return None
-    f = Path(b.caps.host.secrets) / name
-    b.prepare.append(Prepare("secret", f, element=elem))
+    # QEMU (as its unprivileged user) reads a copy in the guest's runtime directory, made at each
+    # start and removed once QEMU runs: the secrets directory itself is root's alone
+    f = b.paths.run / f"secret-{name}"
+    b.prepare.append(Prepare("secret", f, source=Path(b.caps.host.secrets) / name, element=elem))
     b.obj({"qom-type": "secret", "id": sid, "format": fmt, "file": str(f)})
     return sid
 

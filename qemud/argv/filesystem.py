@@ -165,7 +165,7 @@ def _virtiofs(b: Builder, fs: Filesystem, i: int, path: str) -> None:
             ok = False
         elif ok:
             b.helpers.append(HelperSpec(name=f"virtiofsd-{fid}", argv=argv, socket=sock_path,
-                                        log=b.paths.run / f"virtiofsd-{fid}.log"))
+                                        log=b.paths.run / f"virtiofsd-{fid}.log", privileged=True))
     if not ok:
         return
     b.add("-chardev", f"socket,id={cid},path={_escape(sock)}")

@@ -235,8 +235,9 @@ def _passt(b: Builder, iface: Interface, i: int, path: str) -> dict[str, Any] | 
         return None
     mac = iface.mac.address if iface.mac is not None else stable_mac(b.domain.uuid_value, i)
     # qemud listens on the socket and hands it over; the shim accepts QEMU and becomes passt
+    # privileged: started as root, passt drops to nobody itself (and the shim is qemud's code)
     b.helpers.append(HelperSpec(name=f"passt-net{i}", socket=Path(sock), log=b.paths.run / f"passt-net{i}.log",
-                                argv=[sys.executable, "-I", passt_shim.__file__, "{fd}",
+                                privileged=True, argv=[sys.executable, "-I", passt_shim.__file__, "{fd}",
                                       *passt_command(passt, iface, mac)]))
     return {"type": "stream", "addr": {"type": "unix", "path": sock}, "server": False}
 

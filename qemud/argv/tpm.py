@@ -83,8 +83,10 @@ def _emulator(b: Builder, t: Tpm, tid: str, path: str) -> bool:
             b.error(f"{path}/backend/encryption/@secret", f"'{be.encryption.secret}' is not a secret's UUID")
             ok = False
         else:
-            f = Path(b.caps.host.secrets) / name
-            b.prepare.append(Prepare("secret", f, element=f"{path}/backend/encryption"))
+            # swtpm (as QEMU's user) reads a copy in the runtime directory: the secrets directory is root's
+            f = b.paths.run / f"secret-{name}"
+            b.prepare.append(Prepare("secret", f, source=Path(b.caps.host.secrets) / name,
+                                     element=f"{path}/backend/encryption"))
             key = ["--key", f"pwdfile={f},mode=aes-256-cbc"]
             setup_key = ["--pwdfile", str(f), "--cipher", "aes-256-cbc"]
     banks = be.active_pcr_banks.names() if be.active_pcr_banks is not None else []
@@ -115,7 +117,8 @@ def _emulator(b: Builder, t: Tpm, tid: str, path: str) -> bool:
     v2 = ["--tpm2"] if version == "2.0" else []
     # the state is made once (EK, PCR banks) and then only ever used: never reset at a start.
     # persistent_state is the same in qemud: a guest's persistent directory outlives its runs
-    b.prepare.append(Prepare("dir", state))
+    b.prepare.append(Prepare("qemudir", state.parent))  # swtpm runs as QEMU's user and owns its state
+    b.prepare.append(Prepare("qemudir", state))
     b.prepare.append(Prepare("run", state / STATE_FILE[version], argv=[
         setup, "--tpm-state", str(state), *v2, "--createek", "--not-overwrite",
         *(["--pcr-banks", ",".join(banks)] if banks else []), *setup_key,

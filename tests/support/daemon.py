@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -44,6 +45,8 @@ import psutil
 from tests.support.tinyguest import TinyGuest
 
 QEMUD = Path(sys.executable).with_name("qemud")
+#: who the daemon (root) runs QEMU as: its default, the sysusers.d user `make deps` creates
+QEMU_USER = pwd.getpwnam("qemud")
 QEMUD_NS = "http://qemud.org/xmlns/domain/1.0"
 
 
@@ -125,6 +128,11 @@ class Daemon:
         self.scratch = self.base / "x"
         for d in (self.domains, self.state, self.scratch):
             d.mkdir()
+        # QEMU runs as the unprivileged qemud user (qemud.runas): it must pass through BASE to
+        # its guest's directory under state/, and read the scratch files a test hands a guest
+        self.base.chmod(0o711)
+        self.scratch.chmod(0o755)
+        os.chown(self.scratch, QEMU_USER.pw_uid, QEMU_USER.pw_gid)  # consoles, sockets QEMU makes
         self.extra_args = list(extra_args or [])
         self.lines: list[Event] = []
         self.cursor = 0  # where the next wait_for starts looking (see wait_for)

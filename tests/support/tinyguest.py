@@ -218,11 +218,19 @@ class TinyGuest:
 # small helpers
 
 
+#: root's cache: outside /root (0700), so a QEMU run as the unprivileged ``qemud`` user can read
+#: the kernel and initramfs
+ROOT_CACHE_DIR = Path("/var/cache/qemud-tests/tinyguest")
+
+
 def default_cache_dir() -> Path:
-    """``$QEMUD_TEST_CACHE``, else ``${XDG_CACHE_HOME:-~/.cache}/qemud/tinyguest``."""
+    """``$QEMUD_TEST_CACHE``, else (root) :data:`ROOT_CACHE_DIR`, else
+    ``${XDG_CACHE_HOME:-~/.cache}/qemud/tinyguest``."""
     explicit = os.environ.get("QEMUD_TEST_CACHE")
     if explicit:
         return Path(explicit).expanduser()
+    if _is_root():
+        return ROOT_CACHE_DIR
     xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(xdg).expanduser() / "qemud" / "tinyguest"
 
