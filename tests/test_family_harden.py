@@ -7,9 +7,12 @@ guest with every helper under the hardened qemud.service.)
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -56,3 +59,28 @@ def test_the_script_that_exec_ed_its_program_is_matched_by_that_program(became_p
     assert _live_argv(became_passt, ["/bin/bash", "-c", script]) == [PASST, "-c", CODE, "--fd", "7"]
     other = f"exec {PASST} -c 'something else' --fd 7"
     assert _live_argv(became_passt, ["/bin/bash", "-c", "true; " + other]) == ["/bin/bash", "-c", "true; " + other]
+
+
+BRIDGE_CHECK = r"""
+import json, subprocess, sys
+from qemud.tap import pass_taps
+subprocess.run(["ip", "link", "add", "qdbr0", "type", "bridge"], check=True)
+argv = ["qemu", "-netdev", json.dumps({"type": "bridge", "br": "qdbr0", "helper": "/usr/lib/qemu/qemu-bridge-helper",
+                                       "id": "hostnet0"})]
+out, fds = pass_taps(argv)
+nd = json.loads(out[2])
+ports = subprocess.run(["ip", "-o", "link", "show", "master", "qdbr0"], capture_output=True, text=True).stdout
+print(json.dumps({"netdev": nd, "fds": len(fds), "ports": ports}))
+"""
+
+
+def test_a_bridged_nic_gets_a_tap_qemud_put_on_the_bridge() -> None:
+    """QEMU as the qemud user cannot run qemu-bridge-helper to any effect (not setuid on Debian,
+    and no_new_privs from QEMU's own -sandbox): qemud makes the tap, adds it to the bridge, brings
+    it up and hands QEMU its descriptor. In a network namespace of its own (no host bridge)."""
+    r = subprocess.run(["unshare", "-n", sys.executable, "-c", BRIDGE_CHECK], capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["netdev"] == {"type": "tap", "id": "hostnet0", "fd": got["netdev"].get("fd")} and got["fds"] == 1, got
+    assert "master qdbr0" in got["ports"] and "UP" in got["ports"].split(">")[0], got["ports"]
