@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 from collections.abc import Callable
 import fcntl
@@ -21,7 +22,7 @@ from pathlib import Path
 from qemud import __version__, notify, records
 from qemud.caps import HostCaps, probe
 from qemud.config import Config, load_config, with_storage_config
-from qemud.runas import passage
+from qemud.runas import memlock_ceiling, passage, unreachable
 from qemud.runas import resolve as resolve_runas
 from qemud.domain import Domain, load_domain
 from qemud.errors import DomainError, HostError, QemudError, report_lines
@@ -157,6 +158,8 @@ class Daemon:
         caps = (await asyncio.to_thread(probe, emulator)).with_networks(self._networks)
         caps = with_storage_config(caps, self.config)
         caps = caps.with_tls(self.config.tls_dirs)
+        if self.runas is not None:  # an unprivileged QEMU locks memory only up to its rlimit
+            caps = dataclasses.replace(caps, host=dataclasses.replace(caps.host, memlock_bytes=memlock_ceiling()))
         if key is not None:
             self._caps[emulator] = (key, caps)
         return caps
@@ -353,6 +356,9 @@ class Daemon:
             for d in (self.dirs.runtime, self.dirs.runtime / "domains", self.dirs.state,
                       self.dirs.state / "domains"):
                 passage(d, self.runas)
+            for d in (self.dirs.runtime / "domains", self.dirs.state / "domains"):
+                if why := unreachable(d, self.runas):
+                    raise HostError(why)
             lock = open(self.dirs.runtime / PIDFILE, "a+")
         except OSError as exc:
             # read-only, full, or not ours: without its lock and records qemud cannot supervise
