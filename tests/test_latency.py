@@ -1,0 +1,161 @@
+"""The daemon's reaction times (issue 8): the directory watch, per-file rereads. The watch is
+tested on a real inotify instance over a real directory; the daemon tests run the real qemud.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from qemud.watch import Changes, DirectoryWatch
+
+
+async def _collect(watch: DirectoryWatch, until: set[str], timeout: float) -> list[tuple[float, Changes]]:
+    """Every Changes (with its arrival time) until ``until`` has been named, or the timeout."""
+    got: list[tuple[float, Changes]] = []
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while not until <= seen:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            ch = await asyncio.wait_for(watch.changed(), left)
+        except asyncio.TimeoutError:
+            break
+        got.append((time.monotonic(), ch))
+        seen |= ch.names
+    return got
+
+
+def _run(debounce: float, act, until: set[str], timeout: float = 10.0) -> tuple[float, list[tuple[float, Changes]]]:
+    """Watch a fresh directory, call ``act(directory, scratch)``; returns (when act returned, what the watch said)."""
+    async def main() -> tuple[float, list[tuple[float, Changes]]]:
+        with tempfile.TemporaryDirectory() as tmp:
+            d, scratch = Path(tmp, "domains"), Path(tmp, "x")
+            d.mkdir()
+            scratch.mkdir()
+            watch = DirectoryWatch(d, debounce)
+            watch.start()
+            try:
+                collecting = asyncio.get_running_loop().create_task(_collect(watch, until, timeout))
+                await asyncio.sleep(0.05)
+                done = await asyncio.to_thread(act, d, scratch)
+                return done, await collecting
+            finally:
+                watch.close()
+    return asyncio.run(main())
+
+
+def test_a_file_renamed_in_is_reported_at_once_despite_a_long_debounce() -> None:
+    def act(d: Path, scratch: Path) -> float:
+        (scratch / "a.xml").write_text("<domain/>")
+        os.rename(scratch / "a.xml", d / "a.xml")
+        return time.monotonic()
+
+    done, got = _run(5.0, act, {"a.xml"})
+    assert got and got[0][1].names == {"a.xml"} and not got[0][1].full
+    assert got[0][0] - done < 1.0  # not the 5 s quiet period
+
+
+def test_writes_in_place_are_reported_once_after_the_quiet_period() -> None:
+    def act(d: Path, scratch: Path) -> float:
+        with open(d / "a.xml", "w") as fh:  # truncate, first half: not a complete file
+            fh.write("<domain>")
+        time.sleep(0.1)
+        with open(d / "a.xml", "a") as fh:
+            fh.write("</domain>")
+        return time.monotonic()
+
+    done, got = _run(0.4, act, {"a.xml"})
+    assert [ch.names for _, ch in got] == [{"a.xml"}]  # one report for both writes
+    assert got[0][0] - done >= 0.35  # only after the last write has been quiet for the debounce
+
+
+def test_a_removal_waits_for_the_quiet_period_and_a_rename_back_ends_it() -> None:
+    """An editor that moves the original aside and writes a new one: the file is never reported
+    missing in between."""
+    def act(d: Path, scratch: Path) -> float:
+        (d / "a.xml").write_text("<domain/>")
+        time.sleep(0.6)  # its write has been reported by now
+        os.rename(d / "a.xml", d / "a.xml~")
+        time.sleep(0.1)
+        with open(d / "a.xml", "w") as fh:
+            fh.write("<domain/>")
+        os.unlink(d / "a.xml~")
+        return time.monotonic()
+
+    done, got = _run(0.4, act, {"a.xml", "never"}, timeout=2.5)
+    # the first write, then exactly one report for the move aside + rewrite, after the quiet period
+    assert [ch.names for _, ch in got] == [{"a.xml"}, {"a.xml"}]
+    assert got[1][0] - done >= 0.35
+
+
+def test_a_storm_of_renames_is_one_report_naming_every_file() -> None:
+    names = {f"g{i:03}.xml" for i in range(200)}
+
+    def act(d: Path, scratch: Path) -> float:
+        for n in sorted(names):
+            (scratch / n).write_text("<domain/>")
+        # the watcher is not reading while this runs (a thread holds no event loop): all queued
+        for n in sorted(names):
+            os.rename(scratch / n, d / n)
+        return time.monotonic()
+
+    async def main() -> list[Changes]:
+        with tempfile.TemporaryDirectory() as tmp:
+            d, scratch = Path(tmp, "domains"), Path(tmp, "x")
+            d.mkdir()
+            scratch.mkdir()
+            watch = DirectoryWatch(d, 5.0)
+            watch.start()
+            try:
+                act(d, scratch)  # in the loop's thread: nothing is read until changed() runs
+                first = await asyncio.wait_for(watch.changed(), 2)
+                return [first]
+            finally:
+                watch.close()
+
+    got = asyncio.run(main())
+    assert got[0].names == names and not got[0].full
+
+
+def test_an_event_queue_overflow_asks_for_a_full_reread() -> None:
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+
+    async def main() -> Changes:
+        with tempfile.TemporaryDirectory() as tmp:
+            d = Path(tmp, "domains")
+            d.mkdir()
+            watch = DirectoryWatch(d, 0.1)
+            watch.start()
+            try:
+                (d / ".a").write_text("x")
+                for _ in range(limit // 2 + 10):  # two events per rename: more than the queue holds
+                    os.rename(d / ".a", d / ".b")
+                    os.rename(d / ".b", d / ".a")
+                return await asyncio.wait_for(watch.changed(), 5)
+            finally:
+                watch.close()
+
+    assert asyncio.run(main()).full
+
+
+def test_a_symlink_created_in_the_directory_is_reported_and_a_new_file_only_once_closed() -> None:
+    def act(d: Path, scratch: Path) -> float:
+        (scratch / "target.xml").write_text("<domain/>")
+        os.symlink(scratch / "target.xml", d / "link.xml")
+        fh = open(d / "new.xml", "w")  # created, still being written: no report yet
+        fh.write("<dom")
+        fh.flush()
+        time.sleep(0.5)
+        fh.write("ain/>")
+        fh.close()
+        return time.monotonic()
+
+    done, got = _run(0.1, act, {"link.xml", "new.xml"})
+    assert [ch.names for _, ch in got] == [{"link.xml"}, {"new.xml"}]
+    assert got[1][0] >= done  # new.xml only after its close
