@@ -1,5 +1,6 @@
-"""The daemon's reaction times (issue 8): the directory watch, per-file rereads. The watch is
-tested on a real inotify instance over a real directory; the daemon tests run the real qemud.
+"""The daemon's reaction times (issue 8): the directory watch, per-file rereads, the order of a
+stop's steps. The watch is tested on a real inotify instance over a real directory; the daemon
+tests run the real qemud.
 """
 
 from __future__ import annotations
@@ -10,7 +11,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 from qemud.watch import Changes, DirectoryWatch
+from tests.support.daemon import Daemon, domain_xml
+from tests.support.tinyguest import ensure_guest
 
 
 async def _collect(watch: DirectoryWatch, until: set[str], timeout: float) -> list[tuple[float, Changes]]:
@@ -142,6 +147,30 @@ def test_an_event_queue_overflow_asks_for_a_full_reread() -> None:
                 watch.close()
 
     assert asyncio.run(main()).full
+
+
+@pytest.mark.qemu
+def test_a_file_being_written_is_not_read_when_another_file_arrives() -> None:
+    """Each event rereads only the file it names: a file still being written in place (no
+    close yet) is not parsed because some other file was renamed in meanwhile."""
+    guest = ensure_guest()
+    d = Daemon()
+    try:
+        d.start(timeout=30)
+        xml_a = domain_xml(guest, "half", autostart=False)
+        after = d.mark()
+        with open(d.path("half.xml"), "w") as fh:
+            fh.write(xml_a[: len(xml_a) // 2])
+            fh.flush()
+            d.drop("whole.xml", domain_xml(guest, "whole", autostart=False))
+            d.wait_for("defined", "whole", timeout=10, after=after)
+            d.assert_no("invalid-definition", within=0.5, after=after)
+            fh.write(xml_a[len(xml_a) // 2:])
+        d.wait_for("defined", "half", timeout=10, after=after)
+        assert not d.events("invalid-definition", after=after)
+    finally:
+        print(d.log_text())
+        d.close()
 
 
 def test_a_symlink_created_in_the_directory_is_reported_and_a_new_file_only_once_closed() -> None:
