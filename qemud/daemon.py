@@ -127,6 +127,7 @@ class Daemon:
         self.config = config
         self._networks = config.networks
         self._caps = {}  # host caps carry the networks: probe results come from the disk cache
+        self._probing: dict[tuple[str, tuple[int, int, int] | None], asyncio.Task[HostCaps]] = {}
         self.env = Env(caps_for=self._caps_for, runtime=self.dirs.runtime, state=self.dirs.state, log=self.log,
                        restart_defaults=RestartPolicy(max_retries=config.max_retries, backoff=config.backoff,
                                                       max_backoff=config.max_backoff,
@@ -158,11 +159,24 @@ class Daemon:
         cached = self._caps.get(emulator)
         if cached is not None and key is not None and cached[0] == key:
             return cached[1]
+        # one probe per binary at a time: a fleet of files arriving at once starts all its
+        # guests before the first probe is back, and each used to probe (from the disk cache,
+        # or, on a first start, by running QEMU) on its own
+        flights = self._probing
+        flight = flights.get((emulator, key))
+        if flight is None:
+            flight = asyncio.get_running_loop().create_task(self._probe(emulator, key))
+            flights[(emulator, key)] = flight
+            flight.add_done_callback(lambda _: flights.pop((emulator, key), None))
+        return await asyncio.shield(flight)  # one waiter cancelled does not cancel the others' probe
+
+    async def _probe(self, emulator: str, key: tuple[int, int, int] | None) -> HostCaps:
+        cache = self._caps
         caps = (await asyncio.to_thread(probe, emulator)).with_networks(self._networks)
         caps = with_storage_config(caps, self.config)
         caps = caps.with_tls(self.config.tls_dirs)
         if key is not None:
-            self._caps[emulator] = (key, caps)
+            cache[emulator] = (key, caps)  # into a cache a reload has replaced meanwhile: dropped
         return caps
 
     # ---- the reconcile path --------------------------------------------------------------

@@ -188,3 +188,31 @@ def test_a_symlink_created_in_the_directory_is_reported_and_a_new_file_only_once
     done, got = _run(0.1, act, {"link.xml", "new.xml"})
     assert [ch.names for _, ch in got] == [{"link.xml"}, {"new.xml"}]
     assert got[1][0] >= done  # new.xml only after its close
+
+
+def test_guests_starting_together_share_one_probe_of_their_qemu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A fleet of files arriving at once starts all its guests before the first probe of their
+    QEMU binary is back: they wait for that one probe instead of each running its own."""
+    import qemud.daemon as daemon_mod
+    from qemud.config import Config
+    from qemud.events import EventLog
+    from qemud.paths import Dirs
+
+    calls: list[str] = []
+    real = daemon_mod.probe
+
+    def counted(emulator: str, *a: object, **kw: object):  # the real probe, counted
+        calls.append(emulator)
+        time.sleep(0.2)  # the others arrive while it runs
+        return real(emulator, *a, **kw)
+
+    monkeypatch.setattr(daemon_mod, "probe", counted)
+    dirs = Dirs(tmp_path / "qemud.conf", tmp_path / "domains", tmp_path / "run", tmp_path / "state")
+    d = daemon_mod.Daemon(Config(), dirs, EventLog("stderr"))
+
+    async def main() -> list:
+        return await asyncio.gather(*(d._caps_for("/usr/bin/qemu-system-x86_64") for _ in range(10)))
+
+    caps = asyncio.run(main())
+    assert calls == ["/usr/bin/qemu-system-x86_64"]
+    assert all(c is caps[0] for c in caps)
