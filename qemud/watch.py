@@ -4,6 +4,8 @@ What counts as a change, and when it is acted on:
 
 - A file renamed into the directory (IN_MOVED_TO) is complete by construction (how tools and
   most editors save: write aside, rename in): it is reported at once.
+- A domain file renamed to another domain file name within the directory is reported at once
+  under both names.
 - Writes in place (IN_CLOSE_WRITE), removals (IN_MOVED_FROM, IN_DELETE) and mode changes
   (IN_ATTRIB) are debounced per file: the file is reported once it has been quiet for the
   debounce time, so an editor's save made of several steps (truncate and write in pieces; or
@@ -63,6 +65,8 @@ class DirectoryWatch:
         self._inotify: Inotify | None = None
         #: name (or _FULL) -> loop time at which it has been quiet long enough
         self._pending: dict[str, float] = {}
+        #: rename cookie -> the domain file name it moved away (paired with its IN_MOVED_TO)
+        self._moved_from: dict[int, str] = {}
 
     def start(self) -> None:
         # a bigger read buffer: a fleet of files renamed in at once is read in few syscalls
@@ -104,7 +108,17 @@ class DirectoryWatch:
         if event.mask & (Mask.MOVED_TO | Mask.CREATE):
             self._pending.pop(name, None)  # a complete file replaces whatever was under way
             out.names.add(name)
+            old = self._moved_from.pop(event.cookie, None) if event.mask & Mask.MOVED_TO else None
+            if old is not None and old in self._pending:
+                # a rename within the directory (mv a.xml b.xml): the old name is gone for good,
+                # told together with the new one (else the new file looks like a duplicate of it)
+                del self._pending[old]
+                out.names.add(old)
         else:
+            if event.mask & Mask.MOVED_FROM:
+                if len(self._moved_from) > 64:  # its pair never came (moved out of the directory)
+                    self._moved_from.clear()
+                self._moved_from[event.cookie] = name
             out.names.discard(name)  # renamed in, then written to: wait for the writes to end
             self._pending[name] = now + self.debounce
 

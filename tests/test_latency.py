@@ -216,3 +216,36 @@ def test_guests_starting_together_share_one_probe_of_their_qemu(monkeypatch: pyt
     caps = asyncio.run(main())
     assert calls == ["/usr/bin/qemu-system-x86_64"]
     assert all(c is caps[0] for c in caps)
+
+
+def test_a_rename_within_the_directory_is_reported_at_once_under_both_names() -> None:
+    """mv a.xml b.xml: the old name's removal comes with the new file, not a quiet period later
+    (else b.xml would look like a duplicate of a.xml, which still seemed to be there)."""
+    def act(d: Path, scratch: Path) -> float:
+        (scratch / "a.xml").write_text("<domain/>")
+        os.rename(scratch / "a.xml", d / "a.xml")
+        time.sleep(0.3)
+        os.rename(d / "a.xml", d / "b.xml")
+        return time.monotonic()
+
+    done, got = _run(5.0, act, {"a.xml", "b.xml", "never"}, timeout=1.5)
+    assert [ch.names for _, ch in got] == [{"a.xml"}, {"a.xml", "b.xml"}]
+    assert got[1][0] - done < 1.0
+
+
+@pytest.mark.qemu
+def test_a_domain_file_renamed_within_the_directory_keeps_its_guest_without_a_duplicate() -> None:
+    guest = ensure_guest()
+    d = Daemon()
+    try:
+        d.start(timeout=30)
+        after = d.mark()
+        d.drop("a.xml", domain_xml(guest, "mv", autostart=False))
+        d.wait_for("defined", "mv", timeout=10, after=after)
+        after = d.mark()
+        os.rename(d.path("a.xml"), d.path("b.xml"))
+        d.assert_no("duplicate-definition", within=1.0, after=after)
+        assert not d.events("undefined", after=after) and not d.events("defined", after=after)
+    finally:
+        print(d.log_text())
+        d.close()
