@@ -72,6 +72,9 @@ bench: venv
 # test guest. Its console: `.venv/bin/qemuctl --state-dir .state/run console tiny`. Ctrl-C stops
 # qemud; the guest keeps running and is adopted at the next `make run`.
 STATE := $(CURDIR)/.state
+# As root, QEMU runs as the unprivileged qemud user, which must reach the guests' runtime
+# directories: they go to /run then (a checkout may sit in /root, mode 0700).
+RUN_STATE ?= $(if $(filter 0,$(shell id -u)),/run/qemud-make-run,$(STATE)/run)
 run: venv
 	@mkdir -p $(STATE)/domains
 	@$(PY) -m tests.support.tinyguest > $(STATE)/tinyguest.json
@@ -79,7 +82,7 @@ run: venv
 		t=open("etc/qemud/examples/tiny.xml.in").read(); \
 		sys.stdout.write(t.replace("@KERNEL@", g["kernel"]).replace("@INITRD@", g["initrd"]))' \
 		> $(STATE)/tiny.xml.new && mv $(STATE)/tiny.xml.new $(STATE)/domains/tiny.xml
-	$(VENV)/bin/qemud --domains-dir $(STATE)/domains --state-dir $(STATE)/run
+	$(VENV)/bin/qemud --domains-dir $(STATE)/domains --state-dir $(RUN_STATE)
 
 # Install into the system (or DESTDIR): the package into its own venv under PREFIX/lib/qemud,
 # the commands, units, config, catalog, examples, sysusers and tmpfiles entries.

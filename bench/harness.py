@@ -418,7 +418,9 @@ TMPDIR = "/tmp"  # where each measurement makes its directory (bench/run.py --tm
 
 
 def tempbase() -> Path:
-    return Path(tempfile.mkdtemp(prefix="qb", dir=TMPDIR))
+    p = Path(tempfile.mkdtemp(prefix="qb", dir=TMPDIR))
+    p.chmod(0o711)  # qemud (root) runs QEMU as the qemud user, which passes through to its guests
+    return p
 
 
 def rmtree(p: Path) -> None:

@@ -554,7 +554,8 @@ def main() -> int:
         "start": lambda: bench_start(res, 5 if q else 10),
         "stop": lambda: bench_stop(res, 2 if q else 5),
         "adopt": lambda: bench_adopt(res, 3 if q else 7),
-        "scale": lambda: bench_scale(res, sizes, 5 if q else 20, 5 if q else 10,
+        # the idleness: 60 s (--quick: 5 s)
+        "scale": lambda: bench_scale(res, sizes, 5 if q else 60, 5 if q else 10,
                                      2 if q else 3),
         "translate": lambda: bench_translate(res, args.corpus, 1 if q else 5),
     }

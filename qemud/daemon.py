@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 from collections.abc import Callable
 import fcntl
@@ -21,7 +22,7 @@ from pathlib import Path
 from qemud import __version__, notify, records
 from qemud.caps import HostCaps, probe
 from qemud.config import Config, load_config, with_storage_config
-from qemud.runas import passage
+from qemud.runas import memlock_ceiling, passage, unreachable
 from qemud.runas import resolve as resolve_runas
 from qemud.domain import Domain, load_domain
 from qemud.errors import DomainError, HostError, QemudError, report_lines
@@ -91,11 +92,21 @@ class AskedStops:
             pass
 
 
+#: the key of a file that must be read again at its next event (refused, or not stat-able)
+NEVER = (-1, -1, -1)
+
+
 @dataclass
 class Parsed:
+    """A domain file as last read. ``key`` is the identity it was read with (inode, size,
+    mtime): the same key, the same contents, not read again."""
+
     key: tuple[int, int, int]
     domain: Domain | None
     error: DomainError | None
+    mtime: float  # new files are taken oldest first
+    report_key: tuple[int, int, int]  # its error is logged once per report_key
+    definition: str = ""  # definition_hash(domain), computed once per read
 
 
 class Daemon:
@@ -106,6 +117,7 @@ class Daemon:
         self.log = log
         self.guests: dict[str, Guest] = {}  # by domain name
         self._parsed: dict[str, Parsed] = {}  # by file path, reread only when the file changes
+        self._need_full = False  # the directory could not be read: the next reconcile rereads all
         self._reported: dict[str, tuple[int, int, int]] = {}  # file -> version whose error was logged
         self._caps: dict[str, tuple[tuple[int, int, int], HostCaps]] = {}
         #: who QEMU runs as (qemud is root), or None (QEMU runs as qemud's own user)
@@ -120,6 +132,7 @@ class Daemon:
         self.config = config
         self._networks = config.networks
         self._caps = {}  # host caps carry the networks: probe results come from the disk cache
+        self._probing: dict[tuple[str, tuple[int, int, int] | None], asyncio.Task[HostCaps]] = {}
         self.env = Env(caps_for=self._caps_for, runtime=self.dirs.runtime, state=self.dirs.state, log=self.log,
                        restart_defaults=RestartPolicy(max_retries=config.max_retries, backoff=config.backoff,
                                                       max_backoff=config.max_backoff,
@@ -154,24 +167,75 @@ class Daemon:
         cached = self._caps.get(emulator)
         if cached is not None and key is not None and cached[0] == key:
             return cached[1]
+        # one probe per binary at a time: a fleet of files arriving at once starts all its
+        # guests before the first probe is back, and each used to probe (from the disk cache,
+        # or, on a first start, by running QEMU) on its own
+        flights = self._probing
+        flight = flights.get((emulator, key))
+        if flight is None:
+            flight = asyncio.get_running_loop().create_task(self._probe(emulator, key))
+            flights[(emulator, key)] = flight
+            flight.add_done_callback(lambda _: flights.pop((emulator, key), None))
+        return await asyncio.shield(flight)  # one waiter cancelled does not cancel the others' probe
+
+    async def _probe(self, emulator: str, key: tuple[int, int, int] | None) -> HostCaps:
+        cache = self._caps
         caps = (await asyncio.to_thread(probe, emulator)).with_networks(self._networks)
         caps = with_storage_config(caps, self.config)
         caps = caps.with_tls(self.config.tls_dirs)
+        if self.runas is not None:  # an unprivileged QEMU locks memory only up to its rlimit
+            caps = dataclasses.replace(caps, host=dataclasses.replace(caps.host, memlock_bytes=memlock_ceiling()))
         if key is not None:
-            self._caps[emulator] = (key, caps)
+            cache[emulator] = (key, caps)  # into a cache a reload has replaced meanwhile: dropped
         return caps
 
     # ---- the reconcile path --------------------------------------------------------------
-    def _scan(self) -> dict[str, tuple[str, Domain]]:
-        """name -> (file, domain) wanted by the directory. Errors are logged once per version."""
-        wanted: dict[str, tuple[str, Domain]] = {}
-        uuids: dict[str, str] = {}
-        unchanged = {name: (g.file, g.domain) for name, g in self.guests.items()}
+    def _check(self, path: str) -> None:
+        """Reread one domain file into ``_parsed`` (or forget it, when gone): its trust (StrictModes),
+        then, if its identity changed, its contents."""
+        try:
+            st = os.stat(path)  # follows symlinks, never opens
+        except FileNotFoundError:
+            # gone (or a dangling symlink): forgotten, and an error it had may be told again
+            self._parsed.pop(path, None)
+            self._reported.pop(path, None)
+            return
+        except OSError as exc:  # a symlink loop, a permission problem
+            self._parsed[path] = Parsed(NEVER, None, DomainError.at("", f"cannot be read: {exc.strerror}")
+                                        .with_file(path), 0.0, (0, 0, exc.errno or 0))
+            return
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        distrust = untrusted(path)
+        if distrust:
+            self._parsed[path] = Parsed(NEVER, None, DomainError.at("", f"refused: {distrust}").with_file(path),
+                                        st.st_mtime, (st.st_ino, st.st_mode, st.st_uid))
+            return
+        p = self._parsed.get(path)
+        if p is not None and p.key == key:
+            return  # the same file as read before (a chmod that keeps it trusted), error or not
+        if not stat.S_ISREG(st.st_mode):
+            p = Parsed(key, None, DomainError.at("", "is not a regular file").with_file(path), st.st_mtime, key)
+        else:
+            try:
+                domain = load_domain(path)
+                p = Parsed(key, domain, None, st.st_mtime, key, definition_hash(domain))
+            except DomainError as exc:
+                p = Parsed(key, None, exc, st.st_mtime, key)
+        self._parsed[path] = p
+
+    def _scan(self, only: set[str] | None = None) -> dict[str, tuple[str, Domain, str]]:
+        """name -> (file, domain, definition hash) wanted by the directory. Only the files in
+        ``only`` are reread (None: every file, at startup, SIGHUP and inotify overflow); the
+        others count as last read. Errors are logged once per version."""
+        unchanged = {name: (g.file, g.domain, g.definition) for name, g in self.guests.items()}
+        if self._need_full:
+            only = None
         try:
             why = untrusted(self.dirs.domains)
-            entries = list(os.scandir(self.dirs.domains))
+            names = None if only is not None else [e.name for e in os.scandir(self.dirs.domains)]
         except OSError as exc:
             self.log.emit("directory-error", f"cannot read {self.dirs.domains}: {exc.strerror}", ERR)
+            self._need_full = True
             return unchanged
         if why:
             # whoever may write the directory could make qemud start QEMU with any file: nothing
@@ -180,68 +244,48 @@ class Daemon:
                 self._reported[str(self.dirs.domains)] = (0, 0, hash(why))
                 self.log.emit("directory-error", f"{self.dirs.domains}: refused: {why}", ERR,
                               file=str(self.dirs.domains))
+            self._need_full = True  # what changed meanwhile was not read: all of it, once trusted
             return unchanged
         self._reported.pop(str(self.dirs.domains), None)
-        files: list[tuple[float, str, os.stat_result]] = []
-        for e in entries:
-            if not is_candidate(e.name):
-                continue
-            try:
-                st = os.stat(e.path)  # follows symlinks, never opens
-            except FileNotFoundError:
-                continue  # gone between the listing and now (or a dangling symlink, below)
-            except OSError as exc:  # a symlink loop, a permission problem
-                self._report_invalid(e.path, (0, 0, exc.errno or 0),
-                                     DomainError.at("", f"cannot be read: {exc.strerror}").with_file(e.path))
-                continue
-            files.append((st.st_mtime, e.path, st))
+        if names is not None:
+            self._need_full = False
+            paths = {os.path.join(self.dirs.domains, n) for n in names if is_candidate(n)}
+            for path in [p for p in self._parsed if p not in paths]:
+                del self._parsed[path]
+                self._reported.pop(path, None)
+        else:
+            paths = only or set()
+        for path in paths:
+            self._check(path)
+        return self._wanted()
+
+    def _wanted(self) -> dict[str, tuple[str, Domain, str]]:
+        """name -> (file, domain, definition hash) from the files as last read (no I/O)."""
+        wanted: dict[str, tuple[str, Domain, str]] = {}
+        uuids: dict[str, str] = {}
         # a file that defines a guest already keeps it: a duplicate never takes over, whatever
         # the modification times do later; new files are taken oldest first
         owned = {g.file for g in self.guests.values()}
-        files.sort(key=lambda f: (f[1] not in owned, f[0], f[1]))
-        seen: set[str] = set()
-        for _, path, st in files:
-            seen.add(path)
-            key = (st.st_ino, st.st_size, st.st_mtime_ns)
-            distrust = untrusted(path)
-            if distrust:
-                p = Parsed((st.st_ino, st.st_mode, st.st_uid), None,
-                           DomainError.at("", f"refused: {distrust}").with_file(path))
-                self._parsed.pop(path, None)
-            else:
-                p = self._parsed.get(path)
-            if p is None or (p.key != key and not distrust):
-                if not stat.S_ISREG(st.st_mode):
-                    p = Parsed(key, None, DomainError.at("", "is not a regular file").with_file(path))
-                else:
-                    try:
-                        p = Parsed(key, load_domain(path), None)
-                    except DomainError as exc:
-                        p = Parsed(key, None, exc)
-                self._parsed[path] = p
+        for path, p in sorted(self._parsed.items(), key=lambda kv: (kv[0] not in owned, kv[1].mtime, kv[0])):
             domain = p.domain
             if domain is None:
-                self._report_invalid(path, key, p.error)
+                self._report_invalid(path, p.report_key, p.error)
                 # a running guest keeps its last good definition
                 for g in self.guests.values():
                     if g.file == path:
-                        wanted[g.name] = (path, g.domain)
+                        wanted[g.name] = (path, g.domain, g.definition)
                 continue
             self._reported.pop(path, None)
             other = wanted.get(domain.name)
             if other is not None and other[0] != path:
-                self._report_duplicate(path, key, f"domain name '{domain.name}' is already defined by {other[0]}")
+                self._report_duplicate(path, p.report_key, f"domain name '{domain.name}' is already defined by {other[0]}")
                 continue
             uuid = domain.uuid_value
             if uuid in uuids and uuids[uuid] != path:
-                self._report_duplicate(path, key, f"UUID {uuid} is already used by {uuids[uuid]}")
+                self._report_duplicate(path, p.report_key, f"UUID {uuid} is already used by {uuids[uuid]}")
                 continue
             uuids[uuid] = path
-            wanted[domain.name] = (path, domain)
-        for path in list(self._parsed):
-            if path not in seen:
-                del self._parsed[path]
-                self._reported.pop(path, None)
+            wanted[domain.name] = (path, domain, p.definition)
         return wanted
 
     def _report_invalid(self, path: str, key: tuple[int, int, int], error: DomainError | None) -> None:
@@ -257,20 +301,22 @@ class Daemon:
         self._reported[path] = key
         self.log.emit("duplicate-definition", f"{path}: refused: {why}", ERR, file=path)
 
-    def reconcile(self) -> None:
-        wanted = self._scan()
+    def reconcile(self, only: set[str] | None = None) -> None:
+        """Bring the guests in line with the directory: with ``only``, after rereading just
+        those files (paths); without, after rereading every file."""
+        wanted = self._scan(only)
         for name, guest in list(self.guests.items()):
             if name not in wanted and not guest.removing:
                 guest.remove("its file was removed")
                 self._forget_when_gone(name, guest)
-        for name, (path, domain) in wanted.items():
+        for name, (path, domain, definition) in wanted.items():
             guest = self.guests.get(name)
             if guest is None:
                 guest = Guest(self.env, domain, path)
                 self.guests[name] = guest
                 self.log.emit("defined", f"{name}: defined by {path}", INFO, domain=name,
                               uuid=domain.uuid_value, file=path)
-                if name in self.asked_stops and self.asked_stops.definition(name) == definition_hash(domain):
+                if name in self.asked_stops and self.asked_stops.definition(name) == definition:
                     self.log.emit("stays-stopped", f"{name}: stays stopped, as asked with qemuctl", INFO,
                                   domain=name, uuid=domain.uuid_value)
                 elif autostart(domain):
@@ -278,7 +324,7 @@ class Daemon:
                     guest.start("its file appeared" if self._started else "autostart")
             else:
                 resumed, guest.resumed_removal = guest.resumed_removal, False
-                if definition_hash(domain) != guest.definition or guest.file != path or guest.removing:
+                if definition != guest.definition or guest.file != path or guest.removing:
                     self.asked_stops.discard(name)  # a changed file clears an asked-for stop
                     guest.redefine(domain, path)
                 elif resumed and autostart(domain) and name not in self.asked_stops:
@@ -292,7 +338,9 @@ class Daemon:
             if self.guests.get(name) is guest:
                 del self.guests[name]
                 await guest.close()
-                self.reconcile()  # its file may be back already: then it is a new guest
+                # its file may be back already: then it is a new guest (the files as last read
+                # say so; every change to them since has been reread at its own event)
+                self.reconcile(set())
         asyncio.get_running_loop().create_task(forget())
 
     # ---- adoption ------------------------------------------------------------------------
@@ -353,6 +401,9 @@ class Daemon:
             for d in (self.dirs.runtime, self.dirs.runtime / "domains", self.dirs.state,
                       self.dirs.state / "domains"):
                 passage(d, self.runas)
+            for d in (self.dirs.runtime / "domains", self.dirs.state / "domains"):
+                if why := unreachable(d, self.runas):
+                    raise HostError(why)
             lock = open(self.dirs.runtime / PIDFILE, "a+")
         except OSError as exc:
             # read-only, full, or not ours: without its lock and records qemud cannot supervise
@@ -414,12 +465,17 @@ class Daemon:
             done, pending = await asyncio.wait({changed, hup}, return_when=asyncio.FIRST_COMPLETED)
             for t in pending:
                 t.cancel()
+            only: set[str] | None = None  # SIGHUP, an overflow, the directory itself: reread all
             if hup in done:
                 self._rescan.clear()
                 notify.reloading()
                 self.log.emit("reloading", "rereading the configuration and the domains directory", INFO)
                 self.reload_config()
-            self.reconcile()
+            else:
+                changes = changed.result()
+                if not changes.full:
+                    only = {os.path.join(self.dirs.domains, n) for n in changes.names}
+            self.reconcile(only)
             if hup in done:
                 notify.ready(self.status_line())
 

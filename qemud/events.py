@@ -16,6 +16,7 @@ import os
 import re
 import shlex
 import socket
+import stat
 import struct
 import sys
 import syslog
@@ -172,9 +173,17 @@ class Journal:
         self.sock.sendto(self.encode(message, fields), self.path)
 
 
+#: lines kept for a stderr that does not take them now (a stream to a hung journald): beyond
+#: this, lines are dropped and counted rather than stalling the supervisor
+STDERR_BACKLOG = 1 << 20
+
+
 class EventLog:
     def __init__(self, target: str = "auto", stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stderr
+        self._fd = _nonblocking_pipe_fd(self.stream)
+        self._pending = bytearray()  # what the non-blocking stderr has not taken yet
+        self._dropped = 0
         self._journal: Journal | None = None
         if target == "journal" or (target == "auto" and os.path.exists(JOURNAL_SOCKET)):
             self._journal = Journal()
@@ -214,11 +223,56 @@ class EventLog:
         # a field value with a newline (a file name may have one) must not end the line
         parts = [f"{k}={shlex.quote(printable(qf[k]))}" for k in order if k != "MESSAGE_ID"]
         stamp = time.strftime("%H:%M:%S")
+        text = f"{stamp} {_PRIO.get(priority, '')}{message}  {' '.join(parts)}\n"
+        if self._fd is not None:
+            self._write_nonblocking(text.encode("utf-8", "replace"))
+            return
         try:
-            self.stream.write(f"{stamp} {_PRIO.get(priority, '')}{message}  {' '.join(parts)}\n")
+            self.stream.write(text)
             self.stream.flush()
         except (OSError, ValueError):
             pass  # a closed stderr must never stop the supervisor
+
+    def _write_nonblocking(self, data: bytes) -> None:
+        """stderr that is a pipe or a socket (under systemd: a stream to journald, which may hang
+        like its native socket): never wait for it. What it does not take now waits in a backlog;
+        past :data:`STDERR_BACKLOG` lines are dropped, and their count is written once it drains."""
+        assert self._fd is not None
+        if len(self._pending) + len(data) > STDERR_BACKLOG:
+            self._dropped += 1
+        else:
+            self._pending += data
+        try:
+            while self._pending:
+                n = os.write(self._fd, self._pending)
+                del self._pending[:n]
+                if not self._pending and self._dropped:
+                    note = (f"{time.strftime('%H:%M:%S')} warning: {self._dropped} log line(s) dropped: "
+                            "stderr did not take them\n").encode()
+                    self._dropped = 0
+                    self._pending += note
+        except BlockingIOError:
+            pass
+        except OSError:
+            self._pending.clear()  # a closed stderr must never stop the supervisor
+
+
+def _nonblocking_pipe_fd(stream: TextIO) -> int | None:
+    """The fd of ``stream`` made non-blocking when it is a pipe or a socket, else None (a file or
+    a terminal is written as it is: O_NONBLOCK on a terminal would reach the shell sharing it)."""
+    try:
+        fd = stream.fileno()
+        mode = os.fstat(fd).st_mode
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+        return None
+    try:
+        stream.flush()
+        os.set_blocking(fd, False)
+    except (OSError, ValueError):
+        return None
+    return fd
 
 
 _PRIO = {ERR: "error: ", WARNING: "warning: "}

@@ -733,7 +733,7 @@ class Guest:
                     if self.env.runas is not None:  # an unprivileged QEMU cannot open a tap itself
                         argv, taps = pass_taps(argv)
                     proc = spawn(argv, cmd.env, self.paths.run / "qemu.log", (listener.fileno(), *taps),
-                                 self.env.runas)
+                                 self.env.runas, cmd.memlock_bytes)
                 finally:
                     listener.close()
                     for fd in taps:

@@ -8,17 +8,21 @@ for the PID to vanish: this machine's PID 1 reaps others' children only every se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
+import resource
 import signal
 import socket
 import subprocess
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
+from qemud.errors import HostError
 from qemud.runas import RunAs, open_regular
 
 
@@ -108,7 +112,7 @@ _DAEMON_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_PID", "WATCHDOG_USEC", "LISTEN_PI
 
 
 def spawn(argv: list[str], env: dict[str, str], log_path: Path, pass_fds: tuple[int, ...] = (),
-          runas: RunAs | None = None) -> QemuProcess:
+          runas: RunAs | None = None, memlock: int = 0) -> QemuProcess:
     """Start QEMU in its own session (so the daemon's signals and death do not reach it), with
     stdout/stderr appended to its log file (a pipe would break when the daemon restarts), as the
     unprivileged ``runas`` user when given (its groups: ``kvm``). The log file is root's, opened
@@ -117,7 +121,7 @@ def spawn(argv: list[str], env: dict[str, str], log_path: Path, pass_fds: tuple[
     if runas is not None:
         ids = {"user": runas.uid, "group": runas.gid, "extra_groups": list(runas.groups)}
     fd = open_regular(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    with open(fd, "ab", buffering=0) as log:
+    with open(fd, "ab", buffering=0) as log, _memlock_limit(memlock if runas is not None else 0):
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                  env={**{k: v for k, v in os.environ.items() if k not in _DAEMON_ONLY_ENV}, **env},
                                  start_new_session=True, close_fds=True,
@@ -127,6 +131,29 @@ def spawn(argv: list[str], env: dict[str, str], log_path: Path, pass_fds: tuple[
     except psutil.Error:
         ctime = 0.0
     return QemuProcess(child.pid, ctime, child)
+
+
+@contextlib.contextmanager
+def _memlock_limit(need: int) -> Iterator[None]:
+    """RLIMIT_MEMLOCK of at least ``need`` bytes for a child forked meanwhile (it inherits the
+    limit): an unprivileged QEMU with <locked/> may lock its memory, as libvirt sets it. Root
+    (qemud) may raise the limit; its own is put back after the fork."""
+    if need <= 0:
+        yield
+        return
+    old = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if old[0] == resource.RLIM_INFINITY or old[0] >= need:
+        yield
+        return
+    hard = old[1] if old[1] == resource.RLIM_INFINITY or old[1] >= need else need
+    try:
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (need, hard))
+    except (ValueError, OSError) as exc:  # the translator checks this; a host changed since
+        raise HostError(f"cannot let QEMU lock {need >> 20} MiB (<memoryBacking><locked/>): {exc}") from exc
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, old)
 
 
 def adopt(pid: int, create_time: float, argv: list[str]) -> QemuProcess | None:

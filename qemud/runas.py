@@ -81,6 +81,22 @@ def resolve(user: str | None, group: str | None) -> RunAs | None:
     return RunAs(pw.pw_name, pw.pw_uid, gid, groups)
 
 
+def memlock_ceiling() -> int | None:
+    """The most memory an unprivileged QEMU started by qemud can lock: qemud raises the child's
+    RLIMIT_MEMLOCK up to its own hard limit, or beyond with CAP_SYS_RESOURCE. None: unlimited."""
+    import resource
+    hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)[1]
+    if hard == resource.RLIM_INFINITY:
+        return None
+    try:
+        with open("/proc/self/status") as fh:
+            eff = int(next(ln for ln in fh if ln.startswith("CapEff:")).split()[1], 16)
+    except (OSError, StopIteration, ValueError):
+        return hard
+    CAP_SYS_RESOURCE = 24
+    return None if eff >> CAP_SYS_RESOURCE & 1 else hard
+
+
 # ---- root's operations in directories a QEMU can write ------------------------------------------
 
 def guest_dir(path: Path, runas: RunAs | None, mode: int = GUEST_RUN_MODE) -> None:
@@ -100,6 +116,36 @@ def passage(path: Path, runas: RunAs | None) -> None:
     st = path.lstat()
     if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o001:
         os.chmod(path, stat.S_IMODE(st.st_mode) | 0o111)
+
+
+def unreachable(path: Path, runas: RunAs | None) -> str | None:
+    """Why QEMU's user cannot reach ``path`` (a directory above it it may not search), or None.
+    A directory with an ACL is taken as passable (the kernel decides; QEMU's error would tell)."""
+    if runas is None:
+        return None
+    for d in [*reversed(path.absolute().parents), path.absolute()]:
+        try:
+            st = d.stat()
+        except OSError:
+            return None  # not there yet: qemud makes it, passable
+        if st.st_uid == runas.uid:
+            ok = bool(st.st_mode & stat.S_IXUSR)
+        elif st.st_gid in runas.groups or st.st_gid == runas.gid:
+            ok = bool(st.st_mode & stat.S_IXGRP)
+        else:
+            ok = bool(st.st_mode & stat.S_IXOTH)
+        if not ok and not _has_acl(d) and d != path.absolute():
+            return (f"QEMU runs as {runas.describe()}, which cannot reach {path}: {d} is mode "
+                    f"{stat.S_IMODE(st.st_mode):04o}; choose a directory it can reach, or let it through "
+                    f"with `setfacl -m u:{runas.user}:x {d}`")
+    return None
+
+
+def _has_acl(path: Path) -> bool:
+    try:
+        return "system.posix_acl_access" in os.listxattr(path)
+    except OSError:
+        return False
 
 
 def qemu_dir(path: Path, runas: RunAs | None, mode: int = 0o700) -> None:
@@ -194,5 +240,5 @@ def permission_hint(message: str, runas: RunAs | None) -> str:
             f"(`setfacl -m u:{runas.user}:x DIR`) on each directory above it, or `chown {runas.user}` it)")
 
 
-__all__ = ["DEFAULT_USER", "RunAs", "resolve", "guest_dir", "passage", "qemu_dir", "give", "open_regular",
+__all__ = ["DEFAULT_USER", "RunAs", "resolve", "unreachable", "guest_dir", "passage", "qemu_dir", "give", "open_regular",
            "create_new", "write_file", "permission_hint"]

@@ -63,6 +63,7 @@ LINE = re.compile(r"^(?P<file>.+?)(?::(?P<line>\d+))?: (?:(?P<path>/[^ ]*): )?(?
 def state() -> Iterator[Path]:
     """A short state directory: unix socket paths under pytest's long tmp_path would not fit."""
     d = Path(tempfile.mkdtemp(prefix="qs", dir="/tmp"))
+    d.chmod(0o711)  # QEMU runs as the qemud user: it passes through to its guests
     yield d
     shutil.rmtree(d, ignore_errors=True)
 

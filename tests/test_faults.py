@@ -211,6 +211,7 @@ def test_runtime_dir_read_only(daemon: Daemon, guest: TinyGuest) -> None:
 @pytest.fixture
 def bindir() -> Iterator[Path]:
     p = Path(tempfile.mkdtemp(prefix="qb", dir="/tmp"))
+    p.chmod(0o711)  # QEMU runs as the qemud user: it passes through to its guests
     try:
         yield p
     finally:
@@ -412,7 +413,7 @@ def test_daemon_killed_during_a_start(daemon: Daemon, guest: TinyGuest, record: 
     pid = None
     while pid is None:
         assert time.monotonic() < deadline, "QEMU did not write its pid file"
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, IndexError):  # created, not written yet
             pid = int(pidfile.read_text().split()[0])
         time.sleep(0.001)
     os.kill(pid, signal.SIGSTOP)  # QEMU writes its pid file before it can greet on QMP
@@ -523,6 +524,7 @@ def test_journal_gone_and_back() -> None:
     from tests.support.journald import JOURNALD, Namespace
     ns = Namespace()
     base = Path(tempfile.mkdtemp(prefix="qj", dir="/tmp"))
+    base.chmod(0o711)  # QEMU runs as the qemud user: it passes through to its guests
     (base / "domains").mkdir()
     p = subprocess.Popen(ns.cmd([str(QEMUCTL.with_name("qemud")), "--domains-dir", str(base / "domains"),
                                  "--state-dir", str(base / "s")]),
@@ -579,6 +581,7 @@ def test_journal_not_reading_never_stalls_the_daemon() -> None:
     from tests.support.journald import Namespace
     ns = Namespace()
     base = Path(tempfile.mkdtemp(prefix="qj", dir="/tmp"))
+    base.chmod(0o711)  # QEMU runs as the qemud user: it passes through to its guests
     (base / "domains").mkdir()
     p = subprocess.Popen(ns.cmd([str(QEMUCTL.with_name("qemud")), "--domains-dir", str(base / "domains"),
                                  "--state-dir", str(base / "s")]),
@@ -657,3 +660,52 @@ def test_daemon_killed_while_a_removed_file_stops_its_guest_and_the_file_comes_b
     assert qemus(d) == {"g": [running.pid]}
     d.assert_no("stopping", "g", within=2, after=running.index)
     assert status(d, "g")["state"] == "running"
+
+
+def test_stderr_that_takes_nothing_never_stalls_the_daemon() -> None:
+    """Under systemd the stderr fallback is itself a stream to journald: a hung journald fills it.
+    Here stderr is a pipe already full that nobody reads: the daemon must still start, supervise
+    (j1 fails its starts) and answer; the lines wait or are dropped and counted, never waited for."""
+    import fcntl
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
+    os.set_blocking(w, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(w, b"x" * 512)
+    os.set_blocking(w, True)
+    base = Path(tempfile.mkdtemp(prefix="qe", dir="/tmp"))
+    base.chmod(0o711)
+    (base / "domains").mkdir()
+    p = subprocess.Popen([str(QEMUCTL.with_name("qemud")), "--domains-dir", str(base / "domains"),
+                          "--state-dir", str(base / "s"), "--log-target", "stderr"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=w)
+    os.close(w)
+    try:
+        (base / "domains" / "j1.xml").write_text(BROKEN.format(name="j1"))
+        t0 = time.monotonic()
+        while True:
+            q = subprocess.run([str(QEMUCTL), "--state-dir", str(base / "s"), "list", "--json"],
+                               capture_output=True, text=True, timeout=30)
+            if q.returncode == 0 and '"failed"' in q.stdout:
+                break
+            assert p.poll() is None, "qemud died with a full stderr"
+            assert time.monotonic() - t0 < RUN_TIMEOUT, (q.stdout, q.stderr)
+            time.sleep(0.2)
+        # once stderr is read again the daemon's lines arrive, with the count of those dropped
+        p.terminate()
+        out = b""
+        while chunk := os.read(r, 65536):
+            out += chunk
+        assert p.wait(30) == 0
+        text = out.decode(errors="replace")
+        assert "QEMUD_EVENT=daemon-stopping" in text
+        assert "QEMUD_EVENT=ready" in text or "log line(s) dropped" in text
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        os.close(r)
+        subprocess.run([str(QEMUCTL.with_name("qemud")), "--state-dir", str(base / "s"), "--stop-guests",
+                        "--timeout", "5"], capture_output=True, timeout=60)
+        shutil.rmtree(base, ignore_errors=True)

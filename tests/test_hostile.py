@@ -217,7 +217,7 @@ def test_special_file_is_refused_and_does_not_block(run: Run, filename: str, mak
 
 
 def test_symlinks_to_special_files_do_not_block(run: Run) -> None:
-    target = _fifo(run.d.scratch / "fifo-target")
+    target = _fifo(run.d.root_scratch / "fifo-target")
     link = run.d.scratch / "link-fifo"
     link.symlink_to(target)
     path = run.move_in(link, "link-fifo.xml")
@@ -247,7 +247,7 @@ def test_symlink_to_a_file_elsewhere(run: Run) -> None:
     path = run.move_in(link, "passwd.xml")
     run.invalid(path, "not well-formed XML")
     assert "root:x:0:0" not in run.d.log_text()
-    real = run.d.scratch / "elsewhere-real.xml"
+    real = run.d.root_scratch / "elsewhere-real.xml"
     real.write_text(run.xml("elsewhere"))
     link2 = run.d.scratch / "elsewhere"
     link2.symlink_to(real)
@@ -411,6 +411,7 @@ def test_daemon_still_reacts_at_the_end(run: Run) -> None:
 def test_invalid_file_in_the_real_journal_names_the_file_and_the_element() -> None:
     ns = Namespace()
     base = Path(tempfile.mkdtemp(prefix="qh", dir="/tmp"))
+    base.chmod(0o711)  # QEMU runs as the qemud user: it passes through to its guests
     (base / "domains").mkdir()
     qemud = Path(sys.executable).parent / "qemud"
     p = subprocess.Popen(ns.cmd([str(qemud), "--domains-dir", str(base / "domains"), "--state-dir", str(base / "s")]),

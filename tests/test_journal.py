@@ -44,6 +44,7 @@ def ns() -> Iterator[Namespace]:
 @pytest.fixture
 def dirs() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="qj", dir="/tmp"))
+    d.chmod(0o711)  # QEMU runs as the qemud user: it passes through to its guests
     (d / "domains").mkdir()
     try:
         yield d

@@ -43,6 +43,8 @@ def as_qemu_user(code: str) -> subprocess.CompletedProcess[str]:
 def start(d: Daemon, guest: TinyGuest, name: str, extra: str = "") -> int:
     after = d.mark()
     xml = domain_xml(guest, name, serial_path=d.scratch / f"{name}.console")
+    if name.startswith("lock"):
+        xml = xml.replace("<vcpu>", "<memoryBacking><locked/></memoryBacking>\n  <vcpu>")
     d.drop(f"{name}.xml", xml.replace("<memballoon model='none'/>", extra + "<memballoon model='none'/>"))
     ev = d.wait_for("running", name, timeout=BOOT, after=after)
     assert ev.pid is not None
@@ -183,3 +185,28 @@ def test_qemu_user_that_is_root_or_missing_stops_the_daemon_with_a_clear_error(u
         assert expect in ev.message and str(conf) in ev.message
     finally:
         d.close()
+
+
+def test_locked_memory_of_an_unprivileged_qemu(guest: TinyGuest) -> None:
+    """<memoryBacking><locked/>: an unprivileged QEMU may lock only up to its RLIMIT_MEMLOCK.
+    qemud starts it with a limit that covers the guest (as libvirt does) when it can raise the
+    limit (CAP_SYS_RESOURCE, or a high enough hard limit); where it cannot (this container lacks
+    CAP_SYS_RESOURCE, hard limit 8 MiB), the element is refused with what to change."""
+    from qemud.runas import memlock_ceiling
+    ceiling = memlock_ceiling()
+    with running_daemon() as d:
+        if ceiling is not None and ceiling < 2 << 30:
+            after = d.mark()
+            xml = domain_xml(guest, "lock1", serial_path=d.scratch / "lock1.console")
+            d.drop("lock1.xml", xml.replace("<vcpu>", "<memoryBacking><locked/></memoryBacking>\n  <vcpu>"))
+            ev = d.wait_for("invalid-definition", timeout=60, after=after)
+            assert "/domain/memoryBacking/locked" in ev.message and "LimitMEMLOCK=infinity" in ev.message
+            assert d.events("spawned", "lock1", after=after) == []
+            return
+        pid = start(d, guest, "lock1")
+        soft = int(next(ln for ln in Path(f"/proc/{pid}/limits").read_text().splitlines()
+                        if ln.startswith("Max locked memory")).split()[3])
+        assert soft >= 256 << 20
+        locked_kib = int(next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
+                              if ln.startswith("VmLck:")).split()[1])
+        assert locked_kib >= 256 << 10, "the guest's RAM is locked"

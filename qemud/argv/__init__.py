@@ -22,7 +22,7 @@ from qemud.argv.display import add_audio, add_graphics, add_hubs, add_inputs, ad
 from qemud.argv.hostdev import add_hostdevs
 from qemud.argv.machine import (add_boot, add_clock, add_cpu, add_identity, add_lifecycle,
                                 add_machine, add_smp)
-from qemud.argv.memory import PREALLOC, add_memory, add_memory_devices
+from qemud.argv.memory import MEMLOCK, PREALLOC, add_memory, add_memory_devices
 from qemud.argv.iommu import add_iommu
 from qemud.argv.launchsec import add_launch_security
 from qemud.argv.misc import add_balloon, add_panics, add_rngs, add_watchdogs
@@ -61,6 +61,8 @@ class Command:
     #: guest RAM QEMU preallocates before it answers QMP (<allocation mode='immediate'>, hugepages):
     #: it takes seconds per GiB, so whoever waits for QMP must wait longer
     prealloc_bytes: int = 0
+    #: memory QEMU locks (<locked/>): an unprivileged QEMU is started with this RLIMIT_MEMLOCK
+    memlock_bytes: int = 0
 
 
 def emulator_for(domain: Domain) -> str:
@@ -163,7 +165,8 @@ def build_argv(domain: Domain, caps: HostCaps, paths: GuestPaths, *, paused: boo
     return Command(argv=b.args, env=b.env, qmp=paths.qmp, prepare=prepare,
                    warnings=ignored_warnings(domain) + b.warnings, console_log=b.console_log,
                    tuning=tuning, qmp_setup=b.qmp_setup, helpers=list(b.helpers),
-                   prealloc_bytes=b.counters.get(PREALLOC, 0), elements=dict(b.elements))
+                   prealloc_bytes=b.counters.get(PREALLOC, 0), memlock_bytes=b.counters.get(MEMLOCK, 0),
+                   elements=dict(b.elements))
 
 
 _ECHO = re.compile(r"-(?:device|blockdev|chardev|netdev|object|audiodev|fsdev|tpmdev) (\{.*\}|[^\s:]+):")

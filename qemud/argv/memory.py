@@ -33,6 +33,8 @@ _POLICY = {"strict": "bind", "preferred": "preferred", "interleave": "interleave
 #: QEMU 7.2's TCG translation buffer on a 64-bit host with enough RAM: locked memory too
 TCG_BUFFER = 1 << 30
 #: Builder.counters key: guest memory QEMU allocates before it answers QMP (Command.prealloc_bytes)
+#: Builder counter: the bytes QEMU locks (<memoryBacking><locked/>)
+MEMLOCK = "memlock-bytes"
 PREALLOC = "prealloc-bytes"
 _NEED = "hugetlb-bytes-"  # Builder.counters key prefix: hugepage demand in bytes per page size
 
@@ -390,9 +392,10 @@ def add_memory(b: Builder) -> None:
         if limit is not None and limit < locked:
             b.error("/domain/memoryBacking/locked", f"locking the guest's {need // MIB} MiB needs "
                     f"RLIMIT_MEMLOCK of at least {-(-locked // MIB)} MiB, and qemud may lock {limit // 1024} KiB; "
-                    "raise it (LimitMEMLOCK=infinity in qemud's systemd unit) or run qemud as root")
+                    "raise it (LimitMEMLOCK=infinity in qemud's systemd unit)")
         b.add("-overcommit", "mem-lock=on")
         b.counters[PREALLOC] = b.counters.get(PREALLOC, 0) + locked
+        b.counters[MEMLOCK] = locked  # QEMU's RLIMIT_MEMLOCK when it runs unprivileged
     if not ok:
         return
     if cells:

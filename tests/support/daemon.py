@@ -133,6 +133,10 @@ class Daemon:
         self.base.chmod(0o711)
         self.scratch.chmod(0o755)
         os.chown(self.scratch, QEMU_USER.pw_uid, QEMU_USER.pw_gid)  # consoles, sockets QEMU makes
+        #: root's own scratch (0755): for files that must pass qemud's StrictModes (domain files
+        #: reached through symlinks), which a directory QEMU's user owns does not
+        self.root_scratch = self.base / "r"
+        self.root_scratch.mkdir(mode=0o755)
         self.extra_args = list(extra_args or [])
         self.lines: list[Event] = []
         self.cursor = 0  # where the next wait_for starts looking (see wait_for)
