@@ -11,7 +11,7 @@ import re
 import uuid as uuidlib
 from typing import Any, Literal
 
-from pydantic import ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from qemud.domain.base import (Element, Many, Opaque, UInt, YesNo, attr, child, ignored,
                                problems_from, text, walk_ignored)
@@ -125,7 +125,7 @@ class Domain(Element):
     on_lockfailure: Opaque | None = ignored("qemud uses no lock manager")
     idmap: Opaque | None = ignored("user namespace ID maps are for containers (libvirt's LXC driver); a QEMU guest has none")
     pm: Pm | None = None
-    devices: Devices = Devices()
+    devices: Devices = Field(default_factory=Devices)  # a factory: an instance here would build every device model at import
     sysinfo: Many[Sysinfo]
     launchSecurity: LaunchSecurity | None = None
     seclabel: Many[Seclabel] = ignored("qemud applies no SELinux/AppArmor labels of its own; qemud's own isolation applies (README: security)")

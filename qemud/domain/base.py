@@ -33,6 +33,16 @@ def _holds_model(annotation: Any) -> bool:
     return any(_holds_model(a) for a in typing.get_args(annotation))
 
 
+class _Attr:
+    """What :func:`attr` returns: the field's arguments, kept until :meth:`Element.__init_subclass__`
+    knows the field's name and so its ``@name`` alias."""
+
+    __slots__ = ("default", "name", "kw")
+
+    def __init__(self, default: Any, name: str, kw: dict[str, Any]) -> None:
+        self.default, self.name, self.kw = default, name, kw
+
+
 class Element(BaseModel):
     """One XML element: frozen, strict about what it contains."""
 
@@ -41,19 +51,21 @@ class Element(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=False,
                               hide_input_in_errors=False, defer_build=True)
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Turn each :func:`attr` into a pydantic field with its ``@name`` alias.  This runs before
+        pydantic collects the fields, so the alias is there from the start: setting it afterwards
+        needed a ``model_rebuild``, which builds the schema and validator of every model at import
+        (``defer_build`` notwithstanding) and made importing qemud.domain cost 150 ms."""
+        for fname, value in list(vars(cls).items()):
+            if isinstance(value, _Attr):
+                alias = "@" + (value.name or fname.rstrip("_"))
+                setattr(cls, fname, Field(value.default, alias=alias,
+                                          json_schema_extra={"xml_attr": value.name}, **value.kw))
+        super().__init_subclass__(**kwargs)
+
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
-        changed = False
-        for fname, finfo in cls.model_fields.items():
-            extra = finfo.json_schema_extra
-            if isinstance(extra, dict) and "xml_attr" in extra:
-                alias = "@" + (str(extra["xml_attr"]) or fname.rstrip("_"))
-                if finfo.alias != alias:
-                    finfo.alias = finfo.validation_alias = finfo.serialization_alias = alias
-                    changed = True
-        if changed:
-            cls.model_rebuild(force=True)
         # children that are elements: an empty one (<readonly/>) arrives as None and means
         # "present, no content", not "absent"
         cls._element_children = frozenset(
@@ -84,7 +96,7 @@ class Opaque(Element):
 def attr(default: Any = None, name: str = "", **kw: Any) -> Any:
     """A field read from an XML attribute: ``@`` + ``name`` (default: the field's name without a
     trailing underscore)."""
-    return Field(default, json_schema_extra={"xml_attr": name}, **kw)
+    return _Attr(default, name, kw)
 
 
 def child(tag: str, default: Any = None, **kw: Any) -> Any:
