@@ -4,8 +4,6 @@
 :class:`qemud.errors.DomainError` and nothing else for any input.
 """
 
-from __future__ import annotations
-
 import os
 import re
 import uuid as uuidlib
