@@ -123,7 +123,9 @@ class Domain(Element):
     on_lockfailure: Opaque | None = ignored("qemud uses no lock manager")
     idmap: Opaque | None = ignored("user namespace ID maps are for containers (libvirt's LXC driver); a QEMU guest has none")
     pm: Pm | None = None
-    devices: Devices = Field(default_factory=Devices)  # a factory: an instance here would build every device model at import
+    # not an instance (that built every device model at import) nor Devices() (that built them at
+    # the first parse of a domain without <devices>): no validation needed for "no devices"
+    devices: Devices = Field(default_factory=Devices.model_construct)
     sysinfo: Many[Sysinfo]
     launchSecurity: LaunchSecurity | None = None
     seclabel: Many[Seclabel] = ignored("qemud applies no SELinux/AppArmor labels of its own; qemud's own isolation applies (README: security)")
