@@ -68,6 +68,21 @@ class Element(BaseModel):
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
+        changed = False
+        for fname, finfo in cls.model_fields.items():
+            if isinstance(finfo.default, _Attr) or any(isinstance(m, _Attr) for m in finfo.metadata):
+                raise TypeError(f"{cls.__qualname__}.{fname}: attr() must be the field's default "
+                                "(name: T = attr(...)), not inside Annotated[...]")
+            # a Field(json_schema_extra={"xml_attr": ...}) written out by hand: aliased the slow
+            # way (a rebuild), so that it still reads its attribute
+            extra = finfo.json_schema_extra
+            if isinstance(extra, dict) and "xml_attr" in extra:
+                alias = "@" + (str(extra["xml_attr"]) or fname.rstrip("_"))
+                if finfo.alias != alias:
+                    finfo.alias = finfo.validation_alias = finfo.serialization_alias = alias
+                    changed = True
+        if changed:
+            cls.model_rebuild(force=True)
         # children that are elements: an empty one (<readonly/>) arrives as None and means
         # "present, no content", not "absent"
         cls._element_children = frozenset(
