@@ -30,7 +30,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (ROOT, Daemon, ExitWatch, bare_argv, bare_kill_wait, bare_resume,  # noqa: E402
-                     bare_spawn, kill_ours, linux_xml, machine, p99, rmtree, stats, tempbase, tiny_xml)
+                     bare_spawn, kill_ours, linux_xml, machine, p99, py_env, rmtree, stats, tempbase,
+                     tiny_xml)
 
 MS = 1000.0
 FLEET_NOTES: list[str] = []
@@ -411,7 +412,7 @@ def bench_scale(res: Results, sizes: list[int], idle: float, list_reps: int, ado
                     d.ctl("list", "--json")
                     lw.append(time.monotonic() - t)
                     t = time.monotonic()
-                    subprocess.run([sys.executable, "-c", "pass"], check=True)
+                    subprocess.run([sys.executable, "-c", "pass"], check=True, env=py_env())
                     fw.append(time.monotonic() - t)
                 res.add("list", f"`qemuctl list --json` wall time, {n} guests, process start included", "ms",
                         ms(lw), ms(fw), "`python -c pass`", "under 40 ms (median)", stats(lw)[1] * MS < 40,
@@ -463,7 +464,7 @@ def python_rss() -> tuple[float, float]:
     out = []
     for code in ("import psutil", "import psutil, qemud.daemon"):
         o = subprocess.run([sys.executable, "-c", code + "; print(psutil.Process().memory_info().rss)"],
-                           capture_output=True, text=True, cwd=ROOT, check=True).stdout
+                           capture_output=True, text=True, cwd=ROOT, check=True, env=py_env()).stdout
         out.append(int(o) / 2**20)
     return out[0], out[1]
 
@@ -546,6 +547,7 @@ def main() -> int:
     q = args.quick
     import harness
     harness.TMPDIR = args.tmpdir
+    harness.warm_bytecode()
     sizes = [int(x) for x in args.sizes.split(",") if x] or ([100] if q else [100, 200])
     t_begin = time.monotonic()
     mach = machine()

@@ -28,6 +28,7 @@ from qemud.domain import Domain, load_domain
 from qemud.errors import DomainError, HostError, QemudError, report_lines
 from qemud.events import ERR, INFO, NOTICE, WARNING, EventLog
 from qemud.guest import Env, Guest, autostart, definition_hash
+from qemud.heap import HeapTrim
 from qemud.paths import Dirs
 from qemud.policy import RestartPolicy
 from qemud.watch import DirectoryWatch, is_candidate
@@ -126,6 +127,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._rescan = asyncio.Event()
         self.asked_stops = AskedStops(dirs.state / "asked-stops.json")
+        self.heap = HeapTrim()  # frees what guest starts left in the C heap, once they settle
 
     def _apply_config(self, config: Config) -> None:
         """Settings that can change at a reload: restart and shutdown defaults, networks."""
@@ -387,6 +389,7 @@ class Daemon:
         """Every guest state change: systemd's STATUS= follows."""
         if self._started:
             notify.status(self.status_line())
+        self.heap.soon()
 
     # ---- main loop -------------------------------------------------------------------------
     _started = False

@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Any
 from xml.parsers import expat
 
-import xmltodict
-
 from qemud.errors import DomainError, Problem
 
 #: Larger files are refused: a libvirt domain definition is a few KiB; libvirt's biggest test
@@ -78,8 +76,7 @@ def parse_xml(data: bytes | str) -> dict[str, Any]:
     if not data.strip():
         raise DomainError.at("", "is empty")
     try:
-        doc = xmltodict.parse(data, process_namespaces=True, namespaces=NAMESPACES,
-                              disable_entities=True, process_comments=False)
+        doc = _to_dict(data)
     except expat.ExpatError as exc:
         msg = expat.ErrorString(exc.code) if exc.code else str(exc)
         raise DomainError([Problem("", f"not well-formed XML: {msg} (column {exc.offset + 1})",
@@ -93,6 +90,92 @@ def parse_xml(data: bytes | str) -> dict[str, Any]:
     if not isinstance(doc, dict) or not doc:
         raise DomainError.at("", "holds no XML element")
     return doc
+
+
+class _DictBuilder:
+    """expat events -> xmltodict's dict shape, exactly as ``xmltodict.parse(data,
+    process_namespaces=True, namespaces=NAMESPACES, disable_entities=True)`` builds it: an
+    attribute is ``@name``, text ``#text`` (whitespace-stripped, None when empty), a repeated
+    child a list, namespaced names ``prefix:name`` (known namespaces) or ``uri:name``, namespace
+    declarations ``@xmlns`` ({prefix: uri}) on their element.
+
+    qemud's own because importing xmltodict imports xml.sax.saxutils, which imports
+    urllib.request, http.client and email (for xmltodict's unparse, never used here): about
+    10 ms of every daemon start. tests/test_xmlload_parity.py checks it against xmltodict."""
+
+    def __init__(self) -> None:
+        self.stack: list[tuple[dict[str, Any] | None, list[str]]] = []
+        self.item: dict[str, Any] | None = None
+        self.data: list[str] = []
+        self.ns_decls: dict[str, str] = {}
+
+    @staticmethod
+    def _name(full: str) -> str:
+        i = full.rfind(":")
+        if i == -1:
+            return full
+        ns, name = full[:i], full[i + 1:]
+        short = NAMESPACES.get(ns, ns)
+        return f"{short}:{name}" if short else name
+
+    def start_ns(self, prefix: str | None, uri: str) -> None:
+        self.ns_decls[prefix or ""] = uri
+
+    def start(self, full: str, attrs: list[str]) -> None:
+        items: dict[str, Any] = {"@" + self._name(k): v for k, v in zip(attrs[0::2], attrs[1::2])}
+        if self.ns_decls:
+            items["@xmlns"] = self.ns_decls
+            self.ns_decls = {}
+        self.stack.append((self.item, self.data))
+        self.item = items or None
+        self.data = []
+
+    def end(self, full: str) -> None:
+        name = self._name(full)
+        text = "".join(self.data).strip() or None if self.data else None
+        item = self.item
+        self.item, self.data = self.stack.pop()
+        if item is not None:
+            if text:
+                self._push(item, "#text", text)
+            self.item = self._push(self.item, name, item)
+        else:
+            self.item = self._push(self.item, name, text)
+
+    def chars(self, data: str) -> None:
+        self.data.append(data)
+
+    @staticmethod
+    def _push(item: dict[str, Any] | None, key: str, value: Any) -> dict[str, Any]:
+        if item is None:
+            item = {}
+        if key in item:
+            old = item[key]
+            if isinstance(old, list):
+                old.append(value)
+            else:
+                item[key] = [old, value]
+        else:
+            item[key] = value
+        return item
+
+
+def _forbid_entities(*_args: Any) -> None:
+    raise ValueError("entities are disabled")
+
+
+def _to_dict(data: bytes) -> dict[str, Any] | None:
+    b = _DictBuilder()
+    parser = expat.ParserCreate(None, ":")
+    parser.ordered_attributes = True
+    parser.buffer_text = True
+    parser.StartNamespaceDeclHandler = b.start_ns
+    parser.StartElementHandler = b.start
+    parser.EndElementHandler = b.end
+    parser.CharacterDataHandler = b.chars
+    parser.EntityDeclHandler = _forbid_entities
+    parser.Parse(data, True)
+    return b.item
 
 
 def element_lines(data: bytes | str) -> dict[str, int]:

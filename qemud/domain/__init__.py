@@ -4,14 +4,12 @@
 :class:`qemud.errors.DomainError` and nothing else for any input.
 """
 
-from __future__ import annotations
-
 import os
 import re
 import uuid as uuidlib
 from typing import Any, Literal
 
-from pydantic import ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from qemud.domain.base import (Element, Many, Opaque, UInt, YesNo, attr, child, ignored,
                                problems_from, text, walk_ignored)
@@ -125,7 +123,9 @@ class Domain(Element):
     on_lockfailure: Opaque | None = ignored("qemud uses no lock manager")
     idmap: Opaque | None = ignored("user namespace ID maps are for containers (libvirt's LXC driver); a QEMU guest has none")
     pm: Pm | None = None
-    devices: Devices = Devices()
+    # not an instance (that built every device model at import) nor Devices() (that built them at
+    # the first parse of a domain without <devices>): no validation needed for "no devices"
+    devices: Devices = Field(default_factory=Devices.model_construct)
     sysinfo: Many[Sysinfo]
     launchSecurity: LaunchSecurity | None = None
     seclabel: Many[Seclabel] = ignored("qemud applies no SELinux/AppArmor labels of its own; qemud's own isolation applies (README: security)")

@@ -8,9 +8,11 @@ keys, so a pydantic error location *is* the element's path in the file
 Every model forbids what it does not know: libvirt drops unknown elements silently, qemud names
 them.  Elements that have no effect on the guest's hardware are declared with :func:`ignored` and
 reported as warnings instead.
-"""
 
-from __future__ import annotations
+The modules of qemud.domain do not use ``from __future__ import annotations``: with it pydantic
+has to compile and evaluate every field's annotation string at import (about 15 ms of the
+daemon's start for ~250 models); evaluated by Python as the class body runs, they cost nothing.
+"""
 
 import re
 from collections.abc import Iterator
@@ -33,6 +35,16 @@ def _holds_model(annotation: Any) -> bool:
     return any(_holds_model(a) for a in typing.get_args(annotation))
 
 
+class _Attr:
+    """What :func:`attr` returns: the field's arguments, kept until :meth:`Element.__init_subclass__`
+    knows the field's name and so its ``@name`` alias."""
+
+    __slots__ = ("default", "name", "kw")
+
+    def __init__(self, default: Any, name: str, kw: dict[str, Any]) -> None:
+        self.default, self.name, self.kw = default, name, kw
+
+
 class Element(BaseModel):
     """One XML element: frozen, strict about what it contains."""
 
@@ -41,11 +53,28 @@ class Element(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=False,
                               hide_input_in_errors=False, defer_build=True)
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Turn each :func:`attr` into a pydantic field with its ``@name`` alias.  This runs before
+        pydantic collects the fields, so the alias is there from the start: setting it afterwards
+        needed a ``model_rebuild``, which builds the schema and validator of every model at import
+        (``defer_build`` notwithstanding) and made importing qemud.domain cost 150 ms."""
+        for fname, value in list(vars(cls).items()):
+            if isinstance(value, _Attr):
+                alias = "@" + (value.name or fname.rstrip("_"))
+                setattr(cls, fname, Field(value.default, alias=alias,
+                                          json_schema_extra={"xml_attr": value.name}, **value.kw))
+        super().__init_subclass__(**kwargs)
+
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
         changed = False
         for fname, finfo in cls.model_fields.items():
+            if isinstance(finfo.default, _Attr) or any(isinstance(m, _Attr) for m in finfo.metadata):
+                raise TypeError(f"{cls.__qualname__}.{fname}: attr() must be the field's default "
+                                "(name: T = attr(...)), not inside Annotated[...]")
+            # a Field(json_schema_extra={"xml_attr": ...}) written out by hand: aliased the slow
+            # way (a rebuild), so that it still reads its attribute
             extra = finfo.json_schema_extra
             if isinstance(extra, dict) and "xml_attr" in extra:
                 alias = "@" + (str(extra["xml_attr"]) or fname.rstrip("_"))
@@ -84,7 +113,7 @@ class Opaque(Element):
 def attr(default: Any = None, name: str = "", **kw: Any) -> Any:
     """A field read from an XML attribute: ``@`` + ``name`` (default: the field's name without a
     trailing underscore)."""
-    return Field(default, json_schema_extra={"xml_attr": name}, **kw)
+    return _Attr(default, name, kw)
 
 
 def child(tag: str, default: Any = None, **kw: Any) -> Any:

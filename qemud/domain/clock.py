@@ -1,7 +1,5 @@
 """``<clock>``: the guest's real-time clock and timers."""
 
-from __future__ import annotations
-
 from typing import Literal
 
 from qemud.domain.base import Element, Many, UInt, YesNo, attr

@@ -1,7 +1,5 @@
 """``<vcpu>`` and ``<cpu>``: how many virtual CPUs, and what they look like."""
 
-from __future__ import annotations
-
 import re
 from typing import Literal
 

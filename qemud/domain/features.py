@@ -1,7 +1,5 @@
 """``<features>``: hypervisor features (libvirt's "Hypervisor features" section)."""
 
-from __future__ import annotations
-
 from typing import Literal
 
 from pydantic import ValidationInfo, field_validator

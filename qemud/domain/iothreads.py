@@ -1,7 +1,5 @@
 """``<iothreadids>`` and ``<defaultiothread>``: the guest's I/O threads and their pools."""
 
-from __future__ import annotations
-
 from qemud.domain.base import Element, Many, UInt, attr
 
 

@@ -1,8 +1,6 @@
 """Guest memory: ``<memory dumpCore>``, ``<memoryBacking>``, ``<numatune>`` and the memory devices
 (``<devices><memory model=...>``)."""
 
-from __future__ import annotations
-
 import re
 from typing import Literal
 

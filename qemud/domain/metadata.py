@@ -10,8 +10,6 @@ per-domain settings, so the file stays a valid libvirt domain::
     </metadata>
 """
 
-from __future__ import annotations
-
 from typing import Literal
 
 from pydantic import ConfigDict

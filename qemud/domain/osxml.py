@@ -1,7 +1,5 @@
 """``<os>``: how the guest boots (libvirt's "Operating system booting" section)."""
 
-from __future__ import annotations
-
 from typing import Literal
 
 from pydantic import field_validator

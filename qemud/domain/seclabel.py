@@ -5,8 +5,6 @@ qemud has no security driver: it applies no labels, and QEMU runs with qemud's o
 checks them, so a file libvirt would refuse is refused here too, and then reported as a warning.
 """
 
-from __future__ import annotations
-
 from typing import Literal
 
 from qemud.domain.base import Element, YesNo, attr

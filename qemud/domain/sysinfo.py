@@ -1,8 +1,6 @@
 """``<sysinfo>``: what the guest's firmware tables say about the machine (SMBIOS), or blobs
 handed to it over fw_cfg; and ``<launchSecurity>`` (memory encryption)."""
 
-from __future__ import annotations
-
 from typing import Literal
 
 from qemud.domain.base import Element, Many, YesNo, attr, text

@@ -5,8 +5,6 @@ emulator and I/O thread affinity and scheduling through the kernel's thread call
 I/O weights and memory limits through a cgroup of the guest's own.
 """
 
-from __future__ import annotations
-
 from typing import Literal
 
 from pydantic import field_validator, model_validator

@@ -1,7 +1,5 @@
 """Sizes with libvirt's units (``<memory unit='GiB'>4</memory>``)."""
 
-from __future__ import annotations
-
 from typing import Annotated
 
 from pydantic import AfterValidator, field_validator

@@ -1,7 +1,5 @@
 """``<devices>``: one module per element family, as in virt-manager's virtinst/devices."""
 
-from __future__ import annotations
-
 from pydantic import model_validator
 
 from qemud.domain.base import Element, Many, Opaque, ignored, text

@@ -1,7 +1,5 @@
 """``<address>``: where a device sits on its bus, and ``<alias>``."""
 
-from __future__ import annotations
-
 from typing import Literal
 
 from qemud.domain.base import Element, UInt, YesNo, attr

@@ -1,7 +1,5 @@
 """Character devices: ``<serial>``, ``<console>``, ``<channel>``, ``<parallel>``."""
 
-from __future__ import annotations
-
 from typing import Literal
 
 from pydantic import field_validator

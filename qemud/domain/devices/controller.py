@@ -1,7 +1,5 @@
 """``<controller>``: buses that other devices plug into."""
 
-from __future__ import annotations
-
 from typing import Literal
 
 from qemud.domain.base import Element, UInt, YesNo, attr, child, text

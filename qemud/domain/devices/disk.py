@@ -1,7 +1,5 @@
 """``<disk>``: hard disks, CD-ROMs and floppies."""
 
-from __future__ import annotations
-
 import re
 from typing import Literal
 

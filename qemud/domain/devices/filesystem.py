@@ -1,8 +1,6 @@
 """``<filesystem>``: a host directory shared with the guest, over virtio-9p (QEMU serves it) or
 virtiofs (a virtiofsd helper process serves it, QEMU only forwards the vhost-user queues)."""
 
-from __future__ import annotations
-
 from typing import Literal
 
 from qemud.domain.base import Element, Many, Opaque, UInt, YesNo, attr, ignored

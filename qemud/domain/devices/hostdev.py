@@ -5,8 +5,6 @@ shares.
 Only ``mode='subsystem'`` exists for QEMU; ``mode='capabilities'`` is for containers.
 """
 
-from __future__ import annotations
-
 import re
 from typing import Literal
 

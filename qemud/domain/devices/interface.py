@@ -1,7 +1,5 @@
 """``<interface>``: network interfaces."""
 
-from __future__ import annotations
-
 import re
 from typing import Literal
 

@@ -1,7 +1,5 @@
 """``<iommu>``: the guest's DMA remapping unit (intel-iommu, virtio-iommu, ...)."""
 
-from __future__ import annotations
-
 from typing import Literal
 
 from qemud.domain.base import Element, UInt, YesNo, attr

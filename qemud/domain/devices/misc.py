@@ -1,8 +1,6 @@
 """Small device families: ``<input>``, ``<graphics>``, ``<video>``, ``<rng>``, ``<memballoon>``,
 ``<watchdog>``, ``<panic>``, ``<sound>``, ``<audio>``."""
 
-from __future__ import annotations
-
 from typing import Literal
 
 from qemud.domain.base import Element, Many, Opaque, UInt, YesNo, attr, child, ignored, text

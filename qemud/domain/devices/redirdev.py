@@ -1,7 +1,5 @@
 """``<redirdev>`` (a USB device of the client's, forwarded over a channel) and ``<redirfilter>``."""
 
-from __future__ import annotations
-
 from typing import Literal
 
 from qemud.domain.base import Element, Many, YesNo, attr

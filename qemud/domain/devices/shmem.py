@@ -1,7 +1,5 @@
 """``<shmem>``: inter-VM shared memory (ivshmem)."""
 
-from __future__ import annotations
-
 from typing import Literal
 
 from qemud.domain.base import Element, UInt, YesNo, attr

@@ -1,8 +1,6 @@
 """``<smartcard>``: a CCID card reader's card (emulated from host certificates, or passed through
 a character device to a remote client)."""
 
-from __future__ import annotations
-
 from typing import Literal
 
 from qemud.domain.base import Element, Many, attr, text

@@ -1,8 +1,6 @@
 """``<tpm>``: a TPM for the guest, backed by the host's TPM (passthrough), by an swtpm qemud runs
 for the guest (emulator) or by an swtpm someone else runs (external)."""
 
-from __future__ import annotations
-
 from typing import Literal
 
 from qemud.domain.base import Element, Opaque, YesNo, attr

@@ -2,8 +2,6 @@
 device family whose QEMU device is a virtio one (disk, controller, interface, filesystem, input,
 memballoon, rng, video, vsock)."""
 
-from __future__ import annotations
-
 from qemud.domain.base import Element, YesNo, attr
 
 

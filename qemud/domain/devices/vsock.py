@@ -1,7 +1,5 @@
 """``<vsock>``: the guest's AF_VSOCK endpoint (vhost-vsock)."""
 
-from __future__ import annotations
-
 from typing import Literal
 
 from qemud.domain.base import Element, UInt, YesNo, attr
