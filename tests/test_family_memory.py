@@ -286,7 +286,7 @@ def test_locked_needs_a_memlock_limit(caps: HostCaps, tmp_path: Path) -> None:
     assert error_of(xml, caps, tmp_path, HostFacts(memlock_bytes=8 * MIB)) == [
         ("/domain/memoryBacking/locked",
          "locking the guest's 64 MiB needs RLIMIT_MEMLOCK of at least 1088 MiB, and qemud may lock 8192 KiB; "
-         "raise it (LimitMEMLOCK=infinity in qemud's systemd unit) or run qemud as root")]
+         "raise it (LimitMEMLOCK=infinity in qemud's systemd unit)")]
 
 
 def test_memory_from_numa_cells_when_absent(caps: HostCaps, tmp_path: Path) -> None:
