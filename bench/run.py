@@ -144,12 +144,10 @@ def bench_start(res: Results, reps: int) -> None:
                 ms(lat), ms(bare_run), "bare QEMU -S -> cont -> query-status running",
                 "qemud adds at most 15 ms (median against median)", stats(added)[1] * MS <= 15,
                 worst_ok=max(added) * MS <= 15,
-                why="Nearly all of it is the directory watch's quiet period (`[daemon] debounce`, 0.2 s by "
-                    "default, `qemud/watch.py` `DirectoryWatch`): the daemon waits 200 ms after the last "
-                    "inotify event before it rereads the directory, on purpose, so an editor's save causes "
-                    "one reaction. The row below runs the same with `debounce = 0` and shows qemud's own "
-                    "cost. A fix that keeps the editor-safety: react at once to an atomic rename of a "
-                    "complete file (IN_MOVED_TO) and debounce only IN_CLOSE_WRITE/IN_MODIFY bursts.")
+                why="The max is the daemon's first start: its one probe of the QEMU binary and the first "
+                    "build of the domain model (about 45 ms, once). A file renamed into the directory is "
+                    "read at once (the quiet period, `[daemon] debounce`, applies to write bursts only); "
+                    "what remains is the path below (see the `debounce = 0` row).")
 
         # 2: crash -> running again (the first restart is immediate)
         crash = []
@@ -184,16 +182,12 @@ def bench_start(res: Results, reps: int) -> None:
         res.add("start", "start latency with `debounce = 0`", "ms", ms(lat0), ms(bare_run),
                 "bare QEMU -S -> running", "qemud adds at most 15 ms (median against median)",
                 stats(added0)[1] * MS <= 15, worst_ok=max(added0) * MS <= 15,
-                why="Without the quiet period what remains is the daemon's own path. A py-spy profile "
-                    "(1 kHz, 20 starts) shows about 8 ms of event-loop work per start before and around "
-                    "the spawn: `Daemon.reconcile` (stat/trust checks, read, validate, argv), "
-                    "`qemud/records.py` `write` (an fsync on the event loop; here the state directory is "
-                    "on ext4, in production /run is tmpfs), `subprocess.Popen` forking the 60 MB daemon "
-                    "(`qemud/proc.py` `spawn`) and `psutil.Process(...).create_time()`; file -> `spawned` "
-                    "took 4-12 ms, and the qemu.qmp asyncio client's three round trips add a few ms over "
-                    "raw QMP. Fixes: spawn with `os.posix_spawn` (vfork, no copy of the page tables), "
-                    "write the record without fsync on tmpfs or in a worker thread, read the start time "
-                    "from /proc/PID/stat once.")
+                why="Per start, measured with a pause between starts: file -> `spawned` about 6 ms "
+                    "(reconcile: trust checks, read, validate, argv in a worker thread, the runtime "
+                    "directory, the record) and `spawned` -> `running` about 8 ms over bare QEMU (the "
+                    "qemu.qmp client's handshake and `cont`, and setpriv taking on the qemud user before "
+                    "QEMU). The max is the first start (probe, first model build). Fix for the rest: a "
+                    "raw QMP exchange for the start (three round trips) instead of the asyncio client.")
         d0.ctl("destroy", "--all")
         d0.stop()
         res.notes.append(f"Start: daemon CPU per start, small batch of {reps}: {cpu_start * MS:.1f} ms "
@@ -249,13 +243,9 @@ def bench_stop(res: Results, reps: int) -> None:
         res.add("stop", "graceful stop: QEMU's exit (pidfd) -> `stopped`", "ms", ms(after_exit), [0.0] * len(after_exit),
                 "QEMU's exit itself", "`stopped` within 20 ms of QEMU's exit (median)", stats(after_exit)[1] * MS <= 20,
                 worst_ok=max(after_exit) * MS <= 20,
-                why="Across four full runs single stops took 0.7-37 ms (medians 14-34 ms; per-run values "
-                    "in the notes), a scatter that points at an await rather than CPU work. Between the exit and the event, "
-                    "`Guest._on_exited` (`qemud/guest.py`) stops the log followers, awaits "
-                    "`self.qmp.close()` (qemu.qmp's disconnect, which waits for its reader and writer "
-                    "tasks), reads the log tail and unlinks the record (`records.remove`, an ext4 unlink "
-                    "here), and only then sets `stopped`. Most likely the QMP client's close; not "
-                    "profiled. Fix: set the state and log `stopped` first, then close QMP and clean up.")
+                why="`stopped` is set as soon as the pidfd says QEMU ended; QMP's close and the "
+                    "runtime files' cleanup follow (transient overlays and helpers end before `stopped`, "
+                    "on purpose: a restart must not find them).")
         res.add("stop", "file removed -> QEMU exits (ACPI power button, guest powers off)", "ms", ms(rm_to_exit),
                 None, "", "(information: includes the 0.2 s debounce and the guest's own poweroff)", None)
         res.notes.append("Stop: QEMU exit -> `stopped` per run: " + ", ".join(f"{x * MS:.1f}" for x in after_exit)
@@ -339,15 +329,16 @@ def bench_adopt(res: Results, reps: int, n: int = 20) -> None:
         res.add("adopt", f"adoption, {n} guests: daemon started -> `ready`", "ms", ms(readys), ms(floors),
                 f"a fresh Python process doing QMP with all {n}", f"under 150 ms for {n} (median)",
                 stats(readys)[1] * MS < 150, worst_ok=max(readys) * MS < 150,
-                why="It is the daemon's own process start: `python -X importtime -c 'import qemud.daemon'` "
-                    "takes about 225 ms on this machine, 140 ms of it `qemud.domain` (the pydantic models "
-                    "of `qemud/domain/`, classes built at import although `defer_build=True`; "
-                    "`devices/` 38 ms, `base` 25 ms, `clock` 15 ms, pydantic itself 16 ms), 42 ms "
-                    "`qemud.guest` (qemu.qmp), 25 ms asyncio; QMP with all 20 guests costs about 30 ms "
-                    "(the floor, process start included). READY also waits for `Daemon.reconcile`, which "
-                    "parses every domain file. Fix: adopt from `record.json` and compare each file's "
-                    "bytes with the recorded definition before importing or running the pydantic models, "
-                    "import `qemud.domain` lazily, or make the models cheaper to build.")
+                why="It is the daemon's own process start. `python -X importtime -c 'import qemud.daemon'` "
+                    "takes about 200 ms here with a bytecode cache (300 ms without): `qemud.domain` "
+                    "(pydantic and the ~250 model classes, whose schemas are no longer built at import) "
+                    "about 140 ms, `qemud.guest` 100 ms of which 60 ms is the translator (`qemud.argv`, "
+                    "pulled in through `qemud.tuning`), asyncio 30 ms; then the first parse builds the "
+                    "Domain model (about 45 ms, once) and READY waits for every file to be parsed. QMP "
+                    "with all 20 guests costs about 30 ms (the floor, process start included). Fix: adopt "
+                    "from `record.json` by comparing each file's bytes with the recorded definition, and "
+                    "import `qemud.domain` and `qemud.argv` only when a file changed or a guest starts, "
+                    "after READY.")
         res.add("adopt", f"adoption, {n} guests: daemon started -> `qemuctl list` shows all running", "ms",
                 ms(alls), ms(floors), f"a fresh Python process doing QMP with all {n}", f"under 150 ms for {n} (median)",
                 stats(alls)[1] * MS < 150, worst_ok=max(alls) * MS < 150, why="The `ready` row plus one `qemuctl list` (see the list row).")
@@ -422,12 +413,14 @@ def bench_scale(res: Results, sizes: list[int], idle: float, list_reps: int, ado
                     "a bare Python interpreter", "under 50 MB at 200 guests" if n >= 200 else
                     "(goal stated at 200)", (rss * 2**20 < 50e6) if n >= 200 else None,
                     why="Most of it is code, not guests: a Python process that only imports "
-                        "qemud.daemon has about 43 MiB resident (pydantic and pydantic-core, the model "
-                        "classes of `qemud/domain/`, asyncio, qemu.qmp, psutil); the rest grows by about "
-                        "150 KiB per guest (compare the 100-guest row: per guest a `Guest` actor with its "
-                        "tasks, a qemu.qmp client, the parsed definition, a psutil.Process). Not profiled "
-                        "further (no tracemalloc run). Fix: lazy imports (see adoption) and a lighter "
-                        "per-guest footprint.")
+                        "qemud.daemon has about 39 MiB resident (pydantic and pydantic-core, the model "
+                        "classes, the translator, asyncio, qemu.qmp, psutil; see the notes for this run's "
+                        "figure). Per guest about 100 KiB more: its `Guest` actor and tasks, a qemu.qmp "
+                        "client with its reader and writer tasks, the parsed definition, log followers; "
+                        "live Python objects are about 50 KiB of it, the rest allocator fragmentation "
+                        "(the daemon trims the C heap once guests stop changing state). Fix: not "
+                        "importing the translator and the models in the steady state (see adoption), and "
+                        "one small QMP reader per guest instead of the asyncio client's task set.")
             if n == 100 or (len(sizes) == 1):
                 lw, fw = [], []
                 for _ in range(list_reps):
@@ -440,15 +433,12 @@ def bench_scale(res: Results, sizes: list[int], idle: float, list_reps: int, ado
                 res.add("list", f"`qemuctl list --json` wall time, {n} guests, process start included", "ms",
                         ms(lw), ms(fw), "`python -c pass`", "under 40 ms (median)", stats(lw)[1] * MS < 40,
                         worst_ok=max(lw) * MS < 40,
-                        why="The daemon's answer is quadratic in the number of guests: py-spy during "
-                            "`qemuctl list` puts 87% of the daemon's time in `qemud/control.py` `_usage`, "
-                            "whose loop `for dead in [k for k, v in _CPU.items() if not v.is_running()]` runs "
-                            "for every guest and calls `psutil.Process.is_running()` (a read of "
-                            "/proc/PID/stat) for every cached QEMU: N^2 = 10,000 reads at 100 guests, "
-                            "40,000 at 200. `_net` also reads every /proc/PID/fdinfo entry of each QEMU for "
-                            "a plain list. Fix: prune `_CPU` once per request (or when a guest's process "
-                            "ends) and compute I/O and network counters for `status` only. qemuctl's own "
-                            "start is cheap (about 30 ms against a missing socket).")
+                        why="The floor, Python's own start, is about 23 ms of it. qemuctl imports only its "
+                            "client and the one command's parser (about 8 ms, of which the checkout's "
+                            "editable-install finder is a few ms an installed qemud does not pay); the "
+                            "daemon answers 100 guests in a few ms (per guest about 0.05 ms of psutil). "
+                            "Fix: serve `list` from a state file the daemon keeps current, so qemuctl "
+                            "need not wait for the daemon, or a compiled client.")
                 floors, readys, alls = [], [], []
                 for _ in range(adopt_reps):
                     f, r, a = adopt_once(d, names)
@@ -503,12 +493,12 @@ def bench_translate(res: Results, corpus: str, rounds: int) -> None:
             "under 1 ms", stats(pd)[1] * MS < 1, why="")
     res.add("translate", "validate + argv per domain, p99", "ms", [p99(ms(pd))], [p99(ms(fl))],
             "expat parsing the same bytes", "under 1 ms", p99(pd) * MS < 1,
-            why="The p99 sits near the goal and moves across runs (0.9-1.1 ms with a quiet machine, more "
-                "when the 200 QEMUs of the scale run are still being reaped). The slowest inputs are the "
-                "largest domains (many devices), and the first round probably pays pydantic's deferred "
-                "model building (`defer_build=True` in `qemud/domain/base.py` builds a model's validator "
-                "on first use, inside the timed call): a warm-up round outside the measurement, or "
-                "building the models once at daemon start, would take that out; not profiled further.")
+            why="The p99 is the PCI planner on the largest domains: the corpus's inputs with "
+                "100-250 devices or controllers (pcie-root-port-too-many, pci-bridge-many-disks, "
+                "pcie-expander-bus, pci-many) take 2.5-10 ms, as libvirt's address-set algorithm, "
+                "followed to the letter for its placement, scans every slot of every bus for each "
+                "device. Already halved (plain int flags instead of enum.IntFlag). Fix: a next-free-slot "
+                "index per bus instead of the scan.")
     res.add("translate", "validate + argv per domain, max", "ms", [max(ms(pd))], [max(ms(fl))],
             "expat parsing the same bytes", "(information)", None)
 
