@@ -238,11 +238,24 @@ class Guest:
         for t in list(self._tasks):
             t.cancel()
         if self.qmp is not None:
+            await self._unwatched_reboots_reset()
             await self.qmp.close()
         if self.proc is not None:
             self.proc.close()
         for h in self.helpers:  # they keep running with QEMU, adopted at the next start
             h.proc.close()
+
+    async def _unwatched_reboots_reset(self) -> None:
+        """QEMU runs with -no-reboot: a guest reboot stops it and qemud starts it again. With no
+        qemud to do that (a daemon restart, an upgrade), a guest that reboots would stay stopped,
+        and the next qemud could not tell that stop from a poweroff (QMP says only 'shutdown').
+        So while no qemud watches, a guest whose on_reboot is 'restart' resets in place, as
+        libvirt's guests do; the next qemud turns relaunching back on when it adopts it."""
+        action = self.domain.on_reboot.value if self.domain.on_reboot else "restart"
+        if action != "restart" or self.state not in (State.RUNNING, State.PAUSED) or self.qmp is None:
+            return
+        with contextlib.suppress(QmpError, asyncio.TimeoutError):
+            await self.qmp.execute("set-action", {"reboot": "reset"}, timeout=1.0)
 
     @property
     def state(self) -> State:
@@ -389,6 +402,10 @@ class Guest:
             self._adopted_blind(proc, rec, str(exc))
             return
         self._attach_qmp(proc, qmp)
+        # the previous qemud left reboots resetting in place while nobody watched (or was cut
+        # off in a `qemuctl reset`): relaunching on a guest reboot is back on
+        with contextlib.suppress(QmpError):
+            await qmp.execute("set-action", {"reboot": "shutdown"}, timeout=QMP_TIMEOUT)
         await self._retune(proc, qmp)
         self.env.log.emit("adopted", f"{self.name}: adopted QEMU pid {proc.pid} ({status['status']})", NOTICE,
                           domain=self.name, uuid=self.uuid, pid=proc.pid)

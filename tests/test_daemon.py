@@ -394,6 +394,41 @@ def test_guest_reboot_follows_on_reboot(daemon: Daemon, guest: TinyGuest, on_reb
         assert not pid_alive(pid)
 
 
+def test_guest_reboot_while_no_daemon_runs_resets_in_place(daemon: Daemon, guest: TinyGuest) -> None:
+    """A guest that reboots while qemud is stopped (a restart, an upgrade) must not stay down:
+    with nobody to relaunch QEMU it resets in place, and the next qemud adopts it running; from
+    then on a reboot relaunches QEMU again."""
+    d = daemon
+    name = "rb1"
+    sock = d.scratch / f"{name}.sock"
+    log = console_path(d, name)
+    pid = start_guest(d, guest, name, serial="unix", serial_path=sock, serial_log=log)
+    wait_file_contains(log, PROMPT, timeout=BOOT_TIMEOUT, alive=lambda: _still_running(pid))
+    assert d.stop() == 0
+    booted = log.read_bytes().count(guest.marker.encode())
+    con = Console(sock)
+    try:
+        con.send("reboot -f\n")
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while log.read_bytes().count(guest.marker.encode()) <= booted:  # it boots again, same QEMU
+            assert time.monotonic() < deadline, "the guest did not come back after its reboot"
+            assert pid_alive(pid), "QEMU stopped at the guest's reboot with no qemud to restart it"
+            time.sleep(0.1)
+        wait_file_contains(log, PROMPT, timeout=BOOT_TIMEOUT, start=log.read_bytes().rfind(guest.marker.encode()))
+        after = d.mark()
+        d.start()
+        adopted = d.wait_for("adopted", name, timeout=RUN_TIMEOUT, after=after)
+        assert adopted.pid == pid and "(running)" in adopted.message
+        d.assert_no("stopped", name, within=2)
+        again = d.mark()
+        con.send("reboot -f\n")  # watched again: qemud relaunches QEMU, as on_reboot says
+        assert "rebooted" in d.wait_for("guest-shutdown", name, timeout=20, after=again).message
+        running = d.wait_for("running", name, timeout=RUN_TIMEOUT, after=again)
+        assert running.pid is not None and running.pid != pid
+    finally:
+        con.close()
+
+
 def test_idle_daemon_does_no_periodic_work(daemon: Daemon, guest: TinyGuest) -> None:
     """With a guest running and nothing happening, the daemon is never woken: no polling timer,
     no periodic task (inotify, pidfds and QMP sockets wake it when something happens)."""
