@@ -510,11 +510,6 @@ def main(argv: list[str] | None = None) -> int:
     except QemudError as exc:
         log.emit("config-error", str(exc), ERR)
         return 1
-    try:
-        resolve_runas(config.qemu_user, config.qemu_group)
-    except QemudError as exc:
-        log.emit("config-error", f"{args.config or dirs.config}: {exc}", ERR)
-        return 1
     domains = args.domains_dir or config.domains_dir or dirs.domains
     if args.state_dir is not None:
         base = args.state_dir.absolute()
@@ -525,7 +520,12 @@ def main(argv: list[str] | None = None) -> int:
         from qemud.stopall import stop_guests
         return asyncio.run(stop_guests(dirs.runtime, args.timeout, log))
     try:
-        return asyncio.run(Daemon(config, dirs, log, args.config or Dirs.default().config).run())
+        daemon = Daemon(config, dirs, log, args.config or Dirs.default().config)
+    except QemudError as exc:  # [qemu] user or group: root, or missing
+        log.emit("config-error", f"{args.config or dirs.config}: {exc}", ERR)
+        return 1
+    try:
+        return asyncio.run(daemon.run())
     except KeyboardInterrupt:
         return 130
     except HostError as exc:

@@ -25,7 +25,7 @@ import psutil
 from qemud.argv import HelperSpec
 from qemud.errors import HostError
 from qemud.proc import ExitInfo, QemuProcess, adopt, log_tail, qmp_listener, spawn
-from qemud.runas import RunAs, give, open_regular
+from qemud.runas import RunAs, give
 
 #: after SIGTERM, how long a helper has to end before SIGKILL
 STOP_GRACE = 3.0
@@ -66,8 +66,7 @@ def start(specs: list[HelperSpec], runas: RunAs | None = None) -> list[Helper]:
                 if runas is not None:
                     os.chown(spec.socket, runas.uid, runas.gid, follow_symlinks=False)
                     if not spec.privileged:  # the helper reopens its log by path (swtpm --log)
-                        os.close(open_regular(spec.log, os.O_WRONLY | os.O_CREAT))
-                        give(spec.log, runas)
+                        give(spec.log, runas, create=True)
                 fd = listener.fileno()
                 argv = [a.replace("{fd}", str(fd)) for a in spec.argv]
                 proc = spawn(argv, {}, spec.log, (fd,), None if spec.privileged else runas)

@@ -117,10 +117,9 @@ def _run(step: Prepare, runas: RunAs | None = None) -> None:
     there, so what the guest keeps (its TPM's keys) is never made anew. It runs as QEMU's user."""
     if step.dest.exists() or not step.argv:
         return
-    ids = {} if runas is None else {"user": runas.uid, "group": runas.gid, "extra_groups": list(runas.groups)}
+    argv = step.argv if runas is None else [*runas.argv_prefix(), *step.argv]
     try:
-        r = subprocess.run(step.argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=RUN_TIMEOUT,
-                           **ids)  # type: ignore[call-overload]
+        r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=RUN_TIMEOUT)
     except subprocess.TimeoutExpired as exc:
         raise HostError(f"{step.argv[0]} did not finish within {RUN_TIMEOUT:g} s") from exc
     if r.returncode != 0 or not step.dest.exists():

@@ -111,32 +111,20 @@ class QemuProcess:
 _DAEMON_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_PID", "WATCHDOG_USEC", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 
 
-#: util-linux's setpriv (Debian: essential), which starts QEMU as its user (see spawn)
-SETPRIV = "/usr/bin/setpriv"
-
-
 def spawn(argv: list[str], env: dict[str, str], log_path: Path, pass_fds: tuple[int, ...] = (),
           runas: RunAs | None = None, memlock: int = 0) -> QemuProcess:
     """Start QEMU in its own session (so the daemon's signals and death do not reach it), with
     stdout/stderr appended to its log file (a pipe would break when the daemon restarts), as the
     unprivileged ``runas`` user when given (its groups: ``kvm``). The log file is root's, opened
     without following a symlink a QEMU may have planted in its directory."""
-    ids: dict[str, object] = {}
-    if runas is not None and os.path.exists(SETPRIV):
-        # util-linux's setpriv takes the user on and execs QEMU (same pid, QEMU's command line):
-        # Popen can then vfork. Popen(user=...) must fork, copying the daemon's page tables:
-        # 5.7 ms against 1.6 ms per start, measured with the daemon's modules loaded
-        argv = [SETPRIV, f"--reuid={runas.uid}", f"--regid={runas.gid}",
-                f"--groups={','.join(map(str, runas.groups))}" if runas.groups else "--clear-groups",
-                "--", *argv]
-    elif runas is not None:
-        ids = {"user": runas.uid, "group": runas.gid, "extra_groups": list(runas.groups)}
+    if runas is not None:
+        argv = [*runas.argv_prefix(), *argv]
     fd = open_regular(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     with open(fd, "ab", buffering=0) as log, _memlock_limit(memlock if runas is not None else 0):
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                  env={**{k: v for k, v in os.environ.items() if k not in _DAEMON_ONLY_ENV}, **env},
                                  start_new_session=True, close_fds=True,
-                                 pass_fds=pass_fds, **ids)  # type: ignore[call-overload]
+                                 pass_fds=pass_fds)
     try:
         ctime = psutil.Process(child.pid).create_time()
     except psutil.Error:

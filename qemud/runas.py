@@ -33,6 +33,7 @@ from pathlib import Path
 
 from qemud.errors import HostError, QemudError
 
+SETPRIV = "/usr/bin/setpriv"
 #: the system user the package's sysusers.d entry creates for QEMU
 DEFAULT_USER = "qemud"
 #: a guest's runtime directory: root's, QEMU's group may create entries (sticky: not remove root's)
@@ -50,6 +51,14 @@ class RunAs:
 
     def describe(self) -> str:
         return f"user {self.user} (uid {self.uid})"
+
+    def argv_prefix(self) -> list[str]:
+        """What runs a command as this user: util-linux's setpriv (Debian: essential) sets the
+        ids and groups and execs the command in the same pid (so its command line, start time and
+        pidfd are the command's). A caller's Popen can then vfork; Popen(user=...) must fork,
+        copying the daemon's page tables: 5.7 ms against 1.6 ms per QEMU start."""
+        groups = f"--groups={','.join(map(str, self.groups))}" if self.groups else "--clear-groups"
+        return [SETPRIV, f"--reuid={self.uid}", f"--regid={self.gid}", groups, "--"]
 
 
 def resolve(user: str | None, group: str | None) -> RunAs | None:
@@ -179,10 +188,11 @@ def _real_dir(path: Path, mode: int) -> None:
                         "remove it and start the guest again")
 
 
-def give(path: Path, runas: RunAs | None, mode: int = 0o600) -> None:
-    """Hand a file qemud made for the guest (an NVRAM copy, an overlay, a secret's copy) to the
-    QEMU user. Opened without following symlinks, so only that very file changes owner."""
-    fd = open_regular(path, os.O_RDONLY)
+def give(path: Path, runas: RunAs | None, mode: int = 0o600, create: bool = False) -> None:
+    """Hand a file qemud made for the guest (an NVRAM copy, an overlay, a secret's copy, a
+    helper's log: created when ``create``) to the QEMU user. Opened without following symlinks,
+    so only that very file changes owner."""
+    fd = open_regular(path, os.O_RDONLY | (os.O_CREAT if create else 0), mode)
     try:
         os.fchmod(fd, mode)
         if runas is not None:

@@ -16,6 +16,7 @@ import pytest
 from qemud.caps import HostCaps
 from qemud.paths import GuestPaths
 from tests import record_caps
+from tests.support.tinyguest import TinyGuest, ensure_guest
 
 DATA = Path(__file__).parent / "data"
 DOMAINS = DATA / "domains"
@@ -43,6 +44,12 @@ def regen_golden(request: pytest.FixtureRequest) -> bool:
 def caps() -> HostCaps:
     """The recorded capabilities of QEMU 7.2 (KVM usable, network 'default' on virbr0)."""
     return record_caps.load()
+
+
+@pytest.fixture(scope="session")
+def guest() -> TinyGuest:
+    """The tiny real Linux guest (built once from Debian packages, cached)."""
+    return ensure_guest()
 
 
 def guest_paths(name: str) -> GuestPaths:

@@ -38,7 +38,7 @@ import psutil
 import pytest
 
 from tests.support.daemon import Daemon, domain_xml, pid_alive, wait_file_contains
-from tests.support.tinyguest import PROMPT, TinyGuest, ensure_guest
+from tests.support.tinyguest import PROMPT, TinyGuest
 
 pytestmark = pytest.mark.qemu
 
@@ -56,11 +56,6 @@ UUID_RX = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]
 
 
 # ---- fixtures ---------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def guest() -> TinyGuest:
-    return ensure_guest()
-
 
 def wait_socket(d: Daemon, timeout: float = 10.0) -> None:
     """Wait until the control socket accepts connections. qemud logs `ready` (and tells systemd

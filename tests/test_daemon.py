@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from tests.support.daemon import Console, Daemon, domain_xml, pid_alive, wait_file_contains
-from tests.support.tinyguest import PROMPT, TinyGuest, ensure_guest
+from tests.support.tinyguest import PROMPT, TinyGuest
 
 pytestmark = pytest.mark.qemu
 
@@ -30,11 +30,6 @@ BOOT_TIMEOUT = 60.0
 #: a guest with ACPI powers off within milliseconds of the button; QEMU then quits
 STOP_TIMEOUT = 30.0
 POWER_DOWN = b"reboot: Power down"
-
-
-@pytest.fixture(scope="module")
-def guest() -> TinyGuest:
-    return ensure_guest()
 
 
 @pytest.fixture

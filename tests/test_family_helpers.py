@@ -30,7 +30,7 @@ from qemud.paths import GuestPaths
 from qemud.proc import qmp_fd_argv, qmp_listener, spawn
 from qemud.qmp import Qmp
 from tests.support.daemon import Daemon, domain_xml, pid_alive, wait_file_contains
-from tests.support.tinyguest import TinyGuest, ensure_guest
+from tests.support.tinyguest import TinyGuest
 
 pytestmark = pytest.mark.qemu
 
@@ -237,11 +237,6 @@ def test_tpm_state_encrypted_with_a_secret_is_realized_and_unreadable_without_it
 
 
 # ---- through the daemon ---------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def guest() -> TinyGuest:
-    return ensure_guest()
-
 
 def helper_pids(d: Daemon) -> set[int]:
     """swtpm / virtiofsd processes (not ended) whose command line names this test's directory."""

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import Daemon, DaemonError, domain_xml, pid_alive
-from tests.support.tinyguest import TinyGuest, ensure_guest
+from tests.support.daemon import BROKEN, Daemon, DaemonError, domain_xml, pid_alive
+from tests.support.tinyguest import TinyGuest
 
 pytestmark = pytest.mark.qemu
 
@@ -33,11 +33,6 @@ QEMUCTL = Path(sys.executable).with_name("qemuctl")
 RUN_TIMEOUT = 60.0  # the machine is shared: starts are slow, never hung
 #: qemud's QMP connect timeout (qemud.guest.QMP_CONNECT_TIMEOUT) plus slack for a loaded host
 QMP_TIMEOUT = 30.0 + 30.0
-
-
-@pytest.fixture(scope="module")
-def guest() -> TinyGuest:
-    return ensure_guest()
 
 
 @pytest.fixture
@@ -460,6 +455,20 @@ def test_running_guest_whose_record_was_lost_is_taken_over(daemon: Daemon, guest
     assert qemus(d) == {"g": [running.pid]} and running.pid != pid
 
 
+def _restarted_once_after_adoption(d: Daemon, pid: int) -> None:
+    """Start the daemon again: it adopts QEMU ``pid`` of guest g, ends it and starts g again
+    exactly once (a restart under way is finished, not lost, not repeated)."""
+    mark = d.mark()
+    d.start(timeout=RUN_TIMEOUT)
+    assert d.wait_for("adopted", "g", timeout=RUN_TIMEOUT, after=mark).pid == pid
+    stopped = d.wait_for("stopped", "g", timeout=RUN_TIMEOUT, after=mark)
+    running = d.wait_for("running", "g", timeout=RUN_TIMEOUT, after=stopped.index)
+    assert running.pid != pid
+    wait_ended(pid)
+    assert qemus(d) == {"g": [running.pid]}
+    d.assert_no("stopping", "g", within=2, after=running.index)
+
+
 def _held_in_stop(d: Daemon, guest: TinyGuest, name: str, how: list[str]) -> tuple[int, subprocess.Popen[str]]:
     """A guest without ACPI (it ignores the power button) being stopped: the stop is under way
     for its timeout, when the daemon is SIGKILLed."""
@@ -495,28 +504,11 @@ def test_daemon_killed_during_a_restart(daemon: Daemon, guest: TinyGuest) -> Non
     d.start()
     pid, _ = _held_in_stop(d, guest, "g", ["restart"])
     mark = d.mark()
-    d.start(timeout=RUN_TIMEOUT)
-    assert d.wait_for("adopted", "g", timeout=RUN_TIMEOUT, after=mark).pid == pid
-    stopped = d.wait_for("stopped", "g", timeout=RUN_TIMEOUT, after=mark)
-    running = d.wait_for("running", "g", timeout=RUN_TIMEOUT, after=stopped.index)
-    assert running.pid != pid
-    wait_ended(pid)
-    assert qemus(d) == {"g": [running.pid]}
+    _restarted_once_after_adoption(d, pid)
     assert len(d.events("spawned", "g", after=mark)) == 1
-    d.assert_no("stopping", "g", within=2, after=running.index)
 
 
 # ---- the journal --------------------------------------------------------------------------------------
-
-BROKEN = """<domain type='qemu'>
-  <name>{name}</name>
-  <metadata><qemud:settings xmlns:qemud="http://qemud.org/xmlns/domain/1.0">
-    <qemud:restart policy="always" max-retries="2" backoff="1"/></qemud:settings></metadata>
-  <memory unit='MiB'>64</memory>
-  <os><type arch='x86_64' machine='pc'>hvm</type><kernel>/nonexistent/vmlinuz</kernel></os>
-  <devices><memballoon model='none'/></devices>
-</domain>"""
-
 
 def test_journal_gone_and_back() -> None:
     """journald killed and its socket deleted while the daemon runs: events go to stderr, none
@@ -650,15 +642,7 @@ def test_daemon_killed_while_a_removed_file_stops_its_guest_and_the_file_comes_b
     d.wait_for("shutdown-requested", "g", timeout=20, after=mark)
     d.kill9()
     d.drop("g.xml", text)
-    mark = d.mark()
-    d.start(timeout=RUN_TIMEOUT)
-    assert d.wait_for("adopted", "g", timeout=RUN_TIMEOUT, after=mark).pid == pid
-    stopped = d.wait_for("stopped", "g", timeout=RUN_TIMEOUT, after=mark)
-    running = d.wait_for("running", "g", timeout=RUN_TIMEOUT, after=stopped.index)
-    assert running.pid != pid
-    wait_ended(pid)
-    assert qemus(d) == {"g": [running.pid]}
-    d.assert_no("stopping", "g", within=2, after=running.index)
+    _restarted_once_after_adoption(d, pid)
     assert status(d, "g")["state"] == "running"
 
 

@@ -30,7 +30,7 @@ import pytest
 from qemud.xmlload import MAX_XML_BYTES
 from tests.support.daemon import Daemon, Event, domain_xml, pid_alive
 from tests.support.journald import Namespace
-from tests.support.tinyguest import TinyGuest, ensure_guest
+from tests.support.tinyguest import TinyGuest
 from tests.test_model_errors import BILLION_LAUGHS, DEEP_DEVICES, XXE
 
 pytestmark = pytest.mark.qemu
@@ -39,11 +39,6 @@ RUN_TIMEOUT = 30.0
 #: how soon the daemon reacts to a renamed-in file (it reacts at once to a rename; generous for a
 #: loaded machine, far below "blocked")
 PROMPT = 5.0
-
-
-@pytest.fixture(scope="module")
-def guest() -> TinyGuest:
-    return ensure_guest()
 
 
 class Run:

@@ -16,21 +16,12 @@ from pathlib import Path
 import pytest
 
 from qemud.events import KINDS, catalog
+from tests.support.daemon import BROKEN
 from tests.support.journald import Namespace, repo
 
 pytestmark = pytest.mark.qemu
 
 QEMUD = Path(sys.executable).parent / "qemud"
-
-BROKEN = """<domain type='qemu'>
-  <name>{name}</name>
-  <metadata><qemud:settings xmlns:qemud="http://qemud.org/xmlns/domain/1.0">
-    <qemud:restart policy="always" max-retries="2" backoff="1"/></qemud:settings></metadata>
-  <memory unit='MiB'>64</memory>
-  <os><type arch='x86_64' machine='pc'>hvm</type><kernel>/nonexistent/vmlinuz</kernel></os>
-  <devices><memballoon model='none'/></devices>
-</domain>"""
-
 
 @pytest.fixture
 def ns() -> Iterator[Namespace]:

@@ -20,17 +20,12 @@ import psutil
 import pytest
 
 from tests.support.daemon import Daemon, domain_xml, running_daemon, wait_file_contains
-from tests.support.tinyguest import TinyGuest, ensure_guest
+from tests.support.tinyguest import TinyGuest
 
 pytestmark = pytest.mark.qemu
 
 QEMU_USER = pwd.getpwnam("qemud")
 BOOT = 90.0
-
-
-@pytest.fixture(scope="module")
-def guest() -> TinyGuest:
-    return ensure_guest()
 
 
 def as_qemu_user(code: str) -> subprocess.CompletedProcess[str]:
@@ -40,11 +35,18 @@ def as_qemu_user(code: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=30)
 
 
-def start(d: Daemon, guest: TinyGuest, name: str, extra: str = "") -> int:
+LOCKED = "<memoryBacking><locked/></memoryBacking>"
+
+
+def with_locked(xml: str) -> str:
+    return xml.replace("<vcpu>", LOCKED + "\n  <vcpu>")
+
+
+def start(d: Daemon, guest: TinyGuest, name: str, extra: str = "", locked: bool = False) -> int:
     after = d.mark()
     xml = domain_xml(guest, name, serial_path=d.scratch / f"{name}.console")
-    if name.startswith("lock"):
-        xml = xml.replace("<vcpu>", "<memoryBacking><locked/></memoryBacking>\n  <vcpu>")
+    if locked:
+        xml = with_locked(xml)
     d.drop(f"{name}.xml", xml.replace("<memballoon model='none'/>", extra + "<memballoon model='none'/>"))
     ev = d.wait_for("running", name, timeout=BOOT, after=after)
     assert ev.pid is not None
@@ -198,12 +200,12 @@ def test_locked_memory_of_an_unprivileged_qemu(guest: TinyGuest) -> None:
         if ceiling is not None and ceiling < 2 << 30:
             after = d.mark()
             xml = domain_xml(guest, "lock1", serial_path=d.scratch / "lock1.console")
-            d.drop("lock1.xml", xml.replace("<vcpu>", "<memoryBacking><locked/></memoryBacking>\n  <vcpu>"))
+            d.drop("lock1.xml", with_locked(xml))
             ev = d.wait_for("invalid-definition", timeout=60, after=after)
             assert "/domain/memoryBacking/locked" in ev.message and "LimitMEMLOCK=infinity" in ev.message
             assert d.events("spawned", "lock1", after=after) == []
             return
-        pid = start(d, guest, "lock1")
+        pid = start(d, guest, "lock1", locked=True)
         soft = int(next(ln for ln in Path(f"/proc/{pid}/limits").read_text().splitlines()
                         if ln.startswith("Max locked memory")).split()[3])
         assert soft >= 256 << 20

@@ -20,7 +20,7 @@ from qemud.launch import prepare
 from qemud.paths import GuestPaths
 from tests.support.daemon import Daemon, domain_xml, pid_alive
 from tests.support.realize import realize_sync
-from tests.support.tinyguest import TinyGuest, ensure_guest
+from tests.support.tinyguest import TinyGuest
 
 pytestmark = pytest.mark.qemu
 
@@ -166,11 +166,6 @@ def test_bad_tuning_is_refused_naming_the_element(caps, tune: str, path: str, me
 
 
 # ---- through the daemon: pinned before the guest runs, pinned again after adoption -------------
-
-@pytest.fixture(scope="module")
-def guest() -> TinyGuest:
-    return ensure_guest()
-
 
 @pytest.fixture
 def daemon() -> Iterator[Daemon]:

@@ -610,32 +610,20 @@ def stop_nbd(pids: list[int]) -> None:
             pass
 
 
-def _listen_tcp(addrs: list[tuple[str, int]]) -> list[socket.socket]:
-    """A listening TCP socket on each local address (fixed_ports keeps inputs naming the same
-    port apart)."""
+def _listen(paths: list[str], addrs: list[tuple[str, int]]) -> list[socket.socket]:
+    """A listening socket on each unix path and each local TCP address, so that a chardev in
+    connect mode finds its peer (as the measurement's did: libvirt realized inputs whose
+    chardevs connect; fixed_ports keeps inputs naming the same port apart)."""
+    ends: list[tuple[int, Any]] = [(socket.AF_UNIX, p) for p in paths]
+    ends += [(socket.AF_INET6 if host == "::1" else socket.AF_INET,
+              ("127.0.0.1" if host == "localhost" else host, port)) for host, port in addrs]
     out = []
-    for host, port in addrs:
-        family = socket.AF_INET6 if host == "::1" else socket.AF_INET
+    for family, where in ends:
         s = socket.socket(family, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family != socket.AF_UNIX:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(("127.0.0.1" if host == "localhost" else host, port))
-            s.listen(16)
-        except OSError:
-            s.close()
-            continue
-        out.append(s)
-    return out
-
-
-def _listen(paths: list[str]) -> list[socket.socket]:
-    """A listening socket on each path, so that a chardev in connect mode finds its peer (as
-    the measurement's did: libvirt realized inputs whose unix chardevs connect)."""
-    out = []
-    for p in paths:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.bind(p)
+            s.bind(where)
             s.listen(16)
         except OSError:
             s.close()
@@ -754,7 +742,7 @@ def _run_one(xml_path: str, name: str, scratch: Path, guest: Guest, timeout: flo
         return {**out, "outcome": "rejected", "stage": "prepare", "message": line, "reason": _reason(line)}
     except Exception:  # noqa: BLE001
         return crashed("prepare")
-    listeners = _listen(rw.peers) + _listen_tcp(rw.tcp_peers)
+    listeners = _listen(rw.peers, rw.tcp_peers)
     after_start, untune = tuner(cmd, caps, f"conformance-{Path(xml_path).stem}")
     try:
         helpers = _start_helpers(cmd, rw, caps.host.helpers.get("virtiofsd"))

@@ -350,11 +350,10 @@ def _rbd_encryption(b: Builder, d: Disk, path: str, props: dict[str, Any]) -> bo
     if efmt not in ("luks", "luks2", "luks-any"):
         b.error(f"{epath}/@format", f"librbd encrypts with luks, luks2 or luks-any, not '{efmt}'")
         return False
-    secrets = [s for s in enc.secret if s.type in (None, "passphrase")]
-    if len(secrets) != 1:
-        b.error(f"{epath}/secret", "encryption needs exactly one <secret type='passphrase' uuid=...|usage=...>")
+    secret = _passphrase(b, enc, epath, "encryption")
+    if secret is None:
         return False
-    sid = secret_object(b, secrets[0], f"{epath}/secret", f"{props['node-name']}-encryption-secret")
+    sid = secret_object(b, secret, f"{epath}/secret", f"{props['node-name']}-encryption-secret")
     if sid is None:
         return False
     props["encrypt"] = {"format": efmt, "key-secret": sid}
@@ -378,6 +377,15 @@ def _auth(b: Builder, auth: Any, auth_path: str, props: dict[str, Any], kind: st
         props[user_key] = auth.username
     props[secret_key] = sid
     return True
+
+
+def _passphrase(b: Builder, enc: Any, epath: str, what: str) -> Any | None:
+    """The one passphrase <secret> of an <encryption>, or None after an error."""
+    secrets = [s for s in enc.secret if s.type in (None, "passphrase")]
+    if len(secrets) != 1:
+        b.error(f"{epath}/secret", f"{what} needs exactly one <secret type='passphrase' uuid=...|usage=...>")
+        return None
+    return secrets[0]
 
 
 def secret_object(b: Builder, ref: Any, elem: str, sid: str, fmt: str = "raw") -> str | None:
@@ -562,14 +570,13 @@ def _encryption(b: Builder, d: Disk, path: str, node: str, fmt: str, props: dict
     if efmt not in ("luks", "default"):
         b.error(f"{epath}/@format", f"'{efmt}' encryption needs engine='librbd' (an rbd disk); QEMU's own LUKS driver reads LUKS1")
         return False
-    secrets = [s for s in enc.secret if s.type in (None, "passphrase")]
-    if len(secrets) != 1:
-        b.error(f"{epath}/secret", "LUKS encryption needs exactly one <secret type='passphrase' uuid=...|usage=...>")
+    secret = _passphrase(b, enc, epath, "LUKS encryption")
+    if secret is None:
         return False
     if fmt not in ("raw", "qcow2"):
         b.error(f"{epath}", f"LUKS encryption applies to raw or qcow2 images, not '{fmt}'")
         return False
-    sid = secret_object(b, secrets[0], f"{epath}/secret", f"{node}-encryption-secret")
+    sid = secret_object(b, secret, f"{epath}/secret", f"{node}-encryption-secret")
     if sid is None:
         return False
     if fmt == "raw":

@@ -500,6 +500,18 @@ class Console:
             self.sock.close()
 
 
+#: a guest whose kernel does not exist: QEMU exits at once; two failed starts 1 s apart, then
+#: `failed` (for tests of what the daemon reports while something else is wrong)
+BROKEN = """<domain type='qemu'>
+  <name>{name}</name>
+  <metadata><qemud:settings xmlns:qemud="http://qemud.org/xmlns/domain/1.0">
+    <qemud:restart policy="always" max-retries="2" backoff="1"/></qemud:settings></metadata>
+  <memory unit='MiB'>64</memory>
+  <os><type arch='x86_64' machine='pc'>hvm</type><kernel>/nonexistent/vmlinuz</kernel></os>
+  <devices><memballoon model='none'/></devices>
+</domain>"""
+
+
 # ---- domain XML for the tiny guest ----------------------------------------------------------
 
 def domain_xml(guest: TinyGuest, name: str, *, uuid: str | None = None, memory_mib: int = 256,
