@@ -61,6 +61,7 @@ import tempfile
 import time
 import traceback
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -610,7 +611,7 @@ def stop_nbd(pids: list[int]) -> None:
             pass
 
 
-def _listen(paths: list[str], addrs: list[tuple[str, int]]) -> list[socket.socket]:
+def _listen(paths: list[str], addrs: Sequence[tuple[str, int]] = ()) -> list[socket.socket]:
     """A listening socket on each unix path and each local TCP address, so that a chardev in
     connect mode finds its peer (as the measurement's did: libvirt realized inputs whose
     chardevs connect; fixed_ports keeps inputs naming the same port apart)."""
